@@ -1,0 +1,1 @@
+"""The asynq-compatible queue engine. It knows nothing of shell scripts."""

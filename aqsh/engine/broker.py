@@ -1,0 +1,148 @@
+"""The Broker: asynq's task transitions, as the processor, client and server see them.
+
+Everything above this protocol (processor, server components, client, HTTP API) talks in
+transitions, never in keys. ``aqsh.engine.rdb.RedisBroker`` is the implementation; each method
+runs one Lua script from ``lua/`` (or one plain command where asynq uses one) and maps the reply
+to a typed value or an ``aqsh.errors`` exception.
+
+Times are passed in by the caller (from an injected Clock): scripts never read Redis TIME.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from typing import Protocol
+
+import msgspec
+
+from aqsh.engine.models import ServerInfo, TaskMessage, WorkerInfo
+
+#: asynq's lease length: a dequeued task's lease expires this long after dequeue unless extended.
+LEASE_DURATION_S = 30
+#: Daily counters live this long (asynq: 90 days).
+STATS_TTL_S = 90 * 24 * 3600
+#: Archived tasks older than this are trimmed on archive (asynq: 90 days).
+ARCHIVED_EXPIRATION_S = 90 * 24 * 3600
+#: The archive keeps fewer than this many tasks (asynq's maxArchiveSize).
+MAX_ARCHIVE_SIZE = 10_000
+MAX_INT64 = 9_223_372_036_854_775_807
+
+
+class Leased(msgspec.Struct, frozen=True):
+    """A dequeued task and the lease expiry written for it (Unix s)."""
+
+    message: TaskMessage
+    lease_expires_s: int
+
+
+class Broker(Protocol):
+    # --- producer side -------------------------------------------------------------------
+    async def enqueue(self, msg: TaskMessage, *, now_ns: int) -> None:
+        """pending. Raises TaskIdConflict."""
+        ...
+
+    async def enqueue_unique(self, msg: TaskMessage, *, ttl_s: int, now_ns: int) -> None:
+        """pending with a uniqueness lock (msg.unique_key already set).
+
+        Raises DuplicateTask or TaskIdConflict.
+        """
+        ...
+
+    async def schedule(self, msg: TaskMessage, *, process_at_s: int) -> None:
+        """scheduled. Raises TaskIdConflict."""
+        ...
+
+    async def schedule_unique(
+        self, msg: TaskMessage, *, process_at_s: int, ttl_s: int
+    ) -> None:
+        """scheduled with a lock. Raises DuplicateTask or TaskIdConflict."""
+        ...
+
+    # --- consumer side -------------------------------------------------------------------
+    async def dequeue(self, queues: Sequence[str], *, now_s: int) -> Leased | None:
+        """Try each queue in order (paused ones skipped); None when all are empty."""
+        ...
+
+    async def dequeue_many(
+        self, queues: Sequence[str], *, limit: int, now_s: int
+    ) -> list[Leased]:
+        """Up to ``limit`` tasks in one round trip (same per-task semantics as dequeue)."""
+        ...
+
+    async def done(self, msg: TaskMessage, *, now_s: int) -> None:
+        """active -> deleted, processed counters, unique lock released. Raises TaskNotFound."""
+        ...
+
+    async def mark_as_complete(self, msg: TaskMessage, *, now_s: int) -> None:
+        """active -> completed (retention), processed counters, lock released."""
+        ...
+
+    async def requeue(self, msg: TaskMessage) -> None:
+        """active -> tail of pending (shutdown timeout); no counters."""
+        ...
+
+    async def retry(
+        self,
+        msg: TaskMessage,
+        *,
+        retry_at_s: int,
+        error_msg: str,
+        is_failure: bool,
+        now_s: int,
+    ) -> None:
+        """active -> retry; ``retried`` += 1 and counters only when ``is_failure``."""
+        ...
+
+    async def archive(self, msg: TaskMessage, *, error_msg: str, now_s: int) -> None:
+        """active -> archived with asynq's trimming; failure counters always."""
+        ...
+
+    async def forward_if_ready(self, queues: Sequence[str], *, now_ns: int) -> int:
+        """scheduled/retry whose time has come -> pending. Returns how many moved."""
+        ...
+
+    async def extend_leases(
+        self, qname: str, task_ids: Sequence[str], *, now_s: int
+    ) -> int:
+        """ZADD XX the lease of these tasks to now + 30 s; returns the new expiry (Unix s)."""
+        ...
+
+    async def list_lease_expired(
+        self, queues: Sequence[str], *, cutoff_s: int
+    ) -> list[TaskMessage]:
+        ...
+
+    async def delete_expired_completed(
+        self, qname: str, *, now_s: int, batch_size: int = 100
+    ) -> int:
+        ...
+
+    async def write_result(self, qname: str, task_id: str, data: bytes) -> int:
+        ...
+
+    # --- server state --------------------------------------------------------------------
+    async def write_server_state(
+        self,
+        info: ServerInfo,
+        workers: Sequence[WorkerInfo],
+        *,
+        ttl_s: int,
+        now_s: int,
+    ) -> None:
+        ...
+
+    async def clear_server_state(self, host: str, pid: int, server_id: str) -> None:
+        ...
+
+    def cancellations(self) -> AsyncIterator[str]:
+        """Task ids published on ``asynq:cancel``; reconnects on its own."""
+        ...
+
+    async def publish_cancel(self, task_id: str) -> None:
+        ...
+
+    async def ping(self) -> None:
+        ...
+
+    async def close(self) -> None:
+        ...

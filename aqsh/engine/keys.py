@@ -1,0 +1,113 @@
+"""Every asynq key name: the only module that spells ``asynq:``.
+
+Per-queue keys carry the ``{qname}`` Redis Cluster hash tag so all keys of one queue share a
+slot and multi-key Lua scripts stay Cluster safe (protocol spec §1.2, §2).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import lru_cache
+
+PREFIX = "asynq:"
+ALL_QUEUES = "asynq:queues"
+ALL_SERVERS = "asynq:servers"
+ALL_WORKERS = "asynq:workers"
+ALL_SCHEDULERS = "asynq:schedulers"
+CANCEL_CHANNEL = "asynq:cancel"
+#: aqsh-only pub/sub channel: our client publishes the queue name after an enqueue so idle aqsh
+#: workers wake at once instead of polling (Go components ignore it).
+WAKE_CHANNEL = "aqsh:wake"
+
+
+def server_key(host: str, pid: int, server_id: str) -> str:
+    return f"asynq:servers:{{{host}:{pid}:{server_id}}}"
+
+
+def workers_key(host: str, pid: int, server_id: str) -> str:
+    return f"asynq:workers:{{{host}:{pid}:{server_id}}}"
+
+
+def scheduler_entries_key(scheduler_id: str) -> str:
+    return f"asynq:schedulers:{{{scheduler_id}}}"
+
+
+def scheduler_history_key(entry_id: str) -> str:
+    return f"asynq:scheduler_history:{entry_id}"
+
+
+def day_suffix(unix_s: int) -> str:
+    """UTC calendar date used by the daily counters (``YYYY-MM-DD``)."""
+    return datetime.fromtimestamp(unix_s, UTC).strftime("%Y-%m-%d")
+
+
+@dataclass(frozen=True, slots=True)
+class QueueKeys:
+    """The keys of one queue. Built once per queue name and cached."""
+
+    name: str
+    base: str  # "asynq:{q}:"
+    task_prefix: str  # "asynq:{q}:t:"
+    pending: str
+    active: str
+    lease: str
+    scheduled: str
+    retry: str
+    archived: str
+    completed: str
+    paused: str
+    processed_total: str
+    failed_total: str
+    groups: str
+    group_prefix: str  # "asynq:{q}:g:"
+    aggregation_sets: str
+
+    def task(self, task_id: str) -> str:
+        return self.task_prefix + task_id
+
+    def state_container(self, state: str) -> str:
+        """The list/zset holding tasks of a (non-aggregating) state."""
+        return self.base + state
+
+    def processed_day(self, unix_s: int) -> str:
+        return f"{self.base}processed:{day_suffix(unix_s)}"
+
+    def failed_day(self, unix_s: int) -> str:
+        return f"{self.base}failed:{day_suffix(unix_s)}"
+
+    def group(self, group: str) -> str:
+        return self.group_prefix + group
+
+    def unique(self, task_type: str, payload: bytes | None) -> str:
+        """asynq's lock key: ``asynq:{q}:unique:<type>:<md5 hex of payload>``.
+
+        A ``None`` payload gives the trailing-colon form asynq uses for a nil payload (§7.3).
+        """
+        if payload is None:
+            return f"{self.base}unique:{task_type}:"
+        return f"{self.base}unique:{task_type}:{hashlib.md5(payload).hexdigest()}"
+
+
+@lru_cache(maxsize=1024)
+def queue_keys(qname: str) -> QueueKeys:
+    base = f"asynq:{{{qname}}}:"
+    return QueueKeys(
+        name=qname,
+        base=base,
+        task_prefix=base + "t:",
+        pending=base + "pending",
+        active=base + "active",
+        lease=base + "lease",
+        scheduled=base + "scheduled",
+        retry=base + "retry",
+        archived=base + "archived",
+        completed=base + "completed",
+        paused=base + "paused",
+        processed_total=base + "processed",
+        failed_total=base + "failed",
+        groups=base + "groups",
+        group_prefix=base + "g:",
+        aggregation_sets=base + "aggregation_sets",
+    )

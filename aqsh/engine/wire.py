@@ -1,0 +1,209 @@
+"""protobuf <-> typed models: the only module that imports the generated protobuf code.
+
+Unknown protobuf fields are carried through ``TaskMessage.unknown_fields`` so that a message
+written by a newer asynq keeps its extra fields when aqsh rewrites it (retry, archive, complete).
+"""
+
+from __future__ import annotations
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from aqsh.engine import asynq_pb2 as pb
+from aqsh.engine.models import (
+    GO_ZERO_TIME_S,
+    SchedulerEnqueueEvent,
+    SchedulerEntry,
+    ServerInfo,
+    TaskMessage,
+    WorkerInfo,
+)
+
+_NS = 1_000_000_000
+
+
+def encode_task(msg: TaskMessage) -> bytes:
+    proto = pb.TaskMessage(
+        type=msg.type,
+        payload=msg.payload,
+        id=msg.id,
+        queue=msg.queue,
+        retry=msg.retry,
+        retried=msg.retried,
+        error_msg=msg.error_msg,
+        timeout=msg.timeout_s,
+        deadline=msg.deadline_s,
+        unique_key=msg.unique_key,
+        last_failed_at=msg.last_failed_at_s,
+        retention=msg.retention_s,
+        completed_at=msg.completed_at_s,
+        group_key=msg.group_key,
+        headers=msg.headers,
+    )
+    data: bytes = proto.SerializeToString()
+    return data + msg.unknown_fields if msg.unknown_fields else data
+
+
+def _unknown_bytes(proto: object, raw: bytes) -> bytes:
+    """The raw bytes of fields the schema lacks, so they survive a rewrite."""
+    from google.protobuf.unknown_fields import UnknownFieldSet
+
+    unknown = UnknownFieldSet(proto)  # type: ignore[arg-type]
+    if len(unknown) == 0:
+        return b""
+    # Re-serialise a copy that holds only the unknown fields: the difference is their bytes.
+    known_only = type(proto)()  # type: ignore[call-arg]
+    known_only.CopyFrom(proto)  # type: ignore[attr-defined]
+    known_only.DiscardUnknownFields()
+    full: bytes = proto.SerializeToString()  # type: ignore[attr-defined]
+    stripped: bytes = known_only.SerializeToString()
+    return full[len(stripped) :] if full.startswith(stripped) else b""
+
+
+def decode_task(raw: bytes) -> TaskMessage:
+    proto = pb.TaskMessage()
+    proto.ParseFromString(raw)
+    return TaskMessage(
+        type=proto.type,
+        payload=proto.payload,
+        id=proto.id,
+        queue=proto.queue,
+        retry=proto.retry,
+        retried=proto.retried,
+        error_msg=proto.error_msg,
+        timeout_s=proto.timeout,
+        deadline_s=proto.deadline,
+        unique_key=proto.unique_key,
+        last_failed_at_s=proto.last_failed_at,
+        retention_s=proto.retention,
+        completed_at_s=proto.completed_at,
+        group_key=proto.group_key,
+        headers=dict(proto.headers),
+        unknown_fields=_unknown_bytes(proto, raw) if _has_unknown(proto) else b"",
+    )
+
+
+def _has_unknown(proto: object) -> bool:
+    from google.protobuf.unknown_fields import UnknownFieldSet
+
+    return len(UnknownFieldSet(proto)) > 0  # type: ignore[arg-type]
+
+
+def _ts(ns: int) -> Timestamp:
+    seconds, nanos = divmod(ns, _NS)
+    return Timestamp(seconds=seconds, nanos=nanos)
+
+
+def _ns(ts: Timestamp) -> int:
+    return int(ts.seconds) * _NS + int(ts.nanos)
+
+
+def encode_server(info: ServerInfo) -> bytes:
+    data: bytes = pb.ServerInfo(
+        host=info.host,
+        pid=info.pid,
+        server_id=info.server_id,
+        concurrency=info.concurrency,
+        queues=info.queues,
+        strict_priority=info.strict_priority,
+        status=info.status,
+        start_time=_ts(info.start_time_ns),
+        active_worker_count=info.active_worker_count,
+    ).SerializeToString()
+    return data
+
+
+def decode_server(raw: bytes) -> ServerInfo:
+    proto = pb.ServerInfo()
+    proto.ParseFromString(raw)
+    return ServerInfo(
+        host=proto.host,
+        pid=proto.pid,
+        server_id=proto.server_id,
+        concurrency=proto.concurrency,
+        queues=dict(proto.queues),
+        strict_priority=proto.strict_priority,
+        status=proto.status,
+        start_time_ns=_ns(proto.start_time),
+        active_worker_count=proto.active_worker_count,
+    )
+
+
+def encode_worker(info: WorkerInfo) -> bytes:
+    data: bytes = pb.WorkerInfo(
+        host=info.host,
+        pid=info.pid,
+        server_id=info.server_id,
+        task_id=info.task_id,
+        task_type=info.task_type,
+        task_payload=info.task_payload,
+        queue=info.queue,
+        start_time=_ts(info.start_time_ns),
+        deadline=_ts(info.deadline_ns),
+    ).SerializeToString()
+    return data
+
+
+def decode_worker(raw: bytes) -> WorkerInfo:
+    proto = pb.WorkerInfo()
+    proto.ParseFromString(raw)
+    return WorkerInfo(
+        host=proto.host,
+        pid=proto.pid,
+        server_id=proto.server_id,
+        task_id=proto.task_id,
+        task_type=proto.task_type,
+        task_payload=proto.task_payload,
+        queue=proto.queue,
+        start_time_ns=_ns(proto.start_time),
+        deadline_ns=_ns(proto.deadline),
+    )
+
+
+def encode_scheduler_entry(entry: SchedulerEntry) -> bytes:
+    prev = (
+        Timestamp(seconds=GO_ZERO_TIME_S, nanos=0)
+        if entry.prev_enqueue_time_ns is None
+        else _ts(entry.prev_enqueue_time_ns)
+    )
+    data: bytes = pb.SchedulerEntry(
+        id=entry.id,
+        spec=entry.spec,
+        task_type=entry.task_type,
+        task_payload=entry.task_payload,
+        enqueue_options=entry.enqueue_options,
+        next_enqueue_time=_ts(entry.next_enqueue_time_ns),
+        prev_enqueue_time=prev,
+    ).SerializeToString()
+    return data
+
+
+def decode_scheduler_entry(raw: bytes) -> SchedulerEntry:
+    proto = pb.SchedulerEntry()
+    proto.ParseFromString(raw)
+    prev_ns = (
+        None
+        if proto.prev_enqueue_time.seconds == GO_ZERO_TIME_S
+        else _ns(proto.prev_enqueue_time)
+    )
+    return SchedulerEntry(
+        id=proto.id,
+        spec=proto.spec,
+        task_type=proto.task_type,
+        task_payload=proto.task_payload,
+        enqueue_options=list(proto.enqueue_options),
+        next_enqueue_time_ns=_ns(proto.next_enqueue_time),
+        prev_enqueue_time_ns=prev_ns,
+    )
+
+
+def encode_enqueue_event(event: SchedulerEnqueueEvent) -> bytes:
+    data: bytes = pb.SchedulerEnqueueEvent(
+        task_id=event.task_id, enqueue_time=_ts(event.enqueue_time_ns)
+    ).SerializeToString()
+    return data
+
+
+def decode_enqueue_event(raw: bytes) -> SchedulerEnqueueEvent:
+    proto = pb.SchedulerEnqueueEvent()
+    proto.ParseFromString(raw)
+    return SchedulerEnqueueEvent(task_id=proto.task_id, enqueue_time_ns=_ns(proto.enqueue_time))
