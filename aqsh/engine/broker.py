@@ -16,6 +16,7 @@ from typing import Protocol
 import msgspec
 
 from aqsh.engine.models import ServerInfo, TaskMessage, WorkerInfo
+from aqsh.errors import AqshError
 
 #: asynq's lease length: a dequeued task's lease expires this long after dequeue unless extended.
 LEASE_DURATION_S = 30
@@ -103,8 +104,12 @@ class Broker(Protocol):
 
     async def extend_leases(
         self, qname: str, task_ids: Sequence[str], *, now_s: int
-    ) -> int:
-        """ZADD XX the lease of these tasks to now + 30 s; returns the new expiry (Unix s)."""
+    ) -> tuple[int, list[str]]:
+        """Extend the lease of these tasks to now + 30 s.
+
+        Returns the new expiry (Unix s) and the ids that no longer had a lease: their handlers
+        must stop, because the task may already run elsewhere.
+        """
         ...
 
     async def list_lease_expired(
@@ -117,7 +122,20 @@ class Broker(Protocol):
     ) -> int:
         ...
 
+    async def finish_successes(
+        self, msgs: Sequence[TaskMessage], *, now_s: int
+    ) -> list[AqshError | None]:
+        """done/mark_as_complete for many tasks in one round trip; one error slot per task."""
+        ...
+
     async def write_result(self, qname: str, task_id: str, data: bytes) -> int:
+        """Raises TaskNotFound when the task hash is gone."""
+        ...
+
+    async def pause(self, qname: str, *, now_s: int) -> None:
+        ...
+
+    async def unpause(self, qname: str) -> None:
         ...
 
     # --- server state --------------------------------------------------------------------
@@ -139,6 +157,13 @@ class Broker(Protocol):
         ...
 
     async def publish_cancel(self, task_id: str) -> None:
+        ...
+
+    def wakeups(self) -> AsyncIterator[str]:
+        """Queue names announced by aqsh clients right after an enqueue."""
+        ...
+
+    async def publish_wake(self, qname: str) -> None:
         ...
 
     async def ping(self) -> None:

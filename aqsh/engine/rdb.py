@@ -1,0 +1,418 @@
+"""RedisBroker: asynq's transitions on Redis, one Lua script (or one command) per method.
+
+Each method builds KEYS/ARGV from ``keys.py``, runs the script and maps the reply to a typed
+value or an ``aqsh.errors`` exception. Connection failures surface as ``BrokerUnavailable`` so the
+processor's syncer and the HTTP layer can tell "Redis is away" from a logic error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from typing import Any, TypeVar
+
+import msgspec
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from aqsh import errors
+from aqsh.engine import keys, wire
+from aqsh.engine.broker import (
+    ARCHIVED_EXPIRATION_S,
+    LEASE_DURATION_S,
+    MAX_ARCHIVE_SIZE,
+    MAX_INT64,
+    STATS_TTL_S,
+    Leased,
+)
+from aqsh.engine.models import ServerInfo, TaskMessage, WorkerInfo
+from aqsh.engine.scripts import Scripts
+
+T = TypeVar("T")
+
+#: Connection-level failures: Redis is away, the operation may be retried later.
+REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, OSError)
+_RESUBSCRIBE_DELAY_S = 1.0
+
+
+def _not_found(exc: ResponseError, msg: TaskMessage) -> errors.AqshError:
+    text = str(exc)
+    if "NOT FOUND" in text:
+        return errors.TaskNotFound(f"task {msg.id} is not active in queue {msg.queue!r}")
+    return errors.AqshError(f"redis script error for task {msg.id}: {text}")
+
+
+async def guarded(call: Awaitable[T]) -> T:
+    """Await a Redis call, turning connection failures into BrokerUnavailable."""
+    try:
+        return await call
+    except REDIS_DOWN as exc:
+        raise errors.BrokerUnavailable(f"redis unavailable: {exc}") from exc
+
+
+class RedisBroker:
+    """The Broker protocol (aqsh.engine.broker) over one redis-py asyncio client."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self.client = client
+        self.scripts = Scripts(client)
+
+    # ---------------------------------------------------------------- producer side
+    async def _produce(
+        self, name: str, keys_: list[str], args: list[Any], msg: TaskMessage
+    ) -> None:
+        reply = await guarded(self.scripts.run(name, keys_, args))
+        _raise_for_produce(int(reply), msg)
+
+    async def enqueue(self, msg: TaskMessage, *, now_ns: int) -> None:
+        q = keys.queue_keys(msg.queue)
+        await self._produce(
+            "enqueue", [q.task(msg.id), q.pending], [wire.encode_task(msg), msg.id, now_ns], msg
+        )
+
+    async def enqueue_unique(self, msg: TaskMessage, *, ttl_s: int, now_ns: int) -> None:
+        q = keys.queue_keys(msg.queue)
+        await self._produce(
+            "enqueue_unique",
+            [msg.unique_key, q.task(msg.id), q.pending],
+            [msg.id, int(ttl_s), wire.encode_task(msg), now_ns],
+            msg,
+        )
+
+    async def schedule(self, msg: TaskMessage, *, process_at_s: int) -> None:
+        q = keys.queue_keys(msg.queue)
+        await self._produce(
+            "schedule",
+            [q.task(msg.id), q.scheduled],
+            [wire.encode_task(msg), int(process_at_s), msg.id],
+            msg,
+        )
+
+    async def schedule_unique(self, msg: TaskMessage, *, process_at_s: int, ttl_s: int) -> None:
+        q = keys.queue_keys(msg.queue)
+        await self._produce(
+            "schedule_unique",
+            [msg.unique_key, q.task(msg.id), q.scheduled],
+            [msg.id, int(ttl_s), int(process_at_s), wire.encode_task(msg)],
+            msg,
+        )
+
+    # ---------------------------------------------------------------- consumer side
+    async def dequeue(self, queues: Sequence[str], *, now_s: int) -> Leased | None:
+        leased = await self.dequeue_many(queues, limit=1, now_s=now_s)
+        return leased[0] if leased else None
+
+    async def dequeue_many(
+        self, queues: Sequence[str], *, limit: int, now_s: int
+    ) -> list[Leased]:
+        """Queues are tried in the given order; later queues only fill what earlier ones left.
+
+        One script call per queue, stopping at the first queue that fills the batch: the same
+        priority behaviour as asynq's one-task dequeue, with fewer round trips under load.
+        """
+        expires_s = int(now_s) + LEASE_DURATION_S
+        out: list[Leased] = []
+        for qname in queues:
+            q = keys.queue_keys(qname)
+            raw = await guarded(
+                self.scripts.run(
+                    "dequeue",
+                    [q.pending, q.paused, q.active, q.lease],
+                    [expires_s, q.task_prefix, limit - len(out)],
+                )
+            )
+            out.extend(Leased(wire.decode_task(m), expires_s) for m in raw)
+            if len(out) >= limit:
+                break
+        return out
+
+    def _done_call(self, msg: TaskMessage, now_s: int) -> tuple[str, list[str], list[Any]]:
+        q = keys.queue_keys(msg.queue)
+        key_list = [q.active, q.lease, q.task(msg.id), q.processed_day(now_s), q.processed_total]
+        if msg.unique_key:
+            key_list.append(msg.unique_key)
+        return "done", key_list, [msg.id, now_s + STATS_TTL_S, MAX_INT64]
+
+    def _complete_call(self, msg: TaskMessage, now_s: int) -> tuple[str, list[str], list[Any]]:
+        q = keys.queue_keys(msg.queue)
+        completed = msgspec_replace(msg, completed_at_s=now_s)
+        key_list = [
+            q.active, q.lease, q.completed, q.task(msg.id),
+            q.processed_day(now_s), q.processed_total,
+        ]
+        if msg.unique_key:
+            key_list.append(msg.unique_key)
+        args = [
+            msg.id, now_s + STATS_TTL_S, now_s + msg.retention_s,
+            wire.encode_task(completed), MAX_INT64,
+        ]
+        return "mark_complete", key_list, args
+
+    def success_call(self, msg: TaskMessage, now_s: int) -> tuple[str, list[str], list[Any]]:
+        """The script that records a success: done, or mark_complete when retention is set."""
+        if msg.retention_s > 0:
+            return self._complete_call(msg, now_s)
+        return self._done_call(msg, now_s)
+
+    async def _finish(self, call: tuple[str, list[str], list[Any]], msg: TaskMessage) -> None:
+        name, key_list, args = call
+        try:
+            await guarded(self.scripts.run(name, key_list, args))
+        except ResponseError as exc:
+            raise _not_found(exc, msg) from exc
+
+    async def done(self, msg: TaskMessage, *, now_s: int) -> None:
+        await self._finish(self._done_call(msg, int(now_s)), msg)
+
+    async def mark_as_complete(self, msg: TaskMessage, *, now_s: int) -> None:
+        await self._finish(self._complete_call(msg, int(now_s)), msg)
+
+    async def finish_successes(
+        self, msgs: Sequence[TaskMessage], *, now_s: int
+    ) -> list[errors.AqshError | None]:
+        """Acknowledge many successes in one round trip (pipelined done/mark_complete).
+
+        Returns one entry per message: None on success, else the error for that task.
+        """
+        if not msgs:
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        names = set()
+        for msg in msgs:
+            name, key_list, args = self.success_call(msg, int(now_s))
+            names.add(name)
+            Scripts.queue(pipe, name, key_list, args)
+        replies = await guarded(self.scripts.execute_pipeline(pipe, sorted(names)))
+        results: list[errors.AqshError | None] = []
+        for msg, reply in zip(msgs, replies, strict=True):
+            if isinstance(reply, REDIS_DOWN):
+                results.append(errors.BrokerUnavailable(f"redis unavailable: {reply}"))
+            elif isinstance(reply, ResponseError):
+                results.append(_not_found(reply, msg))
+            else:
+                results.append(None)
+        return results
+
+    async def requeue(self, msg: TaskMessage) -> None:
+        q = keys.queue_keys(msg.queue)
+        await self._finish(
+            ("requeue", [q.active, q.lease, q.pending, q.task(msg.id)], [msg.id]), msg
+        )
+
+    async def retry(
+        self,
+        msg: TaskMessage,
+        *,
+        retry_at_s: int,
+        error_msg: str,
+        is_failure: bool,
+        now_s: int,
+    ) -> None:
+        now_s = int(now_s)
+        q = keys.queue_keys(msg.queue)
+        updated = msgspec_replace(
+            msg,
+            retried=msg.retried + 1 if is_failure else msg.retried,
+            error_msg=error_msg,
+            last_failed_at_s=now_s,
+        )
+        key_list = [
+            q.task(msg.id), q.active, q.lease, q.retry, q.processed_day(now_s),
+            q.failed_day(now_s), q.processed_total, q.failed_total,
+        ]
+        args = [
+            msg.id, wire.encode_task(updated), int(retry_at_s), now_s + STATS_TTL_S,
+            1 if is_failure else 0, MAX_INT64,
+        ]
+        await self._finish(("retry", key_list, args), msg)
+
+    async def archive(self, msg: TaskMessage, *, error_msg: str, now_s: int) -> None:
+        now_s = int(now_s)
+        q = keys.queue_keys(msg.queue)
+        updated = msgspec_replace(msg, error_msg=error_msg, last_failed_at_s=now_s)
+        key_list = [
+            q.task(msg.id), q.active, q.lease, q.archived, q.processed_day(now_s),
+            q.failed_day(now_s), q.processed_total, q.failed_total,
+        ]
+        args = [
+            msg.id, wire.encode_task(updated), now_s, now_s - ARCHIVED_EXPIRATION_S,
+            MAX_ARCHIVE_SIZE, now_s + STATS_TTL_S, MAX_INT64, q.task_prefix,
+        ]
+        await self._finish(("archive", key_list, args), msg)
+
+    async def forward_if_ready(self, queues: Sequence[str], *, now_ns: int) -> int:
+        now_s = now_ns // 1_000_000_000
+        moved = 0
+        for qname in queues:
+            q = keys.queue_keys(qname)
+            for source in (q.scheduled, q.retry):
+                while True:
+                    n = int(
+                        await guarded(
+                            self.scripts.run(
+                                "forward",
+                                [source, q.pending],
+                                [now_s, q.task_prefix, now_ns, q.group_prefix],
+                            )
+                        )
+                    )
+                    moved += n
+                    if n < 100:
+                        break
+        return moved
+
+    async def extend_leases(
+        self, qname: str, task_ids: Sequence[str], *, now_s: int
+    ) -> tuple[int, list[str]]:
+        """Returns the new expiry and the ids that had lost their lease."""
+        expires_s = int(now_s) + LEASE_DURATION_S
+        if not task_ids:
+            return expires_s, []
+        q = keys.queue_keys(qname)
+        lost = await guarded(self.scripts.run("extend_lease", [q.lease], [expires_s, *task_ids]))
+        return expires_s, [i.decode() if isinstance(i, bytes) else str(i) for i in lost]
+
+    async def list_lease_expired(
+        self, queues: Sequence[str], *, cutoff_s: int
+    ) -> list[TaskMessage]:
+        out: list[TaskMessage] = []
+        for qname in queues:
+            q = keys.queue_keys(qname)
+            raw = await guarded(
+                self.scripts.run("list_lease_expired", [q.lease], [int(cutoff_s), q.task_prefix])
+            )
+            out.extend(wire.decode_task(m) for m in raw)
+        return out
+
+    async def delete_expired_completed(
+        self, qname: str, *, now_s: int, batch_size: int = 100
+    ) -> int:
+        q = keys.queue_keys(qname)
+        total = 0
+        while True:
+            n = int(
+                await guarded(
+                    self.scripts.run(
+                        "delete_expired_completed",
+                        [q.completed],
+                        [int(now_s), q.task_prefix, batch_size],
+                    )
+                )
+            )
+            total += n
+            if n < batch_size:
+                return total
+
+    async def write_result(self, qname: str, task_id: str, data: bytes) -> int:
+        q = keys.queue_keys(qname)
+        written = int(await guarded(self.scripts.run("write_result", [q.task(task_id)], [data])))
+        if written < 0:
+            raise errors.TaskNotFound(f"task {task_id} not found in queue {qname!r}")
+        return written
+
+    # ---------------------------------------------------------------- queue control
+    async def pause(self, qname: str, *, now_s: int) -> None:
+        q = keys.queue_keys(qname)
+        if int(await guarded(self.scripts.run("pause", [q.paused], [int(now_s)]))) == 0:
+            raise errors.QueueAlreadyPaused(f'queue "{qname}" is already paused')
+
+    async def unpause(self, qname: str) -> None:
+        q = keys.queue_keys(qname)
+        if int(await guarded(self.client.delete(q.paused))) == 0:
+            raise errors.QueueNotPaused(f'queue "{qname}" is not paused')
+
+    # ---------------------------------------------------------------- server state
+    async def write_server_state(
+        self,
+        info: ServerInfo,
+        workers: Sequence[WorkerInfo],
+        *,
+        ttl_s: int,
+        now_s: int,
+    ) -> None:
+        skey = keys.server_key(info.host, info.pid, info.server_id)
+        wkey = keys.workers_key(info.host, info.pid, info.server_id)
+        expires_s = int(now_s) + int(ttl_s)
+        args: list[Any] = [int(ttl_s), wire.encode_server(info)]
+        for worker in workers:
+            args += [worker.task_id, wire.encode_worker(worker)]
+        pipe = self.client.pipeline(transaction=False)
+        pipe.zadd(keys.ALL_SERVERS, {skey: expires_s})
+        pipe.zadd(keys.ALL_WORKERS, {wkey: expires_s})
+        Scripts.queue(pipe, "write_server_state", [skey, wkey], args)
+        replies = await guarded(self.scripts.execute_pipeline(pipe, ["write_server_state"]))
+        for reply in replies:
+            if isinstance(reply, REDIS_DOWN):
+                raise errors.BrokerUnavailable(f"redis unavailable: {reply}") from reply
+            if isinstance(reply, Exception):
+                raise errors.AqshError(f"heartbeat write failed: {reply}") from reply
+
+    async def clear_server_state(self, host: str, pid: int, server_id: str) -> None:
+        skey = keys.server_key(host, pid, server_id)
+        wkey = keys.workers_key(host, pid, server_id)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.zrem(keys.ALL_SERVERS, skey)
+        pipe.zrem(keys.ALL_WORKERS, wkey)
+        pipe.delete(skey)
+        pipe.delete(wkey)
+        await guarded(pipe.execute())
+
+    # ---------------------------------------------------------------- pub/sub
+    async def _channel(self, channel: str) -> AsyncIterator[str]:
+        """Messages of one channel, resubscribing after connection loss."""
+        while True:
+            pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(channel)
+                async for message in pubsub.listen():
+                    data = message.get("data")
+                    if isinstance(data, bytes):
+                        yield data.decode("utf-8", "replace")
+            except REDIS_DOWN:
+                await asyncio.sleep(_RESUBSCRIBE_DELAY_S)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    def cancellations(self) -> AsyncIterator[str]:
+        return self._channel(keys.CANCEL_CHANNEL)
+
+    def wakeups(self) -> AsyncIterator[str]:
+        """Queue names our own client announced after enqueueing (instant pick-up)."""
+        return self._channel(keys.WAKE_CHANNEL)
+
+    async def publish_cancel(self, task_id: str) -> None:
+        await guarded(self.client.publish(keys.CANCEL_CHANNEL, task_id))
+
+    async def publish_wake(self, qname: str) -> None:
+        await guarded(self.client.publish(keys.WAKE_CHANNEL, qname))
+
+    async def ping(self) -> None:
+        await guarded(self.client.ping())
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+def _raise_for_produce(reply: int, msg: TaskMessage) -> None:
+    if reply == 1:
+        return
+    if reply == -1:
+        raise errors.DuplicateTask(
+            f"task already exists: unique lock {msg.unique_key} is held", details={"type": msg.type}
+        )
+    raise errors.TaskIdConflict(
+        f"task id {msg.id!r} already exists in queue {msg.queue!r}", details={"id": msg.id}
+    )
+
+
+def raise_for_produce(reply: int, msg: TaskMessage) -> None:
+    """Public for the client's pipelined batch path."""
+    _raise_for_produce(reply, msg)
+
+
+def msgspec_replace(msg: TaskMessage, **changes: Any) -> TaskMessage:
+    return msgspec.structs.replace(msg, **changes)

@@ -1,0 +1,13 @@
+-- enqueue: a new task becomes pending (asynq §4.2).
+-- KEYS[1] -> asynq:{q}:t:<id>      task hash
+-- KEYS[2] -> asynq:{q}:pending     pending list
+-- ARGV[1] -> encoded TaskMessage
+-- ARGV[2] -> task id
+-- ARGV[3] -> now (Unix nanoseconds), stored as pending_since
+-- Returns 1 when enqueued, 0 when a task with this id already exists.
+if redis.call("EXISTS", KEYS[1]) == 1 then
+  return 0
+end
+redis.call("HSET", KEYS[1], "msg", ARGV[1], "state", "pending", "pending_since", ARGV[3])
+redis.call("LPUSH", KEYS[2], ARGV[2])
+return 1

@@ -1,0 +1,20 @@
+-- enqueue_unique: a new task becomes pending while holding a uniqueness lock (asynq §4.3).
+-- KEYS[1] -> asynq:{q}:unique:<type>:<md5>   lock
+-- KEYS[2] -> asynq:{q}:t:<id>                task hash
+-- KEYS[3] -> asynq:{q}:pending               pending list
+-- ARGV[1] -> task id (lock value)
+-- ARGV[2] -> lock TTL (whole seconds)
+-- ARGV[3] -> encoded TaskMessage (unique_key already set)
+-- ARGV[4] -> now (Unix nanoseconds)
+-- Returns 1 when enqueued, -1 when the lock is held (duplicate), 0 on an id conflict.
+-- As in asynq, a lock taken before an id conflict is kept until its TTL.
+if not redis.call("SET", KEYS[1], ARGV[1], "NX", "EX", ARGV[2]) then
+  return -1
+end
+if redis.call("EXISTS", KEYS[2]) == 1 then
+  return 0
+end
+redis.call("HSET", KEYS[2], "msg", ARGV[3], "state", "pending", "pending_since", ARGV[4],
+  "unique_key", KEYS[1])
+redis.call("LPUSH", KEYS[3], ARGV[1])
+return 1
