@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -36,4 +37,6 @@ async def redis(redis_server: RedisProcess) -> AsyncIterator[aioredis.Redis]:
 
 @pytest.fixture
 def clock() -> ManualClock:
-    return ManualClock(1_700_000_000.0)
+    """Starts at the real time (whole seconds) because Redis expires keys by its own clock:
+    daily counters get EXPIREAT now + 90 days and must not be born expired."""
+    return ManualClock(float(int(time.time())))
