@@ -107,6 +107,13 @@ class RedisProcess:
             return False
 
     def stop(self) -> None:
+        self.stop_keep_data()
+        if self._own_dir:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+
+    def stop_keep_data(self) -> None:
+        """Stop the server but keep its data directory, so ``start()`` brings it back on the
+        same port with the same data (append-only persistence) — an outage drill."""
         proc, self._proc = self._proc, None
         if proc is not None and proc.poll() is None:
             proc.terminate()
@@ -117,8 +124,6 @@ class RedisProcess:
                 proc.wait()
         if proc is not None and proc.stderr:
             proc.stderr.close()
-        if self._own_dir:
-            shutil.rmtree(self.data_dir, ignore_errors=True)
 
     def kill(self) -> None:
         """Hard stop without cleanup of data (outage drills)."""

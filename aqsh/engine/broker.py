@@ -123,9 +123,14 @@ class Broker(Protocol):
         ...
 
     async def finish_successes(
-        self, msgs: Sequence[TaskMessage], *, now_s: int
+        self,
+        msgs: Sequence[TaskMessage],
+        *,
+        now_s: int,
+        results: Sequence[bytes | None] | None = None,
     ) -> list[AqshError | None]:
-        """done/mark_as_complete for many tasks in one round trip; one error slot per task."""
+        """done/mark_as_complete (+ result writes) for many tasks in one round trip; one error
+        slot per task."""
         ...
 
     async def write_result(self, qname: str, task_id: str, data: bytes) -> int:

@@ -171,30 +171,43 @@ class RedisBroker:
         await self._finish(self._complete_call(msg, int(now_s)), msg)
 
     async def finish_successes(
-        self, msgs: Sequence[TaskMessage], *, now_s: int
+        self,
+        msgs: Sequence[TaskMessage],
+        *,
+        now_s: int,
+        results: Sequence[bytes | None] | None = None,
     ) -> list[errors.AqshError | None]:
         """Acknowledge many successes in one round trip (pipelined done/mark_complete).
 
-        Returns one entry per message: None on success, else the error for that task.
+        ``results`` (one per message, or None) are written to the task hash in the same
+        pipeline, just before the success transition. Returns one entry per message: None on
+        success, else the error for that task.
         """
         if not msgs:
             return []
         pipe = self.client.pipeline(transaction=False)
-        names = set()
-        for msg in msgs:
+        names = {"write_result"}
+        slots: list[int] = []  # index of each message's transition reply
+        for i, msg in enumerate(msgs):
+            result = results[i] if results is not None else None
+            if result is not None:
+                q = keys.queue_keys(msg.queue)
+                Scripts.queue(pipe, "write_result", [q.task(msg.id)], [result])
             name, key_list, args = self.success_call(msg, int(now_s))
             names.add(name)
+            slots.append(len(pipe.command_stack))
             Scripts.queue(pipe, name, key_list, args)
         replies = await guarded(self.scripts.execute_pipeline(pipe, sorted(names)))
-        results: list[errors.AqshError | None] = []
-        for msg, reply in zip(msgs, replies, strict=True):
+        outcome: list[errors.AqshError | None] = []
+        for msg, slot in zip(msgs, slots, strict=True):
+            reply = replies[slot]
             if isinstance(reply, REDIS_DOWN):
-                results.append(errors.BrokerUnavailable(f"redis unavailable: {reply}"))
+                outcome.append(errors.BrokerUnavailable(f"redis unavailable: {reply}"))
             elif isinstance(reply, ResponseError):
-                results.append(_not_found(reply, msg))
+                outcome.append(_not_found(reply, msg))
             else:
-                results.append(None)
-        return results
+                outcome.append(None)
+        return outcome
 
     async def requeue(self, msg: TaskMessage) -> None:
         q = keys.queue_keys(msg.queue)

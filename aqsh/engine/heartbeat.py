@@ -1,0 +1,126 @@
+"""Heartbeater: server/worker state for the Go Inspector, Asynqmon and ``asynq server ls``, and
+lease extension for every running task (both every 5 s, like asynq)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import uuid
+from collections.abc import Mapping
+
+import structlog
+
+from aqsh import errors
+from aqsh.clock import Clock
+from aqsh.engine.broker import Broker
+from aqsh.engine.models import ServerInfo, WorkerInfo
+from aqsh.engine.processor import Processor, Running
+from aqsh.engine.task import CancelReason
+
+log = structlog.get_logger("aqsh.engine")
+
+HEARTBEAT_INTERVAL_S = 5.0
+
+
+class Heartbeater:
+    def __init__(
+        self,
+        broker: Broker,
+        processor: Processor,
+        clock: Clock,
+        *,
+        concurrency: int,
+        queues: Mapping[str, int],
+        strict_priority: bool,
+        interval_s: float = HEARTBEAT_INTERVAL_S,
+    ) -> None:
+        self.broker = broker
+        self.processor = processor
+        self.clock = clock
+        self.interval_s = interval_s
+        self.host = socket.gethostname() or "unknown-host"
+        self.pid = os.getpid()
+        self.server_id = str(uuid.uuid4())
+        self.status = "active"
+        self.concurrency = concurrency
+        self.queues = dict(queues)
+        self.strict_priority = strict_priority
+        self.started_ns = clock.now_ns()
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def server_info(self) -> ServerInfo:
+        return ServerInfo(
+            host=self.host, pid=self.pid, server_id=self.server_id,
+            concurrency=self.concurrency, queues=self.queues,
+            strict_priority=self.strict_priority, status=self.status,
+            start_time_ns=self.started_ns, active_worker_count=len(self.processor.running),
+        )
+
+    def worker_info(self, run: Running) -> WorkerInfo:
+        msg = run.message
+        return WorkerInfo(
+            host=self.host, pid=self.pid, server_id=self.server_id, task_id=msg.id,
+            task_type=msg.type, task_payload=msg.payload, queue=msg.queue,
+            start_time_ns=run.started_ns, deadline_ns=int(run.deadline * 1e9),
+        )
+
+    async def beat(self) -> None:
+        """Write server state, then extend leases; each part survives the other failing."""
+        running = list(self.processor.running.values())
+        now_s = int(self.clock.now_s())
+        try:
+            await self.broker.write_server_state(
+                self.server_info(), [self.worker_info(r) for r in running],
+                ttl_s=int(self.interval_s * 2), now_s=now_s,
+            )
+        except errors.AqshError as exc:
+            log.warning("heartbeat.failed", error=str(exc))
+        await self.extend_leases(running, now_s)
+
+    async def extend_leases(self, running: list[Running], now_s: int) -> None:
+        by_queue: dict[str, list[Running]] = {}
+        for run in running:
+            if run.finished.is_set():
+                continue
+            if now_s > run.lease_expires_s:
+                # Could not extend in time: someone may already run it; stop ours.
+                run.cancel(CancelReason.LEASE_LOST)
+                continue
+            by_queue.setdefault(run.queue, []).append(run)
+        for qname, runs in by_queue.items():
+            try:
+                expires_s, lost = await self.broker.extend_leases(
+                    qname, [r.task_id for r in runs], now_s=now_s
+                )
+            except errors.AqshError as exc:
+                log.warning("lease.extend_failed", queue=qname, error=str(exc))
+                continue
+            lost_ids = set(lost)
+            for run in runs:
+                if run.task_id in lost_ids:
+                    log.warning("lease.lost", task_id=run.task_id)
+                    run.cancel(CancelReason.LEASE_LOST)
+                else:
+                    run.lease_expires_s = float(expires_s)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="aqsh-heartbeat")
+
+    async def _loop(self) -> None:
+        while not self._stop.is_set():
+            await self.beat()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), timeout=self.interval_s)
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        try:
+            await self.broker.clear_server_state(self.host, self.pid, self.server_id)
+        except errors.AqshError as exc:
+            log.warning("heartbeat.clear_failed", error=str(exc))

@@ -1,0 +1,227 @@
+"""Server: wires processor, heartbeater, forwarder, recoverer, janitor, syncer and the
+cancellation/wake-up subscribers, and stops them in an order that loses nothing.
+
+A handler registry (``ServeMux``) routes task types like asynq's: exact match first, then the
+longest registered prefix; middleware wraps every handler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any
+
+import structlog
+
+from aqsh import errors
+from aqsh.clock import Clock, SystemClock
+from aqsh.engine.broker import Broker
+from aqsh.engine.heartbeat import HEARTBEAT_INTERVAL_S, Heartbeater
+from aqsh.engine.maintenance import Forwarder, Janitor, Recoverer
+from aqsh.engine.processor import (
+    Processor,
+    RetryDelayFn,
+    Running,
+    default_retry_delay,
+    normalise_queues,
+)
+from aqsh.engine.syncer import Syncer
+from aqsh.engine.task import CancelReason, Handler, Task, TaskContext
+
+log = structlog.get_logger("aqsh.engine")
+
+Middleware = Callable[[Handler], Handler]
+
+
+class HandlerNotFound(errors.AqshError):
+    """No handler for a task type: a normal failure (retried), with asynq's error text."""
+
+    code = "handler_not_found"
+
+
+class ServeMux:
+    """Routes a task to the handler registered for its type or the longest matching prefix."""
+
+    def __init__(self) -> None:
+        self._exact: dict[str, Handler] = {}
+        self._prefixes: list[tuple[str, Handler]] = []
+        self._middleware: list[Middleware] = []
+
+    def handle(self, pattern: str, handler: Handler) -> None:
+        if not pattern.strip():
+            raise ValueError("handler pattern must not be blank")
+        self._exact[pattern] = handler
+        self._prefixes.append((pattern, handler))
+        self._prefixes.sort(key=lambda item: -len(item[0]))
+
+    def use(self, middleware: Middleware) -> None:
+        self._middleware.append(middleware)
+
+    def resolve(self, task_type: str) -> Handler | None:
+        if task_type in self._exact:
+            return self._exact[task_type]
+        for pattern, handler in self._prefixes:
+            if task_type.startswith(pattern):
+                return handler
+        return None
+
+    async def __call__(self, task: Task, ctx: TaskContext) -> bytes | None:
+        handler = self.resolve(task.type)
+        if handler is None:
+            raise HandlerNotFound(f'handler not found for task "{task.type}"')
+        for middleware in reversed(self._middleware):
+            handler = middleware(handler)
+        return await handler(task, ctx)
+
+
+class Server:
+    def __init__(
+        self,
+        broker: Broker,
+        handler: Handler,
+        *,
+        concurrency: int = 10,
+        queues: Mapping[str, int] | None = None,
+        strict_priority: bool = False,
+        shutdown_timeout_s: float = 8.0,
+        retry_delay: RetryDelayFn = default_retry_delay,
+        is_failure: Callable[[BaseException], bool] = lambda exc: True,
+        clock: Clock | None = None,
+        poll_interval_s: float = 1.0,
+        heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S,
+        forward_interval_s: float = 5.0,
+        recover_interval_s: float = 60.0,
+        janitor_interval_s: float = 8.0,
+    ) -> None:
+        self.broker = broker
+        self.clock = clock or SystemClock()
+        self.queues = normalise_queues(queues or {"critical": 6, "default": 3})
+        self.shutdown_timeout_s = shutdown_timeout_s
+        self.syncer = Syncer(self.clock)
+        self.processor = Processor(
+            broker, handler, clock=self.clock, concurrency=concurrency, queues=self.queues,
+            strict_priority=strict_priority, retry_delay=retry_delay, is_failure=is_failure,
+            on_write_failure=self._defer_write, poll_interval_s=poll_interval_s,
+        )
+        names = list(self.queues)
+        self.heartbeater = Heartbeater(
+            broker, self.processor, self.clock, concurrency=self.processor.concurrency,
+            queues=self.queues, strict_priority=strict_priority,
+            interval_s=heartbeat_interval_s,
+        )
+        self.forwarder = Forwarder(broker, names, self.clock, forward_interval_s,
+                                   on_forward=self.processor.wake)
+        self.recoverer = Recoverer(broker, names, self.clock, retry_delay, recover_interval_s)
+        self.janitor = Janitor(broker, names, self.clock, janitor_interval_s)
+        self._listeners: list[asyncio.Task[None]] = []
+        self._started = False
+        self._stopped = asyncio.Event()
+        self._force = asyncio.Event()
+
+    @property
+    def server_id(self) -> str:
+        return self.heartbeater.server_id
+
+    def _defer_write(self, run: Running, write: Callable[[], object]) -> None:
+        self.syncer.add(run.task_id, write, run.lease_expires_s)  # type: ignore[arg-type]
+
+    async def start(self) -> None:
+        if self._started:
+            raise RuntimeError("server already started")
+        self._started = True
+        self.heartbeater.start()
+        self._listeners = [
+            asyncio.create_task(self._listen(self.broker.cancellations(), self._on_cancel),
+                                name="aqsh-cancel-subscriber"),
+            asyncio.create_task(self._listen(self.broker.wakeups(), self.processor.wake),
+                                name="aqsh-wake-subscriber"),
+        ]
+        self.syncer.start()
+        self.recoverer.start()
+        self.forwarder.start()
+        self.janitor.start()
+        self.processor.start()
+        log.info("server.started", server_id=self.server_id, queues=self.queues,
+                 concurrency=self.processor.concurrency)
+
+    def _on_cancel(self, task_id: str) -> None:
+        run = self.processor.running.get(task_id)
+        if run is not None:
+            log.info("task.cancel_requested", task_id=task_id)
+            run.cancel(CancelReason.CANCELED)
+
+    @staticmethod
+    async def _listen(source: AsyncIterator[str], sink: Callable[[str], None]) -> None:
+        async for item in source:
+            sink(item)
+
+    async def stop(self, *, shutdown_timeout_s: float | None = None) -> None:
+        """Graceful stop. Order matters: stop producing work before the components that
+        finish it, and keep heartbeats (status "closed") until the very end so the server stays
+        visible while it drains."""
+        if not self._started or self._stopped.is_set():
+            return
+        timeout_s = self.shutdown_timeout_s if shutdown_timeout_s is None else shutdown_timeout_s
+        self.heartbeater.status = "closed"
+        log.info("server.stopping", server_id=self.server_id, running=len(self.processor.running))
+        await self.forwarder.stop()
+        await self.processor.stop_fetching()
+        leftovers = await self._drain(timeout_s)
+        if leftovers:
+            log.warning("server.requeue_running", count=len(leftovers))
+            await self.processor.abort(leftovers)
+        await self.processor.close()
+        await self.recoverer.stop()
+        await self.syncer.stop()
+        for listener in self._listeners:
+            listener.cancel()
+        for listener in self._listeners:
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener
+        await self.janitor.stop()
+        await self.heartbeater.stop()
+        self._stopped.set()
+        log.info("server.stopped", server_id=self.server_id)
+
+    async def _drain(self, timeout_s: float) -> list[Running]:
+        """Wait for handlers, cut short by a second signal (``force``)."""
+        drain = asyncio.create_task(self.processor.drain(timeout_s))
+        force = asyncio.create_task(self._force.wait())
+        await asyncio.wait({drain, force}, return_when=asyncio.FIRST_COMPLETED)
+        force.cancel()
+        if drain.done():
+            return drain.result()
+        drain.cancel()
+        return [r for r in self.processor.running.values() if not r.finished.is_set()]
+
+    def force(self) -> None:
+        self._force.set()
+
+    async def run(self, until: Awaitable[object] | None = None) -> None:
+        """Run until SIGTERM/SIGINT (or ``until`` completes). The first signal drains; a second
+        one stops waiting for handlers and requeues them at once."""
+        loop = asyncio.get_running_loop()
+        stop_requested = asyncio.Event()
+
+        def on_signal() -> None:
+            if stop_requested.is_set():
+                log.warning("server.forced_shutdown")
+                self.force()
+            stop_requested.set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal)
+        await self.start()
+        try:
+            waiters: set[asyncio.Future[Any]] = {asyncio.create_task(stop_requested.wait())}
+            if until is not None:
+                waiters.add(asyncio.ensure_future(until))
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            for waiter in waiters:
+                waiter.cancel()
+            await self.stop()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
