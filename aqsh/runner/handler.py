@@ -1,0 +1,198 @@
+"""The shell-task engine handler: validate again, run the script, stream its logs, store its result.
+
+Outcomes, as the engine sees them:
+- exit 0 → success; the result JSON is returned (the processor stores it with the ack);
+- exit ≠ 0 or killed by a signal → ScriptFailed → retried after the task's fixed retry_delay
+  until max_retry, then archived (``shell_retry_delay`` gives the engine that delay);
+- payload that fails validation, or an unknown task name → SkipRetry: archived, never run;
+- cancelled through ``asynq:cancel`` (API DELETE, Inspector CancelProcessing) → the group is
+  stopped and the task ends for good (SkipRetry "canceled"): a human asked for it to stop;
+- timeout (the task's own or the engine deadline) → group stopped, ScriptFailed → retry rules;
+- shutdown or lost lease → group stopped, CancelledError propagates (the engine requeues or
+  leaves the task to its new owner).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+
+import msgspec
+import redis.asyncio as aioredis
+import structlog
+
+from aqsh.engine.processor import default_retry_delay
+from aqsh.engine.task import CancelReason, SkipRetry, Task, TaskContext
+from aqsh.runner.logs import LogWriter
+from aqsh.runner.process import ProcessExit, run_process
+from aqsh.runner.result import ScriptResult, encode_result, read_result_file
+from aqsh.runner.spec import TasksConfig, TaskSpec
+from aqsh.runner.validate import DEFAULT_MAX_STRING_LEN, InvalidInput, to_env, validate_input
+
+log = structlog.get_logger("aqsh.runner")
+
+DEFAULT_ENV_ALLOWLIST = ("PATH", "LANG", "HOME", "TZ")
+CANCELED_ERROR = "canceled"
+
+
+class ScriptFailed(Exception):
+    """The script exited non-zero or was killed; retried by the task's rules."""
+
+
+class RunnerSettings(msgspec.Struct, frozen=True, kw_only=True):
+    work_root: str = tempfile.gettempdir()
+    keep_work_dirs: bool = False
+    env_allowlist: tuple[str, ...] = DEFAULT_ENV_ALLOWLIST
+    #: Values for allowlisted variables; defaults to the worker's own values for those names.
+    base_env: Mapping[str, str] | None = None
+    kill_grace_s: float = 10.0
+    max_string_len: int = DEFAULT_MAX_STRING_LEN
+    max_line_bytes: int = 16 * 1024
+    max_stream_len: int = 100_000
+
+
+class ShellRunner:
+    """Engine handler for every task declared in tasks.yaml. ``config`` is read on each task,
+    so a reloaded tasks.yaml takes effect for the next task without a restart."""
+
+    def __init__(
+        self,
+        config: Callable[[], TasksConfig],
+        redis: aioredis.Redis,
+        settings: RunnerSettings | None = None,
+    ) -> None:
+        self.config = config
+        self.redis = redis
+        self.settings = settings or RunnerSettings()
+        source = self.settings.base_env if self.settings.base_env is not None else os.environ
+        self.base_env = {k: source[k] for k in self.settings.env_allowlist if k in source}
+
+    def spec_for(self, task_type: str) -> TaskSpec | None:
+        return self.config().tasks.get(task_type)
+
+    async def __call__(self, task: Task, ctx: TaskContext) -> bytes | None:
+        spec = self.spec_for(task.type)
+        if spec is None:
+            await self._fail_without_running(ctx, f"unknown task type {task.type!r}")
+            raise SkipRetry(f"no script is configured for task {task.type!r}")
+        try:
+            payload = msgspec.json.decode(task.payload) if task.payload else {}
+            values = validate_input(spec, payload, max_string_len=self.settings.max_string_len)
+        except (msgspec.DecodeError, InvalidInput) as exc:
+            message = f"invalid payload: {exc}"
+            await self._fail_without_running(ctx, message)
+            raise SkipRetry(message) from None
+        return await self._run(spec, task, ctx, to_env(spec, values))
+
+    async def _fail_without_running(self, ctx: TaskContext, error: str) -> None:
+        await ctx.result_writer.write(encode_result(ScriptResult(exit_code=-1, error=error)))
+
+    def environment(self, spec: TaskSpec, task: Task, inputs: Mapping[str, str],
+                    work_dir: str, result_file: str) -> dict[str, str]:
+        env = dict(self.base_env)
+        env.update(inputs)
+        env.update({
+            "AQSH_TASK_ID": task.id,
+            "AQSH_TASK_NAME": spec.name,
+            "AQSH_QUEUE": task.queue,
+            "AQSH_RETRY": str(task.retried),
+            "AQSH_RESULT_FILE": result_file,
+            "AQSH_WORK_DIR": work_dir,
+        })
+        return env
+
+    async def _run(self, spec: TaskSpec, task: Task, ctx: TaskContext,
+                   inputs: Mapping[str, str]) -> bytes:
+        os.makedirs(self.settings.work_root, exist_ok=True)
+        work_dir = tempfile.mkdtemp(prefix=f"aqsh-{task.id[:36]}-", dir=self.settings.work_root)
+        result_file = os.path.join(work_dir, ".aqsh-result")
+        env = self.environment(spec, task, inputs, work_dir, result_file)
+        logs = LogWriter(self.redis, task.id, retention_s=spec.log_retention_s,
+                         max_stream_len=self.settings.max_stream_len)
+        bound = log.bind(task_id=task.id, name=spec.name, queue=task.queue)
+        bound.info("task.started", retry=task.retried)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        timed_out = False
+        try:
+            try:
+                async with asyncio.timeout(spec.timeout_s):
+                    outcome = await run_process(
+                        [spec.script], env=env, cwd=work_dir, sink=logs.put,
+                        kill_grace_s=self.settings.kill_grace_s,
+                        max_line_bytes=self.settings.max_line_bytes,
+                    )
+            except TimeoutError:
+                timed_out = True
+                outcome = ProcessExit(exit_code=-15, signal_name="SIGTERM")
+            except asyncio.CancelledError:
+                # run_process has already stopped the process group.
+                await logs.close(-15)
+                if ctx.cancel_reason is CancelReason.CANCELED:
+                    await self._store(ctx, ScriptResult(exit_code=-15, error=CANCELED_ERROR))
+                    bound.info("task.canceled")
+                    raise SkipRetry(CANCELED_ERROR) from None
+                if ctx.cancel_reason is not CancelReason.DEADLINE:
+                    raise  # shutdown or lost lease: the engine decides what happens next
+                timed_out = True
+                outcome = ProcessExit(exit_code=-15, signal_name="SIGTERM")
+            else:
+                await logs.close(outcome.exit_code)
+            if timed_out and not logs.closed:
+                await logs.close(outcome.exit_code)
+            data, file_error = read_result_file(result_file)
+        finally:
+            if not logs.closed:
+                await logs.abort()
+            if not self.settings.keep_work_dirs:
+                await asyncio.to_thread(shutil.rmtree, work_dir, True)
+        duration_s = loop.time() - started
+        error = _error_text(outcome, file_error, timed_out, spec.timeout_s)
+        result = ScriptResult(exit_code=outcome.exit_code)
+        if data is not None:
+            result.data = data
+        if error is not None:
+            result.error = error
+        bound.info("task.finished", exit_code=outcome.exit_code, duration_s=round(duration_s, 3),
+                   error=error)
+        encoded = encode_result(result)
+        if error is None:
+            return encoded
+        await self._store(ctx, result)
+        raise ScriptFailed(error)
+
+    async def _store(self, ctx: TaskContext, result: ScriptResult) -> None:
+        await ctx.result_writer.write(encode_result(result))
+
+
+def _error_text(outcome: ProcessExit, file_error: str | None, timed_out: bool,
+                timeout_s: float) -> str | None:
+    if timed_out:
+        return f"timed out after {timeout_s:g}s; process group stopped (SIGTERM)"
+    if outcome.signal_name is not None:
+        return f"killed by signal {outcome.signal_name}"
+    if outcome.exit_code != 0:
+        return f"exit code {outcome.exit_code}"
+    return file_error
+
+
+def shell_retry_delay(
+    config: Callable[[], TasksConfig],
+) -> Callable[[int, BaseException, Task], float]:
+    """The engine's retry delay for shell tasks: the task's fixed ``retry_delay`` from
+    tasks.yaml; asynq's default curve for anything else sharing the server."""
+
+    def delay(retried: int, error: BaseException, task: Task) -> float:
+        spec = config().tasks.get(task.type)
+        if spec is None:
+            return default_retry_delay(retried, error, task)
+        return spec.retry_delay_s
+
+    return delay
+
+
+def task_names(config: TasksConfig) -> Sequence[str]:
+    return sorted(config.tasks)

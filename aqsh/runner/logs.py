@@ -1,0 +1,131 @@
+"""Live log streams: script output lines → the Redis Stream ``logs:{task_id}``.
+
+Entries: ``{stream: stdout|stderr, line: <text>}``; the last one is ``{eof: 1, exit_code: <n>}``
+(``exit_code`` is the script's code, or ``-<signal>`` when a signal ended it).
+
+Batching: lines go into an in-memory buffer; one flusher sends everything buffered in one script
+call (``append_log_lines.lua``), so while a call is in flight the next batch builds up and a fast
+script costs a few calls per second, not one per line. Back-pressure: when the buffer holds
+``max_buffered`` lines (Redis slow or away), ``put`` waits; the pipe readers stop reading, the
+kernel pipe fills and the script blocks on write. Lines are delayed, never dropped. If Redis is
+away for longer than ``give_up_s`` the writer drops the buffer and records how many lines it lost
+in a final marker line, so a dead Redis cannot hang a task forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import redis.asyncio as aioredis
+import structlog
+
+from aqsh.engine.rdb import REDIS_DOWN
+from aqsh.engine.scripts import Scripts
+
+log = structlog.get_logger("aqsh.runner")
+
+LOG_KEY_PREFIX = "logs:"
+DEFAULT_MAX_LINE_BYTES = 16 * 1024
+DEFAULT_MAX_STREAM_LEN = 100_000
+DEFAULT_BATCH_LINES = 2000
+
+
+def log_key(task_id: str) -> str:
+    return f"{LOG_KEY_PREFIX}{task_id}"
+
+
+class LogWriter:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        task_id: str,
+        *,
+        retention_s: float,
+        max_stream_len: int = DEFAULT_MAX_STREAM_LEN,
+        max_buffered: int = 20_000,
+        batch_lines: int = DEFAULT_BATCH_LINES,
+        give_up_s: float = 60.0,
+    ) -> None:
+        self.redis = redis
+        self.key = log_key(task_id)
+        self.retention_s = max(1, int(retention_s))
+        self.max_stream_len = max_stream_len
+        self.max_buffered = max_buffered
+        self.batch_lines = batch_lines
+        self.give_up_s = give_up_s
+        self.scripts = Scripts(redis)
+        self.lines_written = 0
+        self.lines_dropped = 0
+        self._buffer: list[tuple[str, str]] = []
+        self._has_data = asyncio.Event()
+        self._has_room = asyncio.Event()
+        self._has_room.set()
+        self._closing = False
+        self._flusher = asyncio.create_task(self._flush_loop(), name=f"aqsh-logs-{task_id}")
+
+    async def put(self, stream: str, line: str) -> None:
+        while len(self._buffer) >= self.max_buffered:
+            self._has_room.clear()
+            await self._has_room.wait()
+        self._buffer.append((stream, line))
+        self._has_data.set()
+
+    @property
+    def closed(self) -> bool:
+        return self._closing
+
+    async def close(self, exit_code: int) -> None:
+        """Flush everything, then write the eof marker."""
+        self._buffer.append(("eof", str(exit_code)))
+        self._closing = True
+        self._has_data.set()
+        await self._flusher
+
+    async def abort(self) -> None:
+        self._closing = True
+        self._flusher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._flusher
+
+    async def _flush_loop(self) -> None:
+        while True:
+            if not self._buffer:
+                if self._closing:
+                    return
+                self._has_data.clear()
+                await self._has_data.wait()
+                continue
+            batch = self._buffer[: self.batch_lines]
+            args: list[str | int] = [self.max_stream_len, self.retention_s]
+            for stream, line in batch:
+                args += [stream, line]
+            if not await self._send(args):
+                lost = [entry for entry in self._buffer if entry[0] != "eof"]
+                self.lines_dropped += len(lost)
+                log.error("logs.dropped", key=self.key, lines=len(lost))
+                if self._closing:
+                    return  # Redis has been away for give_up_s: nothing more can be done
+                marker = f"[aqsh] {len(lost)} log lines lost: Redis unreachable"
+                self._buffer = [("stderr", marker)]
+                self._has_room.set()
+                continue
+            self.lines_written += sum(1 for stream, _ in batch if stream != "eof")
+            del self._buffer[: len(batch)]
+            self._has_room.set()
+
+    async def _send(self, args: list[str | int]) -> bool:
+        """Retry a batch while Redis is away, for up to ``give_up_s``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.give_up_s
+        delay_s = 0.05
+        while True:
+            try:
+                await self.scripts.run("append_log_lines", [self.key], args)
+                return True
+            except REDIS_DOWN as exc:
+                if loop.time() > deadline:
+                    return False
+                log.warning("logs.write_retry", key=self.key, error=str(exc))
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, 2.0)
