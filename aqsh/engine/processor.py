@@ -24,7 +24,7 @@ from aqsh import errors
 from aqsh.clock import Clock
 from aqsh.engine.broker import Broker, Leased
 from aqsh.engine.models import TaskMessage
-from aqsh.engine.task import CancelReason, Handler, RevokeTask, SkipRetry, Task
+from aqsh.engine.task import CancelReason, Handler, RevokeTask, SkipRetry, Task, TaskError
 
 log = structlog.get_logger("aqsh.engine")
 
@@ -390,7 +390,7 @@ def _cancel_error(reason: CancelReason | None) -> BaseException:
 def _error_text(exc: BaseException) -> str:
     """Signals aqsh raises on purpose keep their text; anything else says what blew up."""
     text = str(exc)
-    expected = (TimeoutError, asyncio.CancelledError, SkipRetry, RevokeTask, errors.AqshError)
+    expected = (TimeoutError, asyncio.CancelledError, TaskError, errors.AqshError)
     if isinstance(exc, expected):
         return text or type(exc).__name__
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -69,9 +69,14 @@ class TaskContext(Protocol):
 Handler = Callable[[Task, TaskContext], Awaitable[bytes | None]]
 
 
-class SkipRetry(Exception):
+class TaskError(Exception):
+    """An expected failure whose message says it all: recorded as ``error_msg`` verbatim
+    (other exceptions are recorded with their class name in front)."""
+
+
+class SkipRetry(TaskError):
     """Fail the task and archive it at once, whatever retries are left."""
 
 
-class RevokeTask(Exception):
+class RevokeTask(TaskError):
     """Drop the task without counting a failure (asynq's RevokeTask)."""

@@ -25,7 +25,7 @@ import redis.asyncio as aioredis
 import structlog
 
 from aqsh.engine.processor import default_retry_delay
-from aqsh.engine.task import CancelReason, SkipRetry, Task, TaskContext
+from aqsh.engine.task import CancelReason, SkipRetry, Task, TaskContext, TaskError
 from aqsh.runner.logs import LogWriter
 from aqsh.runner.process import ProcessExit, run_process
 from aqsh.runner.result import ScriptResult, encode_result, read_result_file
@@ -38,7 +38,7 @@ DEFAULT_ENV_ALLOWLIST = ("PATH", "LANG", "HOME", "TZ")
 CANCELED_ERROR = "canceled"
 
 
-class ScriptFailed(Exception):
+class ScriptFailed(TaskError):
     """The script exited non-zero or was killed; retried by the task's rules."""
 
 

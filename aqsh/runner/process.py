@@ -123,7 +123,7 @@ async def run_process(
         asyncio.create_task(_pump(proc.stderr, "stderr", sink, max_line_bytes)),
     ]
     try:
-        returncode = await proc.wait()
+        await _exited(proc)
     except asyncio.CancelledError:
         await _stop_group(proc, pgid, kill_grace_s)
         await _finish_readers(readers)
@@ -131,7 +131,38 @@ async def run_process(
     # Children left behind in the group would keep running and hold the pipes open.
     _signal_group(pgid, signal.SIGKILL)
     await _finish_readers(readers)
-    return _exit(returncode)
+    return _exit(await proc.wait())
+
+
+async def _exited(proc: asyncio.subprocess.Process) -> None:
+    """Return as soon as the script itself exits.
+
+    ``Process.wait()`` also waits for the output pipes to close, which never happens while a
+    forked child still holds them; we need the exit itself so we can kill those children.
+    A pidfd becomes readable when the process exits (Linux 5.3+); elsewhere we poll the
+    returncode the child watcher sets.
+    """
+    loop = asyncio.get_running_loop()
+    try:
+        fd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):
+        fd = -1
+    if fd < 0:
+        while proc.returncode is None:  # noqa: ASYNC110 - no exit event without a pidfd
+            await asyncio.sleep(0.05)
+        return
+    exited: asyncio.Future[None] = loop.create_future()
+
+    def on_readable() -> None:
+        if not exited.done():
+            exited.set_result(None)
+
+    loop.add_reader(fd, on_readable)
+    try:
+        await exited
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
 
 
 async def _stop_group(

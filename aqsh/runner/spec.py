@@ -320,7 +320,7 @@ def _check_input(
     if not isinstance(node.value, dict):
         errs.add(node.line, where + "'", "must be a mapping")
         return None
-    raw = {k: v.value for k, v in node.value.items()}
+    raw = {k: _plain(v) for k, v in node.value.items()}
     before = len(errs.items)
 
     def bad(key: str, message: str) -> None:

@@ -34,7 +34,7 @@ class InvalidInput(AqshError):
     def __init__(self, task: str, field_errors: list[FieldError]) -> None:
         super().__init__(
             f"input for task {task!r} is invalid: "
-            + "; ".join(f"{e.field}: {e.message}" for e in field_errors),
+            + "; ".join(f"{e.field or 'input'}: {e.message} [{e.code}]" for e in field_errors),
             details=[msgspec.structs.asdict(e) for e in field_errors],
         )
         self.field_errors = field_errors
