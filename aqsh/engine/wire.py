@@ -44,20 +44,34 @@ def encode_task(msg: TaskMessage) -> bytes:
     return data + msg.unknown_fields if msg.unknown_fields else data
 
 
-def _unknown_bytes(proto: pb.TaskMessage) -> bytes:
-    """The raw bytes of fields our schema lacks, so they survive a rewrite.
+def _varint(value: int) -> bytes:
+    value &= (1 << 64) - 1
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
 
-    Serialising a copy without them and taking the difference avoids re-encoding each unknown
-    field by hand; upb writes unknown fields after the known ones.
-    """
-    if len(UnknownFieldSet(proto)) == 0:
-        return b""
-    known_only = pb.TaskMessage()
-    known_only.CopyFrom(proto)
-    known_only.DiscardUnknownFields()
-    full: bytes = proto.SerializeToString()
-    stripped: bytes = known_only.SerializeToString()
-    return full[len(stripped) :] if full.startswith(stripped) else b""
+
+def _unknown_bytes(proto: pb.TaskMessage) -> bytes:
+    """Re-encode the fields our schema lacks, so a rewrite by aqsh keeps what a newer asynq
+    wrote. (Groups, wire type 3, are obsolete in proto3 and not kept.)"""
+    out = bytearray()
+    for field in UnknownFieldSet(proto):  # type: ignore[attr-defined]
+        tag = _varint(field.field_number << 3 | field.wire_type)
+        if field.wire_type == 0:
+            out += tag + _varint(field.data)
+        elif field.wire_type == 1:
+            out += tag + int(field.data).to_bytes(8, "little")
+        elif field.wire_type == 2:
+            out += tag + _varint(len(field.data)) + bytes(field.data)
+        elif field.wire_type == 5:
+            out += tag + int(field.data).to_bytes(4, "little")
+    return bytes(out)
 
 
 def decode_task(raw: bytes) -> TaskMessage:

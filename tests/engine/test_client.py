@@ -1,0 +1,111 @@
+"""Client options, defaults and errors, asserted on raw asynq keys."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import redis.asyncio as aioredis
+
+from aqsh import errors
+from aqsh.clock import ManualClock, unix_s
+from aqsh.engine import keys, wire
+from aqsh.engine.client import Client, EnqueueRequest
+from aqsh.engine.models import TaskState
+
+Q = keys.queue_keys("default")
+
+
+@pytest.fixture
+def client(redis: aioredis.Redis, clock: ManualClock) -> Client:
+    return Client(redis, clock=clock)
+
+
+async def stored(redis: aioredis.Redis, qname: str, task_id: str) -> dict[bytes, bytes]:
+    return await redis.hgetall(keys.queue_keys(qname).task(task_id))
+
+
+async def test_defaults_match_asynq(redis: aioredis.Redis, client: Client) -> None:
+    info = await client.enqueue("email", b"p")
+    msg = wire.decode_task((await stored(redis, "default", info.id))[b"msg"])
+    assert (msg.queue, msg.retry, msg.timeout_s, msg.deadline_s) == ("default", 25, 1800, 0)
+    assert len(info.id) == 36
+    assert await redis.smembers(keys.ALL_QUEUES) == {b"default"}
+    assert info.state is TaskState.PENDING
+
+
+async def test_every_option_is_written(redis: aioredis.Redis, client: Client,
+                                       clock: ManualClock) -> None:
+    deadline = datetime.fromtimestamp(unix_s(clock) + 500, UTC)
+    info = await client.enqueue(
+        "email", b"p", queue="mail", max_retry=2, timeout=timedelta(seconds=40),
+        deadline=deadline, task_id="my-id", retention=60, headers={"a": "b"}, unique_ttl=30)
+    h = await stored(redis, "mail", "my-id")
+    msg = wire.decode_task(h[b"msg"])
+    lock = keys.queue_keys("mail").unique("email", b"p")
+    assert (msg.id, msg.retry, msg.timeout_s, msg.deadline_s, msg.retention_s, msg.headers,
+            msg.unique_key) == ("my-id", 2, 40, unix_s(clock) + 500, 60, {"a": "b"}, lock)
+    assert h[b"unique_key"] == lock.encode()
+    assert 29 <= await redis.ttl(lock) <= 30
+    assert info.queue == "mail"
+
+
+async def test_scheduling_and_the_scheduled_lock_ttl(
+    redis: aioredis.Redis, client: Client, clock: ManualClock
+) -> None:
+    info = await client.enqueue("email", b"s", process_in=100, unique_ttl=50)
+    assert info.state is TaskState.SCHEDULED
+    assert await redis.zscore(Q.scheduled, info.id) == unix_s(clock) + 100
+    assert 149 <= await redis.ttl(Q.unique("email", b"s")) <= 150  # wait + window
+    past = await client.enqueue("email", b"now", process_at=datetime.fromtimestamp(1, UTC))
+    assert past.state is TaskState.PENDING  # a time in the past runs at once
+
+
+async def test_duplicate_and_id_conflict(client: Client) -> None:
+    await client.enqueue("email", b"u", unique_ttl=60)
+    with pytest.raises(errors.DuplicateTask):
+        await client.enqueue("email", b"u", unique_ttl=60)
+    await client.enqueue("email", b"x", task_id="same")
+    with pytest.raises(errors.TaskIdConflict):
+        await client.enqueue("email", b"y", task_id="same")
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"max_retry": -1}, "max_retry"),
+    ({"queue": "  "}, "queue"),
+    ({"process_at": datetime.now(UTC), "process_in": 5}, "not both"),
+    ({"unique_ttl": 0.5}, "unique_ttl"),
+    ({"task_id": " "}, "task_id"),
+    ({"timeout": -1}, "negative"),
+    ({"deadline": datetime(2030, 1, 1)}, "timezone"),
+])
+async def test_bad_options_raise_before_writing(
+    redis: aioredis.Redis, client: Client, kwargs: dict[str, object], match: str
+) -> None:
+    with pytest.raises(errors.InvalidArgument, match=match):
+        await client.enqueue("email", b"p", **kwargs)  # type: ignore[arg-type]
+    assert await redis.dbsize() == 0
+
+
+async def test_payload_must_be_bytes_and_type_non_blank(redis: aioredis.Redis,
+                                                        client: Client) -> None:
+    with pytest.raises(errors.InvalidArgument, match="bytes"):
+        await client.enqueue("email", "text")  # type: ignore[arg-type]
+    with pytest.raises(errors.InvalidArgument, match="type"):
+        await client.enqueue(" ", b"")
+    assert await redis.dbsize() == 0
+
+
+async def test_enqueue_many_is_one_batch_with_per_task_results(
+    redis: aioredis.Redis, client: Client
+) -> None:
+    results = await client.enqueue_many([
+        EnqueueRequest(type="a", payload=b"1", task_id="one"),
+        EnqueueRequest(type="a", payload=b"2", task_id="one"),
+        EnqueueRequest(type="b", payload=b"3", queue="other", process_in=60),
+    ])
+    assert [type(r).__name__ for r in results] == ["TaskInfo", "TaskIdConflict", "TaskInfo"]
+    assert await redis.lrange(Q.pending, 0, -1) == [b"one"]
+    assert await redis.smembers(keys.ALL_QUEUES) == {b"default", b"other"}
+    with pytest.raises(errors.InvalidArgument):
+        await client.enqueue_many([EnqueueRequest(type="a", payload=b"", max_retry=-3)])
