@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test interop lint run bench proto clean
+.PHONY: venv test interop golden lint run bench proto clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,8 +18,17 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests --ignore=tests/interop -p no:cacheprovider
 
 interop: $(STAMP)
-	cd tests/interop && go build -o ../../.venv/bin/aqsh-interop ./cmd/aqsh-interop
+	cd tests/interop && go build -o ../../$(VENV)/bin/aqsh-interop ./cmd/aqsh-interop
+	cd tests/interop/v0241 && go build -o ../../../$(VENV)/bin/aqsh-interop-v0241 ./cmd/aqsh-interop-v0241
 	$(PY) -m pytest -q tests/interop -p no:cacheprovider
+
+# Rewrites tests/engine/golden from the real Go library (needs Go).
+golden: $(STAMP)
+	cd tests/interop && go build -o ../../$(VENV)/bin/aqsh-interop ./cmd/aqsh-interop
+	$(PY) -c "import subprocess; from aqsh.redis_process import RedisProcess; \
+	r = RedisProcess().start(); \
+	subprocess.run(['$(VENV)/bin/aqsh-interop', 'golden', '-redis', r.url, '-out', 'tests/engine/golden'], check=True); \
+	r.stop()"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check aqsh tests benchmarks
