@@ -1,7 +1,8 @@
 """Drive the Go binary and an aqsh handler that behaves like its Go twin.
 
 Task types choose the behaviour on both sides: ``ok*`` succeed, ``fail*`` raise, ``skip*``
-skip retries, ``result*`` write a result, ``sleep:<ms>`` sleep first. Each handler appends a
+skip retries, ``result*`` write a result, ``sleep:<ms>`` sleep first, ``slowfirst:<ms>`` sleep
+on the first attempt only. Each handler appends a
 JSON record of what it saw to the Redis list ``interop:seen``.
 """
 
@@ -49,7 +50,7 @@ def go(command: str, redis_url: str, *flags: str, stdin: Any = None, timeout_s: 
 def go_background(command: str, redis_url: str, *flags: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [go_binary(), command, "-redis", redis_url, *flags],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.DEVNULL, text=True,
     )
 
 
@@ -63,7 +64,8 @@ class InteropHandler:
 
     async def __call__(self, task: Task, ctx: TaskContext) -> bytes | None:
         self.started.setdefault(task.id, asyncio.Event()).set()
-        if task.type.startswith("sleep:"):
+        if task.type.startswith("sleep:") or (task.type.startswith("slowfirst:")
+                                              and task.retried == 0):
             await asyncio.sleep(int(task.type.split(":", 1)[1]) / 1000)
         record = {"id": task.id, "type": task.type, "payload": task.payload.decode(),
                   "headers": task.headers, "retried": task.retried, "server": self.server_name,
