@@ -1,0 +1,166 @@
+"""AQSH_* environment variables → a frozen Settings.
+
+A bad value stops startup with one line naming the variable and what it accepts, before any
+connection is made.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+import msgspec
+
+from aqsh.errors import ConfigError
+from aqsh.runner.spec import parse_duration
+
+Mode = Literal["api", "worker", "both"]
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
+    mode: Mode = "both"
+    bind: str = "0.0.0.0:8080"
+    tasks_config: str = "/etc/aqsh/tasks.yaml"
+    tasks_dir: str = "/tasks"
+    results_dir: str = os.path.join(tempfile.gettempdir(), "aqsh")
+    data_dir: str = "data"
+    redis_addr: str = "127.0.0.1:6379"
+    redis_sentinel_addrs: tuple[str, ...] = ()
+    redis_sentinel_master: str = "mymaster"
+    redis_password: str | None = None
+    worker_concurrency: int = 10
+    #: Empty: every queue named in tasks.yaml, weight 1.
+    worker_queues: tuple[tuple[str, int], ...] = ()
+    worker_strict_priority: bool = False
+    identity_header: str = "X-Forwarded-User"
+    require_identity: bool = False
+    groups_header: str = "X-Forwarded-Groups"
+    log_retention_s: float = 24 * 3600
+    result_retention_s: float = 72 * 3600
+    idempotency_ttl_s: float = 24 * 3600
+    shutdown_timeout_s: float = 30.0
+    kill_grace_s: float = 10.0
+    max_body_bytes: int = 1024 * 1024
+    max_input_length: int = 4096
+    env_allowlist: tuple[str, ...] = ("PATH", "LANG", "HOME", "TZ")
+    keep_work_dirs: bool = False
+    log_format: Literal["pretty", "json"] = "pretty"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        host, _, port = self.bind.rpartition(":")
+        return host or "0.0.0.0", int(port)
+
+
+def _bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("true or false")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError("a positive integer")
+    return value
+
+
+def _duration(text: str) -> float:
+    return parse_duration(text)
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _queues(text: str) -> tuple[tuple[str, int], ...]:
+    out = []
+    for part in _csv(text):
+        name, _, weight = part.partition(":")
+        if not name.strip():
+            raise ValueError("queue names, optionally name:weight, comma separated")
+        out.append((name.strip(), _positive_int(weight) if weight else 1))
+    return tuple(out)
+
+
+def _bind(text: str) -> str:
+    _, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("host:port, e.g. 0.0.0.0:8080")
+    return text
+
+
+def _choice(*options: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in options:
+            raise ValueError("one of " + ", ".join(options))
+        return text
+
+    return parse
+
+
+def _text(text: str) -> str:
+    if not text.strip():
+        raise ValueError("a non-empty value")
+    return text
+
+
+#: variable suffix → (field, parser, what it accepts)
+_FIELDS: dict[str, tuple[str, Callable[[str], Any], str]] = {
+    "MODE": ("mode", _choice("api", "worker", "both"), "api, worker or both"),
+    "BIND": ("bind", _bind, "host:port"),
+    "TASKS_CONFIG": ("tasks_config", _text, "a file path"),
+    "TASKS_DIR": ("tasks_dir", _text, "a directory path"),
+    "RESULTS_DIR": ("results_dir", _text, "a directory path"),
+    "DATA_DIR": ("data_dir", _text, "a directory path"),
+    "REDIS_ADDR": ("redis_addr", _text,
+                   "host:port, a redis:// or rediss:// URL, or 'embedded'"),
+    "REDIS_SENTINEL_ADDRS": ("redis_sentinel_addrs", _csv, "host:port,host:port"),
+    "REDIS_SENTINEL_MASTER": ("redis_sentinel_master", _text, "a master name"),
+    "REDIS_PASSWORD": ("redis_password", str, "a password"),
+    "WORKER_CONCURRENCY": ("worker_concurrency", _positive_int, "a positive integer"),
+    "WORKER_QUEUES": ("worker_queues", _queues, "name[:weight],name[:weight]"),
+    "WORKER_STRICT_PRIORITY": ("worker_strict_priority", _bool, "true or false"),
+    "IDENTITY_HEADER": ("identity_header", _text, "a header name"),
+    "REQUIRE_IDENTITY": ("require_identity", _bool, "true or false"),
+    "GROUPS_HEADER": ("groups_header", _text, "a header name"),
+    "LOG_RETENTION": ("log_retention_s", _duration, "a duration like 24h"),
+    "RESULT_RETENTION": ("result_retention_s", _duration, "a duration like 72h"),
+    "IDEMPOTENCY_TTL": ("idempotency_ttl_s", _duration, "a duration like 24h"),
+    "SHUTDOWN_TIMEOUT": ("shutdown_timeout_s", _duration, "a duration like 30s"),
+    "KILL_GRACE": ("kill_grace_s", _duration, "a duration like 10s"),
+    "MAX_BODY_BYTES": ("max_body_bytes", _positive_int, "a positive integer (bytes)"),
+    "MAX_INPUT_LENGTH": ("max_input_length", _positive_int, "a positive integer"),
+    "ENV_ALLOWLIST": ("env_allowlist", _csv, "variable names, comma separated"),
+    "KEEP_WORK_DIRS": ("keep_work_dirs", _bool, "true or false"),
+    "LOG_FORMAT": ("log_format", _choice("pretty", "json"), "pretty or json"),
+    "LOG_LEVEL": ("log_level", _choice("debug", "info", "warning", "error"),
+                  "debug, info, warning or error"),
+}
+
+
+def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """Read AQSH_* variables; raises ConfigError naming the first bad variable."""
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    if "AQSH_LOG_FORMAT" not in env:
+        values["log_format"] = "pretty" if sys.stderr.isatty() else "json"
+    for suffix, (field, parse, accepts) in _FIELDS.items():
+        name = f"AQSH_{suffix}"
+        if name not in env:
+            continue
+        try:
+            values[field] = parse(env[name])
+        except ValueError:
+            raise ConfigError(
+                f"{name}={env[name]!r} is not valid: expected {accepts}"
+            ) from None
+    values.update(overrides)
+    return Settings(**values)
