@@ -6,12 +6,16 @@
 -- Returns the id of the last entry added.
 -- One script call carries a whole batch: encoding one command instead of one XADD per line is
 -- what lets a script printing 100,000 lines per second be followed without falling behind.
--- An "eof" pair writes the end marker entry {eof = 1, exit_code = <text>}.
+-- An "eof" pair writes the end marker entry {eof = 1, exit_code = <text>}; a "start" pair
+-- writes {start = 1, retry = <text>} when an attempt begins (its id dates the start).
 local last = ""
 for i = 3, #ARGV, 2 do
   if ARGV[i] == "eof" then
     last = redis.call("XADD", KEYS[1], "MAXLEN", "~", ARGV[1], "*", "eof", "1",
       "exit_code", ARGV[i + 1])
+  elseif ARGV[i] == "start" then
+    last = redis.call("XADD", KEYS[1], "MAXLEN", "~", ARGV[1], "*", "start", "1",
+      "retry", ARGV[i + 1])
   else
     last = redis.call("XADD", KEYS[1], "MAXLEN", "~", ARGV[1], "*", "stream", ARGV[i],
       "line", ARGV[i + 1])

@@ -63,10 +63,13 @@ class ShellRunner:
         config: Callable[[], TasksConfig],
         redis: aioredis.Redis,
         settings: RunnerSettings | None = None,
+        on_finished: Callable[[str, str, float], None] | None = None,
     ) -> None:
         self.config = config
         self.redis = redis
         self.settings = settings or RunnerSettings()
+        #: (task name, outcome, duration_s) after every run: succeeded, failed, timeout, canceled.
+        self.on_finished = on_finished
         source = self.settings.base_env if self.settings.base_env is not None else os.environ
         self.base_env = {k: source[k] for k in self.settings.env_allowlist if k in source}
 
@@ -112,6 +115,7 @@ class ShellRunner:
         env = self.environment(spec, task, inputs, work_dir, result_file)
         logs = LogWriter(self.redis, task.id, retention_s=spec.log_retention_s,
                          max_stream_len=self.settings.max_stream_len)
+        logs.mark_start(task.retried)
         bound = log.bind(task_id=task.id, name=spec.name, queue=task.queue)
         bound.info("task.started", retry=task.retried)
         loop = asyncio.get_running_loop()
@@ -134,6 +138,7 @@ class ShellRunner:
                 if ctx.cancel_reason is CancelReason.CANCELED:
                     await self._store(ctx, ScriptResult(exit_code=-15, error=CANCELED_ERROR))
                     bound.info("task.canceled")
+                    self._report(spec.name, "canceled", loop.time() - started)
                     raise SkipRetry(CANCELED_ERROR) from None
                 if ctx.cancel_reason is not CancelReason.DEADLINE:
                     raise  # shutdown or lost lease: the engine decides what happens next
@@ -159,10 +164,16 @@ class ShellRunner:
         bound.info("task.finished", exit_code=outcome.exit_code, duration_s=round(duration_s, 3),
                    error=error)
         encoded = encode_result(result)
+        outcome_name = "succeeded" if error is None else "timeout" if timed_out else "failed"
+        self._report(spec.name, outcome_name, duration_s)
         if error is None:
             return encoded
         await self._store(ctx, result)
         raise ScriptFailed(error)
+
+    def _report(self, name: str, outcome: str, duration_s: float) -> None:
+        if self.on_finished is not None:
+            self.on_finished(name, outcome, duration_s)
 
     async def _store(self, ctx: TaskContext, result: ScriptResult) -> None:
         await ctx.result_writer.write(encode_result(result))

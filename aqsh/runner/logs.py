@@ -1,7 +1,9 @@
 """Live log streams: script output lines → the Redis Stream ``logs:{task_id}``.
 
-Entries: ``{stream: stdout|stderr, line: <text>}``; the last one is ``{eof: 1, exit_code: <n>}``
-(``exit_code`` is the script's code, or ``-<signal>`` when a signal ended it).
+Entries: ``{start: 1, retry: <n>}`` when an attempt begins, then ``{stream: stdout|stderr,
+line: <text>}`` per line, and ``{eof: 1, exit_code: <n>}`` when it ends (``exit_code`` is the
+script's code, or ``-<signal>`` when a signal ended it). Entry ids are Redis stream ids, whose
+first part is the time in ms: the start and eof markers date the attempt.
 
 Batching: lines go into an in-memory buffer; one flusher sends everything buffered in one script
 call (``append_log_lines.lua``), so while a call is in flight the next batch builds up and a fast
@@ -64,6 +66,10 @@ class LogWriter:
         self._closing = False
         self._flusher = asyncio.create_task(self._flush_loop(), name=f"aqsh-logs-{task_id}")
 
+    def mark_start(self, retry: int) -> None:
+        self._buffer.append(("start", str(retry)))
+        self._has_data.set()
+
     async def put(self, stream: str, line: str) -> None:
         while len(self._buffer) >= self.max_buffered:
             self._has_room.clear()
@@ -110,7 +116,7 @@ class LogWriter:
                 self._buffer = [("stderr", marker)]
                 self._has_room.set()
                 continue
-            self.lines_written += sum(1 for stream, _ in batch if stream != "eof")
+            self.lines_written += sum(1 for stream, _ in batch if stream not in ("eof", "start"))
             del self._buffer[: len(batch)]
             self._has_room.set()
 

@@ -1,0 +1,77 @@
+"""Every HTTP error is JSON ``{"error": {"code", "message", "details"?}}``, router 404/405 and
+oversized bodies included; no traceback ever reaches a client."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import structlog
+from aiohttp import web
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from aqsh import errors
+
+log = structlog.get_logger("aqsh.api")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+RETRY_AFTER_S = 5
+
+
+class ApiError(errors.AqshError):
+    """An HTTP-level refusal with its own status and code."""
+
+    def __init__(self, status: int, code: str, message: str, details: Any = None) -> None:
+        super().__init__(message, details=details)
+        self.status = status
+        self.api_code = code
+
+
+def error_response(status: int, code: str, message: str, details: Any = None,
+                   headers: dict[str, str] | None = None) -> web.Response:
+    body: dict[str, Any] = {"code": code, "message": message}
+    if details is not None:
+        body["details"] = details
+    return web.json_response({"error": body}, status=status, headers=headers)
+
+
+_HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+               405: "method_not_allowed", 409: "conflict", 413: "payload_too_large",
+               415: "unsupported_media_type", 422: "invalid_input", 503: "unavailable"}
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return error_response(exc.status, exc.api_code, exc.message, exc.details)
+    except errors.BrokerUnavailable as exc:
+        log.warning("redis.unavailable", path=request.path, error=exc.message)
+        return _unavailable()
+    except (RedisConnectionError, RedisTimeoutError, ConnectionRefusedError) as exc:
+        log.warning("redis.unavailable", path=request.path, error=str(exc))
+        return _unavailable()
+    except errors.AqshError as exc:
+        return error_response(exc.http_status, exc.code, exc.message, exc.details)
+    except web.HTTPRequestEntityTooLarge:
+        return error_response(413, "payload_too_large",
+                              f"request body is over the {request.app._client_max_size} byte "
+                              "limit")
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = _HTTP_CODES.get(exc.status, "http_error")
+        message = exc.reason if exc.status != 404 else f"no route for {request.path}"
+        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return error_response(exc.status, code, message, headers=headers)
+    except Exception:
+        log.exception("http.internal_error", path=request.path, method=request.method)
+        return error_response(500, "internal", "internal server error")
+
+
+def _unavailable() -> web.Response:
+    return error_response(503, "redis_unavailable",
+                          "the task store is unreachable; retry later",
+                          headers={"Retry-After": str(RETRY_AFTER_S)})

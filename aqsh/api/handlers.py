@@ -1,0 +1,353 @@
+"""Route handlers. They speak in tasks and transitions (Client, Inspector), never in keys."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+import structlog
+from aiohttp import web
+
+from aqsh import __version__, errors
+from aqsh.api.auth import Caller, authorize, caller_of
+from aqsh.api.errors import ApiError
+from aqsh.api.sse import follow_logs, plain_logs, start_id
+from aqsh.api.state import STATE_KEY, ApiState
+from aqsh.engine.models import TaskInfo, TaskState
+from aqsh.runner.logs import log_key
+from aqsh.runner.result import decode_result
+from aqsh.runner.spec import TaskSpec, parse_duration
+from aqsh.runner.validate import json_schema, validate_input
+
+log = structlog.get_logger("aqsh.api")
+
+HEADER_USER = "aqsh-submitted-by"
+HEADER_SUBMITTED_AT = "aqsh-submitted-at"
+CANCELED = "canceled"
+IDEMPOTENCY_PREFIX = "aqsh:idem:"
+_FINISHED = {TaskState.COMPLETED, TaskState.ARCHIVED}
+
+
+def _state(request: web.Request) -> ApiState:
+    return request.app[STATE_KEY]
+
+
+def _links(request: web.Request, task_id: str) -> dict[str, str]:
+    return {"self": f"/tasks/{task_id}", "logs": f"/tasks/{task_id}/logs"}
+
+
+def _iso(unix_s: float | None) -> str | None:
+    if not unix_s:
+        return None
+    return datetime.fromtimestamp(unix_s, UTC).isoformat().replace("+00:00", "Z")
+
+
+# ---------------------------------------------------------------------------- submit
+async def submit_task(request: web.Request) -> web.Response:
+    state = _state(request)
+    caller = caller_of(request, state.settings)
+    name = request.match_info["name"]
+    spec = state.config().tasks.get(name)
+    if spec is None:
+        raise ApiError(404, "task_type_not_found", f"no task named {name!r} is configured")
+    authorize(caller, spec, name)
+    body = await _json_body(request)
+    values = validate_input(spec, body, max_string_len=state.settings.max_input_length)
+    process_at = _schedule(request)
+    payload = msgspec.json.encode(values)
+    idem_key = request.headers.get("Idempotency-Key")
+    task_id: str | None = None
+    if idem_key is not None:
+        task_id, existing = await _idempotent_id(state, caller, name, idem_key, payload,
+                                                 process_at)
+        if existing:
+            info = await state.inspector.find_task(task_id, [spec.queue])
+            return web.json_response(_accepted(request, info, name, caller), status=202)
+    headers = {HEADER_SUBMITTED_AT: str(time.time_ns())}
+    if caller.user:
+        headers[HEADER_USER] = caller.user
+    try:
+        info = await state.client.enqueue(
+            name, payload, queue=spec.queue, max_retry=spec.max_retry, timeout=spec.timeout_s,
+            retention=state.settings.result_retention_s, headers=headers, task_id=task_id,
+            process_at=process_at,
+        )
+    except errors.TaskIdConflict:
+        # The idempotency record was written but the first attempt's answer was lost.
+        assert task_id is not None
+        info = await state.inspector.find_task(task_id, [spec.queue])
+    state.metrics.tasks_submitted.labels(name).inc()
+    log.info("task.submitted", task_id=info.id, name=name, queue=spec.queue, user=caller.user)
+    return web.json_response(_accepted(request, info, name, caller), status=202)
+
+
+def _accepted(request: web.Request, info: TaskInfo, name: str, caller: Caller) -> dict[str, Any]:
+    return {"id": info.id, "name": name, "queue": info.queue, "state": info.state.value,
+            "submitted_by": info.message.headers.get(HEADER_USER, caller.user),
+            "links": _links(request, info.id)}
+
+
+async def _json_body(request: web.Request) -> Any:
+    if not request.can_read_body:
+        return {}
+    if request.content_type not in ("application/json", ""):
+        raise ApiError(415, "unsupported_media_type", "send the input as application/json")
+    raw = await request.read()
+    if not raw.strip():
+        return {}
+    try:
+        return msgspec.json.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise ApiError(400, "invalid_json", f"request body is not valid JSON: {exc}") from None
+
+
+def _schedule(request: web.Request) -> datetime | None:
+    process_in = request.query.get("process_in")
+    process_at = request.query.get("process_at")
+    if process_in and process_at:
+        raise ApiError(400, "invalid_schedule", "give process_in or process_at, not both")
+    if process_in:
+        try:
+            return datetime.fromtimestamp(time.time() + parse_duration(process_in), UTC)
+        except ValueError as exc:
+            raise ApiError(400, "invalid_schedule", f"process_in: expected {exc}") from None
+    if process_at:
+        try:
+            when = datetime.fromisoformat(process_at.replace("Z", "+00:00"))
+        except ValueError:
+            raise ApiError(400, "invalid_schedule",
+                           "process_at must be an RFC 3339 time with a zone") from None
+        if when.tzinfo is None:
+            raise ApiError(400, "invalid_schedule", "process_at needs a time zone (e.g. Z)")
+        return when
+    return None
+
+
+async def _idempotent_id(state: ApiState, caller: Caller, name: str, key: str, payload: bytes,
+                         process_at: datetime | None) -> tuple[str, bool]:
+    """The task id for this Idempotency-Key: (id, True) when a task was already submitted.
+
+    SET NX makes two concurrent requests with one key agree on one id. The record holds a hash
+    of the request, so the same key with a different body is refused (409).
+    """
+    import uuid
+
+    if not key.strip() or len(key) > 255:
+        raise ApiError(400, "invalid_idempotency_key", "Idempotency-Key must be 1-255 characters")
+    scope = hashlib.sha256(f"{caller.user or ''}\0{name}\0{key}".encode()).hexdigest()
+    fingerprint = hashlib.sha256(
+        payload + b"\0" + (process_at.isoformat().encode() if process_at else b"")
+    ).hexdigest()
+    record_key = IDEMPOTENCY_PREFIX + scope
+    candidate = str(uuid.uuid4())
+    record = msgspec.json.encode({"id": candidate, "fingerprint": fingerprint})
+    created = await state.redis.set(record_key, record, nx=True,
+                                    ex=max(1, int(state.settings.idempotency_ttl_s)))
+    if created:
+        return candidate, False
+    raw = await state.redis.get(record_key)
+    if raw is None:  # expired between the two commands: treat as new
+        return candidate, False
+    stored = msgspec.json.decode(raw)
+    if stored["fingerprint"] != fingerprint:
+        raise ApiError(409, "idempotency_conflict",
+                       "this Idempotency-Key was used with a different request body")
+    return str(stored["id"]), True
+
+
+# ---------------------------------------------------------------------------- read
+async def _find_authorized(request: web.Request) -> tuple[TaskInfo, TaskSpec | None, Caller]:
+    state = _state(request)
+    caller = caller_of(request, state.settings)
+    task_id = request.match_info["id"]
+    info = await state.inspector.find_task(task_id)
+    spec = state.config().tasks.get(info.type)
+    authorize(caller, spec, info.type)
+    return info, spec, caller
+
+
+def public_state(info: TaskInfo) -> str:
+    if info.state is TaskState.ARCHIVED and info.result:
+        try:
+            if decode_result(info.result).error == CANCELED:
+                return CANCELED
+        except msgspec.DecodeError:
+            pass
+    return info.state.value
+
+
+async def get_task(request: web.Request) -> web.Response:
+    info, _, _ = await _find_authorized(request)
+    state = _state(request)
+    started_ms, finished_ms = await _attempt_times(state, info)
+    msg = info.message
+    try:
+        task_input: Any = msgspec.json.decode(msg.payload) if msg.payload else None
+    except msgspec.DecodeError:
+        task_input = None
+    submitted_at_ns = int(msg.headers.get(HEADER_SUBMITTED_AT, "0") or 0)
+    result: Any = None
+    if info.result:
+        try:
+            result = msgspec.json.decode(info.result)
+        except msgspec.DecodeError:
+            result = {"raw": info.result.decode("utf-8", "replace")}
+    body = {
+        "id": info.id,
+        "name": info.type,
+        "queue": info.queue,
+        "state": public_state(info),
+        "input": task_input,
+        "submitted_by": msg.headers.get(HEADER_USER),
+        "enqueued_at": _iso(submitted_at_ns / 1e9),
+        "started_at": _iso(started_ms / 1000 if started_ms else None),
+        "finished_at": _iso(finished_ms / 1000 if finished_ms else None)
+        if info.state in _FINISHED else None,
+        "next_process_at": _iso(info.next_process_at_s)
+        if info.state in (TaskState.SCHEDULED, TaskState.RETRY) else None,
+        "retries": msg.retried,
+        "max_retry": msg.retry,
+        "last_error": msg.error_msg or None,
+        "result": result,
+        "links": _links(request, info.id),
+    }
+    return web.json_response(body)
+
+
+async def _attempt_times(state: ApiState, info: TaskInfo) -> tuple[int | None, int | None]:
+    """Start of the first attempt and end of the last, from the log stream's markers."""
+    pipe = state.redis.pipeline(transaction=False)
+    pipe.xrange(log_key(info.id), count=1)
+    pipe.xrevrange(log_key(info.id), count=1)
+    first, last = await pipe.execute()
+
+    def ms(entries: Any, marker: bytes) -> int | None:
+        if entries and marker in entries[0][1]:
+            return int(entries[0][0].split(b"-")[0])
+        return None
+
+    return ms(first, b"start"), ms(last, b"eof")
+
+
+async def task_logs(request: web.Request) -> web.StreamResponse:
+    info, _, _ = await _find_authorized(request)
+    state = _state(request)
+    after = start_id(request)
+    if request.query.get("follow", "true").lower() in ("false", "0", "no"):
+        return await plain_logs(state.redis, info.id, after)
+
+    async def finished() -> bool:
+        try:
+            current = await state.inspector.find_task(info.id, [info.queue])
+        except errors.TaskNotFound:
+            return True
+        return current.state in _FINISHED
+
+    return await follow_logs(request, state.blocking_redis, info.id, after, finished,
+                             state.metrics.sse_clients.inc, state.metrics.sse_clients.dec)
+
+
+# ---------------------------------------------------------------------------- cancel
+async def cancel_task(request: web.Request) -> web.Response:
+    info, _, caller = await _find_authorized(request)
+    state = _state(request)
+    if info.state in _FINISHED:
+        raise ApiError(409, "task_finished", f"task {info.id} already finished "
+                       f"({public_state(info)})")
+    if info.state is TaskState.ACTIVE:
+        await state.inspector.cancel_processing(info.id)
+        log.info("task.cancel_requested", task_id=info.id, user=caller.user)
+        return web.json_response({"id": info.id, "state": "canceling",
+                                  "links": _links(request, info.id)}, status=202)
+    # Not running: archive it with a "canceled" result, so it stays readable (and re-runnable
+    # from Asynqmon) instead of vanishing into a 404.
+    from aqsh.runner.result import ScriptResult, encode_result
+
+    try:
+        await state.inspector.archive_task(info.queue, info.id)
+    except errors.TaskStateConflict:
+        current = await state.inspector.find_task(info.id, [info.queue])
+        if current.state is TaskState.ACTIVE:  # it started meanwhile
+            await state.inspector.cancel_processing(info.id)
+            return web.json_response({"id": info.id, "state": "canceling",
+                                      "links": _links(request, info.id)}, status=202)
+        raise ApiError(409, "task_finished", f"task {info.id} already finished") from None
+    await state.broker.write_result(info.queue, info.id,
+                                    encode_result(ScriptResult(exit_code=-1, error=CANCELED)))
+    log.info("task.canceled", task_id=info.id, user=caller.user)
+    return web.json_response({"id": info.id, "state": CANCELED,
+                              "links": _links(request, info.id)}, status=200)
+
+
+# ---------------------------------------------------------------------------- catalogue
+async def list_task_types(request: web.Request) -> web.Response:
+    state = _state(request)
+    caller_of(request, state.settings)
+    config = state.config()
+    out = []
+    for name in sorted(config.tasks):
+        spec = config.tasks[name]
+        out.append({
+            "name": name, "description": spec.description, "queue": spec.queue,
+            "timeout_s": spec.timeout_s, "max_retry": spec.max_retry,
+            "retry_delay_s": spec.retry_delay_s, "allowed_groups": list(spec.allowed_groups),
+            "input_schema": json_schema(spec, max_string_len=state.settings.max_input_length),
+        })
+    return web.json_response({"tasks": out})
+
+
+# ---------------------------------------------------------------------------- health
+async def _redis_latency_ms(state: ApiState) -> float | None:
+    started = time.perf_counter()
+    try:
+        await state.broker.ping()
+    except errors.BrokerUnavailable:
+        return None
+    return round((time.perf_counter() - started) * 1000, 3)
+
+
+async def health(request: web.Request) -> web.Response:
+    state = _state(request)
+    latency = await _redis_latency_ms(state)
+    body = {"status": "ok" if latency is not None else "unavailable", "version": __version__,
+            "mode": state.settings.mode,
+            "redis": {"reachable": latency is not None, "latency_ms": latency},
+            "tasks": len(state.config().tasks)}
+    return web.json_response(body, status=200 if latency is not None else 503)
+
+
+async def live(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def ready(request: web.Request) -> web.Response:
+    state = _state(request)
+    if state.draining:
+        return web.json_response({"status": "draining"}, status=503)
+    if await _redis_latency_ms(state) is None:
+        return web.json_response({"status": "redis unavailable"}, status=503)
+    return web.json_response({"status": "ok"})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    state = _state(request)
+    infos = []
+    for qname in await state.inspector.queues():
+        try:
+            infos.append(await state.inspector.queue_info(qname))
+        except errors.QueueNotFound:
+            continue
+    state.metrics.queues.infos = infos
+    body = generate_latest(state.metrics.registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    from aqsh.api.openapi import document
+
+    return web.json_response(document())

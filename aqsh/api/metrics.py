@@ -1,0 +1,73 @@
+"""Prometheus metrics: asynq's queue metrics under asynq's names and labels (so existing asynq
+dashboards and Asynqmon's charts work), plus aqsh's own HTTP, task, script and SSE metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from aqsh.engine.inspect import QueueInfo
+
+_STATES = ("active", "pending", "scheduled", "retry", "archived", "completed")
+
+
+class QueueSnapshot:
+    """asynq's x/metrics families, from QueueInfo values read just before the scrape."""
+
+    def __init__(self) -> None:
+        self.infos: Sequence[QueueInfo] = ()
+
+    def collect(self) -> Iterator[Metric]:
+        enqueued = GaugeMetricFamily("asynq_tasks_enqueued_total",
+                                     "Number of tasks enqueued per queue and state",
+                                     labels=["queue", "state"])
+        size = GaugeMetricFamily("asynq_queue_size", "Number of tasks in a queue",
+                                 labels=["queue"])
+        latency = GaugeMetricFamily("asynq_queue_latency_seconds",
+                                    "Age of the oldest pending task", labels=["queue"])
+        memory = GaugeMetricFamily("asynq_queue_memory_usage_approx_bytes",
+                                   "Approximate memory used by a queue", labels=["queue"])
+        processed = CounterMetricFamily("asynq_tasks_processed",
+                                        "Tasks processed (successes and failures)",
+                                        labels=["queue"])
+        failed = CounterMetricFamily("asynq_tasks_failed", "Tasks failed", labels=["queue"])
+        paused = GaugeMetricFamily("asynq_queue_paused_total", "1 when the queue is paused",
+                                   labels=["queue"])
+        for info in self.infos:
+            for state in _STATES:
+                enqueued.add_metric([info.queue, state], getattr(info, state))
+            size.add_metric([info.queue], info.size)
+            latency.add_metric([info.queue], info.latency_s)
+            memory.add_metric([info.queue], info.memory_usage_bytes)
+            processed.add_metric([info.queue], info.processed_total)
+            failed.add_metric([info.queue], info.failed_total)
+            paused.add_metric([info.queue], 1 if info.paused else 0)
+        yield from (enqueued, size, latency, memory, processed, failed, paused)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.queues = QueueSnapshot()
+        self.registry.register(self.queues)
+        self.http_requests = Counter("aqsh_http_requests", "HTTP requests",
+                                     ["route", "method", "status"], registry=self.registry)
+        self.http_latency = Histogram("aqsh_http_request_duration_seconds",
+                                      "HTTP request latency", ["route", "method"],
+                                      registry=self.registry)
+        self.tasks_submitted = Counter("aqsh_tasks_submitted", "Tasks accepted by the API",
+                                       ["task"], registry=self.registry)
+        self.tasks_finished = Counter("aqsh_tasks_finished", "Script runs finished",
+                                      ["task", "outcome"], registry=self.registry)
+        self.script_duration = Histogram(
+            "aqsh_script_duration_seconds", "Script run time", ["task"],
+            buckets=(0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600),
+            registry=self.registry)
+        self.sse_clients = Gauge("aqsh_sse_clients", "SSE log followers connected",
+                                 registry=self.registry)
+
+    def script_finished(self, task: str, outcome: str, duration_s: float) -> None:
+        self.tasks_finished.labels(task, outcome).inc()
+        self.script_duration.labels(task).observe(duration_s)

@@ -1,0 +1,170 @@
+"""The OpenAPI 3.1 document of the HTTP API (served at /openapi.json; a test keeps it true)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aqsh import __version__
+
+_ERROR = {"$ref": "#/components/schemas/Error"}
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": _ERROR}}}
+
+
+def _json(description: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+_TASK_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
+_COMMON_ERRORS = {"401": _error("identity header required and missing"),
+                  "403": _error("caller is not in the task's allowed groups"),
+                  "404": _error("unknown task id"),
+                  "503": _error("Redis unreachable; retry after Retry-After seconds")}
+_STATES = ["pending", "scheduled", "active", "retry", "completed", "archived", "canceled",
+           "aggregating"]
+
+
+def document() -> dict[str, Any]:
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "aqsh", "version": __version__,
+                 "description": "Run pre-configured shell scripts asynchronously."},
+        "paths": {
+            "/tasks": {"get": {
+                "summary": "Task types with their input schemas",
+                "responses": {"200": _json("task types", {
+                    "type": "object", "required": ["tasks"],
+                    "properties": {"tasks": {"type": "array",
+                                             "items": {"$ref": "#/components/schemas/TaskType"}}},
+                }), "401": _COMMON_ERRORS["401"]},
+            }},
+            "/tasks/{name}": {"post": {
+                "summary": "Submit a task",
+                "parameters": [
+                    {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}},
+                    {"name": "process_in", "in": "query", "schema": {"type": "string"},
+                     "description": "run later, e.g. 90s, 10m, 1h30m"},
+                    {"name": "process_at", "in": "query",
+                     "schema": {"type": "string", "format": "date-time"}},
+                    {"name": "Idempotency-Key", "in": "header", "schema": {"type": "string"}},
+                ],
+                "requestBody": {"required": False, "content": {"application/json": {
+                    "schema": {"type": "object",
+                               "description": "the task's inputs (see GET /tasks)"}}}},
+                "responses": {
+                    "202": _json("accepted", {"$ref": "#/components/schemas/Accepted"}),
+                    "400": _error("malformed JSON, schedule or Idempotency-Key"),
+                    "401": _COMMON_ERRORS["401"], "403": _COMMON_ERRORS["403"],
+                    "404": _error("no such task type"),
+                    "409": _error("Idempotency-Key reused with a different body"),
+                    "413": _error("body over the size limit"),
+                    "415": _error("body is not application/json"),
+                    "422": _error("input failed validation; details lists every field"),
+                    "503": _COMMON_ERRORS["503"],
+                },
+            }},
+            "/tasks/{id}": {
+                "get": {"summary": "Task state and result", "parameters": [_TASK_ID],
+                        "responses": {"200": _json("the task",
+                                                   {"$ref": "#/components/schemas/Task"}),
+                                      **_COMMON_ERRORS}},
+                "delete": {"summary": "Cancel a task", "parameters": [_TASK_ID],
+                           "responses": {
+                               "200": _json("removed before it ran (state canceled)",
+                                            {"$ref": "#/components/schemas/CancelAccepted"}),
+                               "202": _json("running: its process group is being stopped",
+                                            {"$ref": "#/components/schemas/CancelAccepted"}),
+                               "409": _error("the task already finished"),
+                               **_COMMON_ERRORS}},
+            },
+            "/tasks/{id}/logs": {"get": {
+                "summary": "Follow the task's output (Server-Sent Events)",
+                "parameters": [
+                    _TASK_ID,
+                    {"name": "follow", "in": "query", "schema": {"type": "boolean"},
+                     "description": "false: return what exists as text/plain"},
+                    {"name": "Last-Event-ID", "in": "header", "schema": {"type": "string"}},
+                    {"name": "last_event_id", "in": "query", "schema": {"type": "string"}},
+                ],
+                "responses": {
+                    "200": {"description": "SSE: id = stream entry id, data = one line; "
+                                           "event eof (data = exit code) at the end",
+                            "content": {"text/event-stream": {"schema": {"type": "string"}},
+                                        "text/plain": {"schema": {"type": "string"}}}},
+                    "400": _error("malformed Last-Event-ID"),
+                    **_COMMON_ERRORS,
+                },
+            }},
+            "/health": {"get": {"summary": "Version, mode and Redis reachability",
+                                "responses": {"200": _json("healthy", {"type": "object"}),
+                                              "503": _json("Redis unreachable",
+                                                           {"type": "object"})}}},
+            "/health/live": {"get": {"summary": "Liveness probe",
+                                     "responses": {"200": _json("alive", {"type": "object"})}}},
+            "/health/ready": {"get": {"summary": "Readiness probe",
+                                      "responses": {"200": _json("ready", {"type": "object"}),
+                                                    "503": _json("not ready",
+                                                                 {"type": "object"})}}},
+            "/metrics": {"get": {"summary": "Prometheus metrics",
+                                 "responses": {"200": {"description": "text exposition",
+                                                       "content": {"text/plain": {}}}}}},
+            "/openapi.json": {"get": {"summary": "This document",
+                                      "responses": {"200": _json("OpenAPI 3.1",
+                                                                 {"type": "object"})}}},
+        },
+        "components": {"schemas": {
+            "Error": {"type": "object", "required": ["error"], "properties": {"error": {
+                "type": "object", "required": ["code", "message"],
+                "properties": {"code": {"type": "string"}, "message": {"type": "string"},
+                               "details": {}}}}},
+            "Links": {"type": "object", "required": ["self", "logs"],
+                      "properties": {"self": {"type": "string"}, "logs": {"type": "string"}}},
+            "Accepted": {"type": "object",
+                         "required": ["id", "name", "queue", "state", "submitted_by", "links"],
+                         "properties": {
+                             "id": {"type": "string"}, "name": {"type": "string"},
+                             "queue": {"type": "string"}, "state": {"enum": _STATES},
+                             "submitted_by": {"type": ["string", "null"]},
+                             "links": {"$ref": "#/components/schemas/Links"}}},
+            "CancelAccepted": {"type": "object", "required": ["id", "state", "links"],
+                               "properties": {"id": {"type": "string"},
+                                              "state": {"enum": ["canceled", "canceling"]},
+                                              "links": {"$ref": "#/components/schemas/Links"}}},
+            "Result": {"type": "object", "required": ["exit_code"],
+                       "properties": {"exit_code": {"type": "integer"},
+                                      "data": {"type": "string"},
+                                      "error": {"type": "string"}}},
+            "Task": {"type": "object",
+                     "required": ["id", "name", "queue", "state", "input", "submitted_by",
+                                  "enqueued_at", "started_at", "finished_at", "retries",
+                                  "max_retry", "last_error", "result", "links"],
+                     "properties": {
+                         "id": {"type": "string"}, "name": {"type": "string"},
+                         "queue": {"type": "string"}, "state": {"enum": _STATES},
+                         "input": {}, "submitted_by": {"type": ["string", "null"]},
+                         "enqueued_at": {"type": ["string", "null"], "format": "date-time"},
+                         "started_at": {"type": ["string", "null"], "format": "date-time"},
+                         "finished_at": {"type": ["string", "null"], "format": "date-time"},
+                         "next_process_at": {"type": ["string", "null"],
+                                             "format": "date-time"},
+                         "retries": {"type": "integer"}, "max_retry": {"type": "integer"},
+                         "last_error": {"type": ["string", "null"]},
+                         "result": {"oneOf": [{"$ref": "#/components/schemas/Result"},
+                                              {"type": "null"}]},
+                         "links": {"$ref": "#/components/schemas/Links"}}},
+            "TaskType": {"type": "object",
+                         "required": ["name", "description", "queue", "timeout_s",
+                                      "input_schema"],
+                         "properties": {"name": {"type": "string"},
+                                        "description": {"type": "string"},
+                                        "queue": {"type": "string"},
+                                        "timeout_s": {"type": "number"},
+                                        "max_retry": {"type": "integer"},
+                                        "retry_delay_s": {"type": "number"},
+                                        "allowed_groups": {"type": "array",
+                                                           "items": {"type": "string"}},
+                                        "input_schema": {"type": "object"}}},
+        }},
+    }

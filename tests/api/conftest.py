@@ -1,0 +1,174 @@
+"""A real aqsh service on a real port: API + worker + Redis, built the way ``aqsh serve`` is."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import redis.asyncio as aioredis
+from aiohttp import web
+
+from aqsh.__main__ import _worker
+from aqsh.api.app import create_app
+from aqsh.api.metrics import Metrics
+from aqsh.api.state import ApiState
+from aqsh.config_holder import ConfigHolder
+from aqsh.engine.client import Client
+from aqsh.engine.inspect import Inspector
+from aqsh.engine.rdb import RedisBroker
+from aqsh.engine.server import Server
+from aqsh.redis_process import free_port
+from aqsh.settings import Settings
+
+TASKS_YAML = """\
+defaults: {timeout: 1m, max_retry: 0, retry_delay: 1s}
+tasks:
+  echo:
+    script: echo.sh
+    description: "Echo a name"
+    input:
+      - {name: name, env: NAME, required: true, pattern: '[a-z]+'}
+      - {name: times, env: TIMES, type: int, min: 1, max: 5, default: 1}
+  lines:
+    script: lines.sh
+    input:
+      - {name: count, env: COUNT, type: int, min: 1, max: 100000, default: 10}
+  slow:
+    script: slow.sh
+  result:
+    script: result.sh
+  secret:
+    script: echo.sh
+    allowed_groups: [ops, admins]
+    input:
+      - {name: name, env: NAME, required: true}
+"""
+
+SCRIPTS = {
+    "echo.sh": 'i=0\nwhile [ $i -lt "$TIMES" ]; do echo "hello $NAME"; i=$((i+1)); done\n',
+    "lines.sh": 'i=0\nwhile [ $i -lt "$COUNT" ]; do echo "line $i"; i=$((i+1)); done\n',
+    "slow.sh": 'echo started\nsleep 300\n',
+    "result.sh": 'echo working\nprintf \'{"ok":true}\' > "$AQSH_RESULT_FILE"\n',
+}
+
+
+def write_tasks(root: Path) -> tuple[Path, Path]:
+    scripts = root / "scripts"
+    scripts.mkdir(parents=True, exist_ok=True)
+    for name, body in SCRIPTS.items():
+        path = scripts / name
+        path.write_text("#!/bin/sh\n" + textwrap.dedent(body))
+        path.chmod(0o755)
+    config = root / "tasks.yaml"
+    config.write_text(TASKS_YAML)
+    return config, scripts
+
+
+@dataclass
+class Service:
+    url: str
+    session: aiohttp.ClientSession
+    state: ApiState
+    server: Server | None
+
+    async def request(self, method: str, path: str, **kwargs: Any) -> tuple[int, Any, Any]:
+        async with self.session.request(method, self.url + path, **kwargs) as resp:
+            text = await resp.text()
+            try:
+                body = await resp.json(content_type=None) if text else None
+            except ValueError:
+                body = text
+            return resp.status, body, resp.headers
+
+
+ServiceFactory = Callable[..., Awaitable[Service]]
+
+
+@pytest.fixture
+async def make_service(
+    redis: aioredis.Redis, redis_url: str, tmp_path: Path
+) -> AsyncIterator[ServiceFactory]:
+    created: list[tuple[web.AppRunner, Service, list[aioredis.Redis]]] = []
+
+    async def factory(*, worker: bool = True, url: str | None = None,
+                      **overrides: Any) -> Service:
+        config_path, scripts = write_tasks(tmp_path)
+        port = free_port()
+        settings = Settings(
+            mode="both" if worker else "api", bind=f"127.0.0.1:{port}",
+            tasks_config=str(config_path), tasks_dir=str(scripts),
+            results_dir=str(tmp_path / "work"), shutdown_timeout_s=2, kill_grace_s=1,
+            **overrides,
+        )
+        target = url or redis_url
+        client = aioredis.Redis.from_url(target, socket_timeout=2, socket_connect_timeout=1)
+        blocking = aioredis.Redis.from_url(target, socket_timeout=30, socket_connect_timeout=1,
+                                           max_connections=1000)
+        broker = RedisBroker(client)
+        holder = ConfigHolder(settings.tasks_config, settings.tasks_dir)
+        metrics = Metrics()
+        state = ApiState(settings=settings, config=holder, redis=client, blocking_redis=blocking,
+                         broker=broker, client=Client(broker), inspector=Inspector(client),
+                         metrics=metrics)
+        server = _worker(settings, holder, broker, metrics) if worker else None
+        if server is not None:
+            await server.start()
+        runner = web.AppRunner(create_app(state), shutdown_timeout=1)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        session = aiohttp.ClientSession()
+        service = Service(f"http://127.0.0.1:{port}", session, state, server)
+        created.append((runner, service, [client, blocking]))
+        return service
+
+    yield factory
+    for runner, service, clients in created:
+        await service.session.close()
+        if service.server is not None:
+            await service.server.stop(shutdown_timeout_s=0)
+        await runner.cleanup()
+        for client in clients:
+            await client.aclose()
+
+
+async def sse_events(service: Service, task_id: str, *, last_event_id: str | None = None,
+                     limit: int | None = None, headers: dict[str, str] | None = None
+                     ) -> list[dict[str, str]]:
+    """Read SSE events until eof (or ``limit`` data events); returns [{id, event, data}]."""
+    hdrs = dict(headers or {})
+    if last_event_id is not None:
+        hdrs["Last-Event-ID"] = last_event_id
+    events: list[dict[str, str]] = []
+    timeout = aiohttp.ClientTimeout(total=60)
+    async with service.session.get(f"{service.url}/tasks/{task_id}/logs", headers=hdrs,
+                                   timeout=timeout) as resp:
+        assert resp.status == 200, await resp.text()
+        assert resp.headers["Content-Type"].startswith("text/event-stream")
+        current: dict[str, str] = {}
+        async for raw in resp.content:
+            line = raw.decode().rstrip("\r\n")
+            if not line:
+                if "data" in current or current.get("event"):
+                    events.append(current)
+                    if current.get("event") == "eof":
+                        break
+                    if limit is not None and len(events) >= limit:
+                        break
+                current = {}
+                continue
+            if line.startswith(":"):
+                continue
+            field, _, value = line.partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            current[field] = current[field] + "\n" + value if field == "data" and field in \
+                current else value
+    return events
+
+
+os.environ.setdefault("AQSH_LOG_FORMAT", "json")
