@@ -219,6 +219,8 @@ async def test_sentinel_connection_finds_the_master(tmp_path: Path) -> None:
             assert await direct.hget(f"asynq:{{default}}:t:{info.id}", "state") == b"pending"
             await direct.aclose()
             await client.aclose()
+            for sentinel_client in client.connection_pool.sentinel_manager.sentinels:
+                await sentinel_client.aclose()
         finally:
             sentinel.terminate()
             sentinel.wait()
