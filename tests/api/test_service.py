@@ -224,3 +224,20 @@ async def test_sentinel_connection_finds_the_master(tmp_path: Path) -> None:
         finally:
             sentinel.terminate()
             sentinel.wait()
+
+
+def test_k8s_manifests_probe_real_routes_and_real_settings() -> None:
+    import yaml
+
+    from aqsh.settings import _FIELDS
+
+    routes = {"/health", "/health/live", "/health/ready", "/metrics"}
+    for path in (ROOT / "k8s").glob("*.yaml"):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc["kind"] != "Deployment":
+                continue
+            for container in doc["spec"]["template"]["spec"]["containers"]:
+                for probe in ("readinessProbe", "livenessProbe"):
+                    assert container[probe]["httpGet"]["path"] in routes
+                for env in container["env"]:
+                    assert env["name"].removeprefix("AQSH_") in _FIELDS, env["name"]
