@@ -27,6 +27,7 @@ from aqsh.engine.scripts import Scripts
 DEFAULT_QUEUE = "default"
 DEFAULT_MAX_RETRY = 25
 DEFAULT_TIMEOUT_S = 30 * 60
+_BATCH_LIMIT = 500
 
 Duration = timedelta | float | int
 
@@ -124,7 +125,12 @@ class Client:
         self, requests: Sequence[EnqueueRequest]
     ) -> list[TaskInfo | errors.AqshError]:
         """Enqueue a batch in one round trip. Invalid requests raise before anything is sent;
-        per-task conflicts (duplicate, id conflict) come back in the result list."""
+        per-task conflicts (duplicate, id conflict) come back in the result list.
+
+        Plain immediate tasks of one queue travel together in one ``enqueue_batch`` script
+        call (up to 500 per call); unique and scheduled tasks use their own scripts in the same
+        pipeline. Each task is treated exactly as a single enqueue would treat it.
+        """
         plans = [self._plan(r) for r in requests]
         if not plans:
             return []
@@ -132,23 +138,40 @@ class Client:
         new_queues = {p.message.queue for p in plans} - self._registered_queues
         if new_queues:
             pipe.sadd(keys.ALL_QUEUES, *sorted(new_queues))
-        for plan in plans:
-            Scripts.queue(pipe, plan.script, plan.keys, plan.args)
-        woken = sorted({p.message.queue for p in plans if p.state is TaskState.PENDING})
+        # where[i] = (reply index, position inside a batch reply or -1)
+        where: list[tuple[int, int]] = [(0, -1)] * len(plans)
+        batches: dict[str, list[int]] = {}
+        for i, plan in enumerate(plans):
+            if plan.script == "enqueue":
+                batches.setdefault(plan.message.queue, []).append(i)
+            else:
+                where[i] = (len(pipe.command_stack), -1)
+                Scripts.queue(pipe, plan.script, plan.keys, plan.args)
+        now_ns = self.clock.now_ns()
+        for qname, members in batches.items():
+            q = keys.queue_keys(qname)
+            for start in range(0, len(members), _BATCH_LIMIT):
+                chunk = members[start:start + _BATCH_LIMIT]
+                batch_keys = [q.pending] + [plans[i].keys[0] for i in chunk]
+                batch_args: list[Any] = [now_ns]
+                for position, i in enumerate(chunk):
+                    batch_args += [plans[i].message.id, plans[i].args[0]]
+                    where[i] = (len(pipe.command_stack), position)
+                Scripts.queue(pipe, "enqueue_batch", batch_keys, batch_args)
         if self.wake_workers:
-            for qname in woken:
+            for qname in sorted({p.message.queue for p in plans if p.state is TaskState.PENDING}):
                 pipe.publish(keys.WAKE_CHANNEL, qname)
-        names = sorted({p.script for p in plans})
+        names = sorted({p.script for p in plans} | ({"enqueue_batch"} if batches else set()))
         replies = await guarded(self.broker.scripts.execute_pipeline(pipe, names))
         if new_queues:
             _raise_reply(replies[0])
             self._registered_queues |= new_queues
-            replies = replies[1:]
         results: list[TaskInfo | errors.AqshError] = []
-        for plan, reply in zip(plans, replies, strict=False):
+        for plan, (slot, position) in zip(plans, where, strict=True):
+            reply = replies[slot]
             try:
                 _raise_reply(reply)
-                raise_for_produce(int(reply), plan.message)
+                raise_for_produce(int(reply[position] if position >= 0 else reply), plan.message)
                 results.append(_info(plan))
             except errors.AqshError as exc:
                 results.append(exc)

@@ -406,3 +406,19 @@ async def test_connection_failure_is_broker_unavailable() -> None:
     with pytest.raises(errors.BrokerUnavailable):
         await broker.enqueue(msg(), now_ns=1)
     await client.aclose()
+
+
+async def test_enqueue_batch_script_matches_single_enqueue(
+    redis: aioredis.Redis, broker: RedisBroker, clock: ManualClock
+) -> None:
+    await broker.enqueue(msg("taken"), now_ns=1)
+    a, b = msg("a"), msg("b")
+    reply = await broker.scripts.run(
+        "enqueue_batch", [Q.pending, Q.task("a"), Q.task("taken"), Q.task("b")],
+        [clock.now_ns(), "a", wire.encode_task(a), "taken", b"other", "b", wire.encode_task(b)])
+    assert reply == [1, 0, 1]
+    assert await redis.lrange(Q.pending, 0, -1) == [b"b", b"a", b"taken"]
+    assert await redis.hgetall(Q.task("a")) == {
+        b"msg": wire.encode_task(a), b"state": b"pending",
+        b"pending_since": str(clock.now_ns()).encode()}
+    assert wire.decode_task(await redis.hget(Q.task("taken"), "msg")) == msg("taken")
