@@ -32,7 +32,7 @@ def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     if not ordered:
         return float("nan")
-    index = min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))
+    index = min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))
     return ordered[index]
 
 
