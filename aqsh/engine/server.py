@@ -34,6 +34,11 @@ log = structlog.get_logger("aqsh.engine")
 
 Middleware = Callable[[Handler], Handler]
 
+# The longest gap between polls of an idle worker. aqsh's own client (and the forwarder) wake
+# workers through a channel, so polling only serves foreign enqueuers such as Go clients; 1.25 s
+# keeps an idle worker's Redis commands/s below a Go asynq server's (which polls every 1 s).
+IDLE_POLL_INTERVAL_S = 1.25
+
 
 class HandlerNotFound(errors.AqshError):
     """No handler for a task type: a normal failure (retried), with asynq's error text."""
@@ -89,7 +94,7 @@ class Server:
         retry_delay: RetryDelayFn = default_retry_delay,
         is_failure: Callable[[BaseException], bool] = lambda exc: True,
         clock: Clock | None = None,
-        poll_interval_s: float = 1.0,
+        poll_interval_s: float = IDLE_POLL_INTERVAL_S,
         heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S,
         forward_interval_s: float = 5.0,
         recover_interval_s: float = 60.0,
