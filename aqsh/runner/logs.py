@@ -67,8 +67,9 @@ class LogWriter:
         self._flusher = asyncio.create_task(self._flush_loop(), name=f"aqsh-logs-{task_id}")
 
     def mark_start(self, retry: int) -> None:
+        """Queued without waking the flusher: it travels with the first line (or the eof),
+        saving a round trip per task; its stream id still dates the attempt to within that."""
         self._buffer.append(("start", str(retry)))
-        self._has_data.set()
 
     async def put(self, stream: str, line: str) -> None:
         while len(self._buffer) >= self.max_buffered:
