@@ -56,12 +56,17 @@ def create_client(
             decode_responses=False,
         )
         return client
-    return aioredis.Redis.from_url(
+    # A blocking pool makes a burst beyond max_connections wait for a free connection (up
+    # to the socket timeout) instead of failing with "Too many connections": hundreds of SSE
+    # followers checking their task at once must queue, not error.
+    pool = aioredis.BlockingConnectionPool.from_url(
         normalise_url(settings.url),
         password=settings.password,
         decode_responses=False,
         max_connections=settings.max_connections,
+        timeout=settings.socket_timeout_s,
         socket_timeout=timeout,
         socket_connect_timeout=settings.socket_timeout_s,
         health_check_interval=30,
     )
+    return aioredis.Redis(connection_pool=pool)
