@@ -100,11 +100,13 @@ class Heartbeater:
                 continue
             lost_ids = set(lost)
             for run in runs:
-                if run.task_id in lost_ids:
+                if run.task_id not in lost_ids:
+                    run.lease_expires_s = float(expires_s)
+                elif not run.handler_done:
+                    # A task whose handler already returned was simply acknowledged while
+                    # this beat was in flight; only a running handler has really lost it.
                     log.warning("lease.lost", task_id=run.task_id)
                     run.cancel(CancelReason.LEASE_LOST)
-                else:
-                    run.lease_expires_s = float(expires_s)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="aqsh-heartbeat")

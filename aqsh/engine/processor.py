@@ -118,6 +118,10 @@ class Running:
     def deadline_s(self) -> float:
         return self.deadline
 
+    @property
+    def handler_done(self) -> bool:
+        return self.handler_task is not None and self.handler_task.done()
+
     def cancel(self, reason: CancelReason) -> None:
         if self.cancel_reason is None:
             self.cancel_reason = reason

@@ -443,3 +443,25 @@ async def test_syncer_retries_a_write_lost_to_an_outage(clock: ManualClock) -> N
         assert await syncer.run_once() == 0  # lease passed: dropped, not retried
         assert syncer.pending == []
         await redis.aclose()
+
+
+async def test_acknowledged_task_is_not_reported_as_a_lost_lease(
+    redis: aioredis.Redis, make_server: ServerFactory, clock: ManualClock
+) -> None:
+    """A beat can race an ack: the lease is gone because the task finished, not stolen."""
+    from aqsh.engine.models import TaskMessage
+    from aqsh.engine.processor import Running, _Writer
+
+    server = make_server(lambda t, c: None)
+    broker = server.broker
+    msg = TaskMessage(type="x", id="acked", queue="default", retry=1, timeout_s=60)
+
+    async def finished_handler() -> bytes | None:
+        return None
+
+    run = Running(message=msg, lease_expires_s=clock.now_s() + 30, started_ns=0,
+                  deadline=clock.now_s() + 60, result_writer=_Writer(broker, msg))
+    run.handler_task = asyncio.create_task(finished_handler())
+    await run.handler_task
+    await server.heartbeater.extend_leases([run], int(clock.now_s()))
+    assert run.cancel_reason is None
