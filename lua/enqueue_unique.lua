@@ -6,6 +6,8 @@
 -- ARGV[2] -> lock TTL (whole seconds)
 -- ARGV[3] -> encoded TaskMessage (unique_key already set)
 -- ARGV[4] -> now (Unix nanoseconds)
+-- ARGV[5] -> optional: wake-up channel (aqsh:wake) to PUBLISH the queue name on
+-- ARGV[6] -> optional: the queue name
 -- Returns 1 when enqueued, -1 when the lock is held (duplicate), 0 on an id conflict.
 -- As in asynq, a lock taken before an id conflict is kept until its TTL.
 if not redis.call("SET", KEYS[1], ARGV[1], "NX", "EX", ARGV[2]) then
@@ -17,4 +19,7 @@ end
 redis.call("HSET", KEYS[2], "msg", ARGV[3], "state", "pending", "pending_since", ARGV[4],
   "unique_key", KEYS[1])
 redis.call("LPUSH", KEYS[3], ARGV[1])
+if ARGV[5] and ARGV[5] ~= "" then
+  redis.call("PUBLISH", ARGV[5], ARGV[6])
+end
 return 1

@@ -27,7 +27,7 @@ from aqsh.engine.scripts import Scripts
 DEFAULT_QUEUE = "default"
 DEFAULT_MAX_RETRY = 25
 DEFAULT_TIMEOUT_S = 30 * 60
-_BATCH_LIMIT = 500
+_BATCH_LIMIT = 1000
 
 Duration = timedelta | float | int
 
@@ -112,12 +112,21 @@ class Client:
             headers=headers,
         )
         plan = self._plan(request)
+        qname = plan.message.queue
+        wake = self.wake_workers and plan.state is TaskState.PENDING
+        if qname in self._registered_queues:
+            # The common case is one command: the script itself publishes the wake-up.
+            extra = [keys.WAKE_CHANNEL, qname] if wake else []
+            reply = await guarded(self.broker.scripts.run(plan.script, plan.keys,
+                                                          [*plan.args, *extra]))
+            raise_for_produce(int(reply), plan.message)
+            return _info(plan)
         pipe = self.redis.pipeline(transaction=False)
         self._queue_plan(pipe, plan)
         replies = await guarded(self.broker.scripts.execute_pipeline(pipe, [plan.script]))
-        reply = replies[-1 - int(self.wake_workers and plan.state is TaskState.PENDING)]
+        reply = replies[-1 - int(wake)]
         _raise_reply(reply)
-        self._registered_queues.add(plan.message.queue)
+        self._registered_queues.add(qname)
         raise_for_produce(int(reply), plan.message)
         return _info(plan)
 
@@ -128,7 +137,7 @@ class Client:
         per-task conflicts (duplicate, id conflict) come back in the result list.
 
         Plain immediate tasks of one queue travel together in one ``enqueue_batch`` script
-        call (up to 500 per call); unique and scheduled tasks use their own scripts in the same
+        call (up to 1,000 per call); unique and scheduled tasks use their own scripts in the same
         pipeline. Each task is treated exactly as a single enqueue would treat it.
         """
         plans = [self._plan(r) for r in requests]
@@ -152,12 +161,12 @@ class Client:
             q = keys.queue_keys(qname)
             for start in range(0, len(members), _BATCH_LIMIT):
                 chunk = members[start:start + _BATCH_LIMIT]
-                batch_keys = [q.pending] + [plans[i].keys[0] for i in chunk]
-                batch_args: list[Any] = [now_ns]
+                packed = bytearray()
                 for position, i in enumerate(chunk):
-                    batch_args += [plans[i].message.id, plans[i].args[0]]
+                    packed += _packed(plans[i].message.id.encode(), plans[i].args[0])
                     where[i] = (len(pipe.command_stack), position)
-                Scripts.queue(pipe, "enqueue_batch", batch_keys, batch_args)
+                Scripts.queue(pipe, "enqueue_batch", [q.pending],
+                              [now_ns, q.task_prefix, bytes(packed)])
         if self.wake_workers:
             for qname in sorted({p.message.queue for p in plans if p.state is TaskState.PENDING}):
                 pipe.publish(keys.WAKE_CHANNEL, qname)
@@ -257,6 +266,12 @@ class Client:
             message, "enqueue", [task_key, q.pending], [encoded, task_id, now_ns],
             TaskState.PENDING, now_s,
         )
+
+
+def _packed(task_id: bytes, encoded: bytes) -> bytes:
+    """One task in enqueue_batch's argument: length-prefixed id, then length-prefixed message."""
+    return (len(task_id).to_bytes(4, "big") + task_id
+            + len(encoded).to_bytes(4, "big") + encoded)
 
 
 def _raise_reply(reply: object) -> None:

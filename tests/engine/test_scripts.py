@@ -413,12 +413,36 @@ async def test_enqueue_batch_script_matches_single_enqueue(
 ) -> None:
     await broker.enqueue(msg("taken"), now_ns=1)
     a, b = msg("a"), msg("b")
-    reply = await broker.scripts.run(
-        "enqueue_batch", [Q.pending, Q.task("a"), Q.task("taken"), Q.task("b")],
-        [clock.now_ns(), "a", wire.encode_task(a), "taken", b"other", "b", wire.encode_task(b)])
+    from aqsh.engine.client import _packed
+
+    packed = (_packed(b"a", wire.encode_task(a)) + _packed(b"taken", b"other")
+              + _packed(b"b", wire.encode_task(b)))
+    reply = await broker.scripts.run("enqueue_batch", [Q.pending],
+                                     [clock.now_ns(), Q.task_prefix, packed])
     assert reply == [1, 0, 1]
     assert await redis.lrange(Q.pending, 0, -1) == [b"b", b"a", b"taken"]
     assert await redis.hgetall(Q.task("a")) == {
         b"msg": wire.encode_task(a), b"state": b"pending",
         b"pending_since": str(clock.now_ns()).encode()}
     assert wire.decode_task(await redis.hget(Q.task("taken"), "msg")) == msg("taken")
+
+
+async def test_enqueue_scripts_publish_the_wake_up_when_asked(
+    redis: aioredis.Redis, broker: RedisBroker
+) -> None:
+    pubsub = redis.pubsub()
+    await pubsub.subscribe(keys.WAKE_CHANNEL)
+    await pubsub.get_message(timeout=1)  # the subscribe confirmation
+    await broker.scripts.run("enqueue", [Q.task("w1"), Q.pending],
+                             [wire.encode_task(msg("w1")), "w1", 1, keys.WAKE_CHANNEL, "default"])
+    lock = Q.unique("email", b"w2")
+    await broker.scripts.run("enqueue_unique", [lock, Q.task("w2"), Q.pending],
+                             ["w2", 60, wire.encode_task(msg("w2", unique_key=lock)), 1,
+                              keys.WAKE_CHANNEL, "default"])
+    await broker.enqueue(msg("w3"), now_ns=1)  # the broker's plain path publishes nothing
+    got = []
+    while (message := await pubsub.get_message(timeout=0.5)) is not None:
+        got.append(message["data"])
+    assert got == [b"default", b"default"]
+    assert await redis.lrange(Q.pending, 0, -1) == [b"w3", b"w2", b"w1"]
+    await pubsub.aclose()
