@@ -1,0 +1,160 @@
+"""FastLane: the multiplexed producer connection writes exactly what redis-py would, keeps
+replies matched to callers through cancellation, timeouts, NOSCRIPT and dropped connections."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from aqsh import errors
+from aqsh.clock import ManualClock
+from aqsh.engine import keys
+from aqsh.engine.client import Client, EnqueueRequest
+from aqsh.engine.fastlane import FastLane
+from tests.support import wait_until
+
+Q = keys.queue_keys("default")
+
+
+@pytest.fixture
+async def lane(redis: aioredis.Redis) -> AsyncIterator[FastLane]:
+    made = FastLane.from_redis(redis)
+    assert made is not None
+    try:
+        yield made
+    finally:
+        await made.aclose()
+
+
+async def raw_task(redis: aioredis.Redis, qname: str, task_id: str) -> dict[bytes, bytes]:
+    return await redis.hgetall(keys.queue_keys(qname).task(task_id))
+
+
+async def test_fast_lane_writes_the_same_keys_as_redis_py(
+    redis: aioredis.Redis, clock: ManualClock
+) -> None:
+    slow = Client(redis, clock=clock)
+    async with Client(redis, clock=clock, fast_lane=True) as fast:
+        for client, prefix in ((slow, "slow"), (fast, "fast")):
+            for n in range(2):  # the first enqueue of a queue registers it, the second not
+                await client.enqueue("email", b"p", task_id=f"{prefix}{n}", queue=prefix,
+                                     headers={"h": "v"})
+            await client.enqueue("email", b"u", task_id=f"{prefix}u", queue=prefix,
+                                 unique_ttl=60)
+            await client.enqueue("email", b"s", task_id=f"{prefix}s", queue=prefix,
+                                 process_in=30)
+            with pytest.raises(errors.TaskIdConflict):
+                await client.enqueue("email", b"p", task_id=f"{prefix}0", queue=prefix)
+            with pytest.raises(errors.DuplicateTask):
+                await client.enqueue("email", b"u", queue=prefix, unique_ttl=60)
+            batch = await client.enqueue_many([
+                EnqueueRequest(type="b", payload=b"1", task_id=f"{prefix}b", queue=prefix),
+                EnqueueRequest(type="b", payload=b"2", task_id=f"{prefix}0", queue=prefix),
+            ])
+            assert [type(r).__name__ for r in batch] == ["TaskInfo", "TaskIdConflict"]
+    for suffix in ("0", "1", "u", "s", "b"):
+        slow_hash = await raw_task(redis, "slow", "slow" + suffix)
+        fast_hash = await raw_task(redis, "fast", "fast" + suffix)
+        assert slow_hash.keys() == fast_hash.keys()
+        assert slow_hash.get(b"state") == fast_hash.get(b"state")
+    s, f = keys.queue_keys("slow"), keys.queue_keys("fast")
+    assert [x.replace(b"slow", b"") for x in await redis.lrange(s.pending, 0, -1)] == [
+        x.replace(b"fast", b"") for x in await redis.lrange(f.pending, 0, -1)]
+    assert await redis.zscore(s.scheduled, "slows") == await redis.zscore(f.scheduled, "fasts")
+    assert await redis.smembers(keys.ALL_QUEUES) == {b"slow", b"fast"}
+
+
+async def test_concurrent_callers_share_one_connection_and_get_their_own_replies(
+    redis: aioredis.Redis, lane: FastLane
+) -> None:
+    async def echo(n: int) -> bytes:
+        return bytes(await lane.execute("ECHO", f"reply-{n}"))
+
+    replies = await asyncio.gather(*(echo(n) for n in range(300)))
+    assert replies == [f"reply-{n}".encode() for n in range(300)]
+    clients = (await redis.execute_command("CLIENT", "LIST")).decode().splitlines()
+    assert len(clients) == 2  # the test's redis-py connection and the lane
+
+
+async def test_a_cancelled_caller_does_not_shift_later_replies(lane: FastLane) -> None:
+    slow = asyncio.create_task(lane.execute("DEBUG", "SLEEP", "0.2"))
+    await wait_until(lambda: lane._protocol is not None and len(lane._protocol.waiters) == 1)
+    slow.cancel()
+    assert await lane.execute("ECHO", "after") == b"after"
+
+
+async def test_a_timeout_drops_the_connection_and_the_next_call_reconnects(
+    lane: FastLane,
+) -> None:
+    first_id = await lane.execute("CLIENT", "ID")
+    lane.timeout_s = 0.05
+    with pytest.raises(RedisTimeoutError):
+        await lane.execute("DEBUG", "SLEEP", "0.3")
+    lane.timeout_s = 5.0
+    assert await lane.execute("ECHO", "fresh") == b"fresh"
+    assert await lane.execute("CLIENT", "ID") != first_id
+
+
+async def test_a_killed_connection_fails_waiters_and_reconnects(
+    redis: aioredis.Redis, lane: FastLane, clock: ManualClock
+) -> None:
+    lane_id = await lane.execute("CLIENT", "ID")
+    await redis.execute_command("CLIENT", "KILL", "ID", lane_id)
+    await wait_until(lambda: lane._protocol is not None and lane._protocol.lost is not None)
+    async with Client(redis, clock=clock, fast_lane=True) as client:
+        client._lane = lane
+        info = await client.enqueue("email", b"p")
+    assert (await raw_task(redis, "default", info.id))[b"state"] == b"pending"
+
+
+async def test_unreachable_redis_is_broker_unavailable(clock: ManualClock) -> None:
+    from aqsh.redis_process import free_port
+
+    redis = aioredis.Redis(port=free_port(), socket_timeout=1)
+    async with Client(redis, clock=clock, fast_lane=True) as client:
+        with pytest.raises(errors.BrokerUnavailable):
+            await client.enqueue("email", b"p")
+    await redis.aclose()
+
+
+async def test_scripts_flushed_mid_flight_are_reloaded_and_run_once(
+    redis: aioredis.Redis, clock: ManualClock
+) -> None:
+    async with Client(redis, clock=clock, fast_lane=True) as client:
+        await client.enqueue("email", b"p", task_id="a")
+        await redis.script_flush()
+        await client.enqueue("email", b"p", task_id="b")
+        await redis.script_flush()
+        results = await client.enqueue_many(
+            [EnqueueRequest(type="e", payload=b"", task_id=f"m{n}") for n in range(3)])
+    assert all(not isinstance(r, Exception) for r in results)
+    assert await redis.lrange(Q.pending, 0, -1) == [b"m2", b"m1", b"m0", b"b", b"a"]
+
+
+async def test_error_replies_raise_for_single_commands(lane: FastLane) -> None:
+    with pytest.raises(ResponseError, match="unknown command"):
+        await lane.execute("NOT-A-COMMAND")
+    assert await lane.execute("ECHO", "still in step") == b"still in step"
+
+
+async def test_database_number_is_selected(redis_url: str, redis: aioredis.Redis) -> None:
+    other = aioredis.Redis.from_url(redis_url.rsplit("/", 1)[0] + "/3")
+    made = FastLane.from_redis(other)
+    assert made is not None
+    assert made.db == 3
+    await made.execute("SET", "where", "db3")
+    assert await redis.get("where") is None
+    assert await other.get("where") == b"db3"
+    await made.aclose()
+    await other.flushdb()
+    await other.aclose()
+
+
+def test_only_plain_tcp_clients_get_a_lane() -> None:
+    assert FastLane.from_redis(aioredis.Redis(unix_socket_path="/tmp/none.sock")) is None
+    assert FastLane.from_redis(aioredis.Redis.from_url("rediss://localhost:1")) is None
