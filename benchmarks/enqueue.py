@@ -1,41 +1,57 @@
 """Enqueue throughput: aqsh Client vs the Go asynq client into the same Redis, same run.
 
-Sequential, 50 concurrent and batched (``enqueue_many``, one pipeline per 1,000 tasks), against
-the floor: raw EVALSHA of a no-op script through redis-py.
+Sequential, 50 concurrent and batched (``enqueue_many``, 1,000 tasks per call), for the Client
+on redis-py and on its fast lane (``Client(fast_lane=True)``), against the Go client and the
+floor: raw EVALSHA of a no-op script through redis-py and through the lane.
+
+Round-trip latency on a shared 2-core machine is bimodal (it depends on whether Redis and the
+caller share a core at that moment), so every phase runs ``--rounds`` times, aqsh and Go
+interleaved, and the median of each is reported.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import statistics
 import time
+from collections.abc import Awaitable, Callable
 
 import _common
 import redis.asyncio as aioredis
 
 from aqsh.engine.client import Client, EnqueueRequest
+from aqsh.engine.fastlane import FastLane
 from aqsh.redis_process import RedisProcess
 
 N_SEQ = 5000
 N_CONC = 20000
 N_BATCH = 20000
+BATCH = 1000
 
 
-async def floor(redis: aioredis.Redis) -> float:
-    sha = await redis.script_load("return 1")
+async def floor_redis_py(redis: aioredis.Redis, sha: str) -> float:
     started = time.perf_counter()
     for _ in range(N_SEQ):
         await redis.execute_command("EVALSHA", sha, 0)
     return N_SEQ / (time.perf_counter() - started)
 
 
-async def aqsh_sequential(client: Client) -> float:
+async def floor_lane(lane: FastLane, sha: str) -> float:
+    started = time.perf_counter()
+    for _ in range(N_SEQ):
+        await lane.execute("EVALSHA", sha, 0)
+    return N_SEQ / (time.perf_counter() - started)
+
+
+async def sequential(client: Client) -> float:
     started = time.perf_counter()
     for _ in range(N_SEQ):
         await client.enqueue("bench:noop", b"x", queue="bench-aqsh")
     return N_SEQ / (time.perf_counter() - started)
 
 
-async def aqsh_concurrent(client: Client, concurrency: int) -> float:
+async def concurrent(client: Client, concurrency: int = 50) -> float:
     remaining = N_CONC
 
     async def worker() -> None:
@@ -49,44 +65,69 @@ async def aqsh_concurrent(client: Client, concurrency: int) -> float:
     return N_CONC / (time.perf_counter() - started)
 
 
-async def aqsh_batched(client: Client, batch: int = 1000) -> float:
+async def batched(client: Client) -> float:
     requests = [EnqueueRequest(type="bench:noop", payload=b"x", queue="bench-aqsh")
-                for _ in range(batch)]
+                for _ in range(BATCH)]
     started = time.perf_counter()
-    for _ in range(N_BATCH // batch):
+    for _ in range(N_BATCH // BATCH):
         await client.enqueue_many(requests)
     return N_BATCH / (time.perf_counter() - started)
 
 
-async def main() -> None:
+async def main(rounds: int) -> None:
+    samples: dict[str, list[float]] = {}
+
+    async def measure(name: str, phase: Callable[[], Awaitable[float]]) -> None:
+        samples.setdefault(name, []).append(await phase())
+        await redis.flushall()
+
+    def go(concurrency: int, n: int) -> Callable[[], Awaitable[float]]:
+        async def run() -> float:
+            flags = ("-n", str(n), "-concurrency", str(concurrency))
+            return float(_common.go("bench-enqueue", server.url, *flags)["tasks_per_s"])
+        return run
+
     with RedisProcess() as server:
         redis = aioredis.Redis.from_url(server.url, max_connections=64)
-        client = Client(redis)
-        figures: dict[str, float] = {}
-        figures["floor_evalsha_per_s"] = await floor(redis)
-        figures["aqsh_sequential_per_s"] = await aqsh_sequential(client)
-        await redis.flushall()
-        figures["go_sequential_per_s"] = _common.go(
-            "bench-enqueue", server.url, "-n", str(N_SEQ), "-concurrency", "1")["tasks_per_s"]
-        await redis.flushall()
-        figures["aqsh_concurrent50_per_s"] = await aqsh_concurrent(client, 50)
-        await redis.flushall()
-        figures["go_concurrent50_per_s"] = _common.go(
-            "bench-enqueue", server.url, "-n", str(N_CONC), "-concurrency", "50")["tasks_per_s"]
-        await redis.flushall()
-        figures["aqsh_batched_per_s"] = await aqsh_batched(client)
+        slow = Client(redis)
+        async with Client(redis, fast_lane=True) as fast:
+            lane = FastLane.from_redis(redis)
+            assert lane is not None
+            sha = await redis.script_load("return 1")  # FLUSHALL keeps scripts
+            for _ in range(rounds):
+                await measure("floor_redis_py_evalsha_per_s", lambda: floor_redis_py(redis, sha))
+                await measure("floor_lane_evalsha_per_s", lambda: floor_lane(lane, sha))
+                await measure("aqsh_sequential_per_s", lambda: sequential(slow))
+                await measure("aqsh_fast_sequential_per_s", lambda: sequential(fast))
+                await measure("go_sequential_per_s", go(1, N_SEQ))
+                await measure("aqsh_concurrent50_per_s", lambda: concurrent(slow))
+                await measure("aqsh_fast_concurrent50_per_s", lambda: concurrent(fast))
+                await measure("go_concurrent50_per_s", go(50, N_CONC))
+                await measure("aqsh_batched_per_s", lambda: batched(slow))
+                await measure("aqsh_fast_batched_per_s", lambda: batched(fast))
+            await lane.aclose()
         await redis.aclose()
-    figures = {k: round(v, 1) for k, v in figures.items()}
-    figures["sequential_ratio"] = round(
-        figures["aqsh_sequential_per_s"] / figures["go_sequential_per_s"], 3)
-    figures["concurrent50_ratio"] = round(
-        figures["aqsh_concurrent50_per_s"] / figures["go_concurrent50_per_s"], 3)
-    figures["batched_vs_go_concurrent50_ratio"] = round(
-        figures["aqsh_batched_per_s"] / figures["go_concurrent50_per_s"], 3)
-    figures["sequential_vs_floor_ratio"] = round(
-        figures["aqsh_sequential_per_s"] / figures["floor_evalsha_per_s"], 3)
+    figures: dict[str, float | int] = {
+        name: round(statistics.median(values), 1) for name, values in samples.items()}
+    figures["rounds"] = rounds
+
+    def ratio(name: str, a: str, b: str) -> None:
+        figures[name] = round(figures[a] / figures[b], 3)
+
+    ratio("sequential_ratio", "aqsh_sequential_per_s", "go_sequential_per_s")
+    ratio("fast_sequential_ratio", "aqsh_fast_sequential_per_s", "go_sequential_per_s")
+    ratio("concurrent50_ratio", "aqsh_concurrent50_per_s", "go_concurrent50_per_s")
+    ratio("fast_concurrent50_ratio", "aqsh_fast_concurrent50_per_s", "go_concurrent50_per_s")
+    ratio("batched_vs_go_concurrent50_ratio", "aqsh_batched_per_s", "go_concurrent50_per_s")
+    ratio("fast_batched_vs_go_concurrent50_ratio", "aqsh_fast_batched_per_s",
+          "go_concurrent50_per_s")
+    ratio("sequential_vs_floor_ratio", "aqsh_sequential_per_s", "floor_redis_py_evalsha_per_s")
+    ratio("fast_sequential_vs_floor_ratio", "aqsh_fast_sequential_per_s",
+          "floor_lane_evalsha_per_s")
     _common.report("enqueue", figures)
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=3)
+    asyncio.run(main(parser.parse_args().rounds))

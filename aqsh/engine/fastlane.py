@@ -44,17 +44,46 @@ def _reply_error(text: str) -> ResponseError:
 
 
 class _Protocol(asyncio.Protocol):
-    """Feeds bytes into a hiredis reader and hands each reply to the oldest waiter."""
+    """Feeds bytes into a hiredis reader and hands each reply to the oldest waiter.
 
-    def __init__(self) -> None:
+    One watchdog timer per connection (not one per call: a timer per call costs as much as the
+    rest of the call) fails the connection when the oldest reply is overdue, since replies can
+    then no longer be matched to callers.
+    """
+
+    def __init__(self, timeout_s: float | None) -> None:
         self.reader = hiredis.Reader(replyError=_reply_error)
-        self.waiters: collections.deque[asyncio.Future[Any]] = collections.deque()
+        self.waiters: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()
         self.transport: asyncio.Transport | None = None
         self.lost: BaseException | None = None
+        self.timeout_s = timeout_s
+        self._loop = asyncio.get_running_loop()
+        self._watchdog: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport, hence the cast.
         self.transport = cast(asyncio.Transport, transport)
+
+    def send(self, commands: Sequence[Command]) -> list[asyncio.Future[Any]]:
+        if self.lost is not None or self.transport is None:
+            raise self.lost or RedisConnectionError("not connected")
+        deadline = self._loop.time() + (self.timeout_s or 0.0)
+        futures = [self._loop.create_future() for _ in commands]
+        self.waiters.extend((f, deadline) for f in futures)
+        self.transport.write(b"".join([hiredis.pack_command(c) for c in commands]))
+        if self._watchdog is None and self.timeout_s is not None:
+            self._watchdog = self._loop.call_at(deadline, self._check_overdue)
+        return futures
+
+    def _check_overdue(self) -> None:
+        self._watchdog = None
+        if not self.waiters:
+            return
+        deadline = self.waiters[0][1]
+        if deadline <= self._loop.time():
+            self.fail(RedisTimeoutError("timed out waiting for redis"))
+        else:
+            self._watchdog = self._loop.call_at(deadline, self._check_overdue)
 
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
@@ -62,16 +91,26 @@ class _Protocol(asyncio.Protocol):
             reply = self.reader.gets()
             if reply is False:
                 return
-            waiter = self.waiters.popleft()
+            waiter = self.waiters.popleft()[0]
             if not waiter.done():  # the caller may have been cancelled; its reply is dropped
                 waiter.set_result(reply)
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = RedisConnectionError(f"connection to redis lost: {exc or 'closed'}")
+    def fail(self, exc: BaseException) -> None:
+        """Close for good and fail every waiter with ``exc``."""
+        if self.lost is None:
+            self.lost = exc
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        if self.transport is not None:
+            self.transport.abort()
         while self.waiters:
-            waiter = self.waiters.popleft()
+            waiter = self.waiters.popleft()[0]
             if not waiter.done():
-                waiter.set_exception(self.lost)
+                waiter.set_exception(exc)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.fail(RedisConnectionError(f"connection to redis lost: {exc or 'closed'}"))
 
 
 class FastLane:
@@ -120,7 +159,9 @@ class FastLane:
             loop = asyncio.get_running_loop()
             try:
                 async with asyncio.timeout(self.timeout_s):
-                    _, protocol = await loop.create_connection(_Protocol, self.host, self.port)
+                    _, protocol = await loop.create_connection(
+                        lambda: _Protocol(self.timeout_s), self.host, self.port
+                    )
                     handshake: list[Command] = []
                     if self.password:
                         handshake.append(
@@ -130,43 +171,31 @@ class FastLane:
                         )
                     if self.db:
                         handshake.append(("SELECT", self.db))
-                    for reply in await self._send(protocol, handshake):
+                    for reply in await asyncio.gather(*protocol.send(handshake)):
                         if isinstance(reply, ResponseError):
-                            if protocol.transport is not None:
-                                protocol.transport.close()
-                            raise RedisConnectionError(f"redis handshake failed: {reply}")
+                            failed = RedisConnectionError(f"redis handshake failed: {reply}")
+                            protocol.fail(failed)
+                            raise failed from reply
             except TimeoutError as exc:
                 raise RedisTimeoutError("timed out connecting to redis") from exc
             self._protocol = protocol
             return protocol
 
-    @staticmethod
-    def _send(protocol: _Protocol, commands: Sequence[Command]) -> asyncio.Future[list[Any]]:
-        if protocol.lost is not None or protocol.transport is None:
-            raise protocol.lost or RedisConnectionError("not connected")
-        loop = asyncio.get_running_loop()
-        futures = [loop.create_future() for _ in commands]
-        protocol.waiters.extend(futures)
-        protocol.transport.write(b"".join(hiredis.pack_command(c) for c in commands))
-        return asyncio.gather(*futures) if len(futures) != 1 else _listed(futures[0])
-
     async def execute_many(self, commands: Sequence[Command]) -> list[Any]:
-        """Replies in order; Redis error replies come back as ResponseError objects."""
+        """Replies in order; Redis error replies come back as ResponseError objects.
+
+        Raises redis-py's ConnectionError/TimeoutError when the connection fails or a reply is
+        overdue; the next call connects afresh.
+        """
         if not commands:
             return []
         protocol = self._protocol
         if protocol is None or protocol.lost is not None:
             protocol = await self._connect()
-        pending = self._send(protocol, commands)
-        try:
-            if self.timeout_s is None:
-                return await pending
-            async with asyncio.timeout(self.timeout_s):
-                return await pending
-        except TimeoutError as exc:
-            # Replies can no longer be matched to callers: start over on a new connection.
-            self._abort(protocol)
-            raise RedisTimeoutError("timed out waiting for redis") from exc
+        futures = protocol.send(commands)
+        if len(futures) == 1:  # the hot path: no gather, one loop iteration fewer
+            return [await futures[0]]
+        return list(await asyncio.gather(*futures))
 
     async def execute(self, *command: Any) -> Any:
         reply = (await self.execute_many([command]))[0]
@@ -189,31 +218,8 @@ class FastLane:
                 replies[i] = reply
         return replies
 
-    def _abort(self, protocol: _Protocol) -> None:
-        if protocol.transport is not None:
-            protocol.transport.abort()
-        protocol.connection_lost(None)
-
     async def aclose(self) -> None:
         protocol, self._protocol = self._protocol, None
-        if protocol is not None and protocol.transport is not None:
-            protocol.transport.close()
-
-
-def _listed(future: asyncio.Future[Any]) -> asyncio.Future[list[Any]]:
-    """A single reply as a one-element list, without gather's task-per-call overhead."""
-    loop = asyncio.get_running_loop()
-    out: asyncio.Future[list[Any]] = loop.create_future()
-
-    def _done(f: asyncio.Future[Any]) -> None:
-        if out.done():
-            return
-        if f.cancelled():
-            out.cancel()
-        elif (exc := f.exception()) is not None:
-            out.set_exception(exc)
-        else:
-            out.set_result([f.result()])
-
-    future.add_done_callback(_done)
-    return out
+        if protocol is not None:
+            protocol.fail(RedisConnectionError("fast lane closed"))
+            await asyncio.sleep(0)  # the transport closes its socket in a loop callback

@@ -89,15 +89,16 @@ async def test_a_cancelled_caller_does_not_shift_later_replies(lane: FastLane) -
 
 
 async def test_a_timeout_drops_the_connection_and_the_next_call_reconnects(
-    lane: FastLane,
+    redis: aioredis.Redis, lane: FastLane
 ) -> None:
-    first_id = await lane.execute("CLIENT", "ID")
-    lane.timeout_s = 0.05
+    impatient = FastLane(lane.host, lane.port, timeout_s=0.1)
+    first_id = await impatient.execute("CLIENT", "ID")
     with pytest.raises(RedisTimeoutError):
-        await lane.execute("DEBUG", "SLEEP", "0.3")
-    lane.timeout_s = 5.0
-    assert await lane.execute("ECHO", "fresh") == b"fresh"
-    assert await lane.execute("CLIENT", "ID") != first_id
+        await impatient.execute("DEBUG", "SLEEP", "0.5")
+    await redis.ping()  # Redis is past its sleep
+    assert await impatient.execute("ECHO", "fresh") == b"fresh"
+    assert await impatient.execute("CLIENT", "ID") != first_id
+    await impatient.aclose()
 
 
 async def test_a_killed_connection_fails_waiters_and_reconnects(
