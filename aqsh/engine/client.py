@@ -8,7 +8,7 @@ task at once instead of waiting for their next poll.
 
 from __future__ import annotations
 
-import uuid
+import os
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
@@ -256,7 +256,7 @@ class Client:
             timeout_s = DEFAULT_TIMEOUT_S
         q = keys.queue_keys(r.queue)
         payload = bytes(r.payload)
-        task_id = r.task_id or str(uuid.uuid4())
+        task_id = r.task_id or new_task_id()
         message = TaskMessage(
             type=r.type,
             payload=payload,
@@ -303,6 +303,16 @@ def _packed(task_id: bytes, encoded: bytes) -> bytes:
     """One task in enqueue_batch's argument: length-prefixed id, then length-prefixed message."""
     return (len(task_id).to_bytes(4, "big") + task_id
             + len(encoded).to_bytes(4, "big") + encoded)
+
+
+def new_task_id() -> str:
+    """A random (version 4) UUID string, as asynq's default task id; built by hand because
+    ``str(uuid.uuid4())`` costs about a tenth of a whole fast-lane enqueue."""
+    raw = bytearray(os.urandom(16))
+    raw[6] = (raw[6] & 0x0F) | 0x40
+    raw[8] = (raw[8] & 0x3F) | 0x80
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def _raise_reply(reply: object) -> None:

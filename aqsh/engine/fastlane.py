@@ -59,6 +59,7 @@ class _Protocol(asyncio.Protocol):
         self.timeout_s = timeout_s
         self._loop = asyncio.get_running_loop()
         self._watchdog: asyncio.TimerHandle | None = None
+        self._outbox: list[bytes] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport, hence the cast.
@@ -69,11 +70,24 @@ class _Protocol(asyncio.Protocol):
             raise self.lost or RedisConnectionError("not connected")
         deadline = self._loop.time() + (self.timeout_s or 0.0)
         futures = [self._loop.create_future() for _ in commands]
+        packed = b"".join([hiredis.pack_command(c) for c in commands])
+        if self.waiters or self._outbox:
+            # Replies are still due: other callers are active, so gather their commands into
+            # one write (one syscall, one read on Redis's side) at the end of this loop pass.
+            if not self._outbox:
+                self._loop.call_soon(self._flush)
+            self._outbox.append(packed)
+        else:
+            self.transport.write(packed)  # a lone caller gets no added latency
         self.waiters.extend((f, deadline) for f in futures)
-        self.transport.write(b"".join([hiredis.pack_command(c) for c in commands]))
         if self._watchdog is None and self.timeout_s is not None:
             self._watchdog = self._loop.call_at(deadline, self._check_overdue)
         return futures
+
+    def _flush(self) -> None:
+        outbox, self._outbox = self._outbox, []
+        if self.transport is not None and self.lost is None:
+            self.transport.write(b"".join(outbox))
 
     def _check_overdue(self) -> None:
         self._watchdog = None

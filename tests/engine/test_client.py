@@ -109,3 +109,15 @@ async def test_enqueue_many_is_one_batch_with_per_task_results(
     assert await redis.smembers(keys.ALL_QUEUES) == {b"default", b"other"}
     with pytest.raises(errors.InvalidArgument):
         await client.enqueue_many([EnqueueRequest(type="a", payload=b"", max_retry=-3)])
+
+
+def test_default_task_ids_are_distinct_version_4_uuids() -> None:
+    import uuid
+
+    from aqsh.engine.client import new_task_id
+
+    ids = {new_task_id() for _ in range(1000)}
+    assert len(ids) == 1000
+    for text in list(ids)[:50]:
+        parsed = uuid.UUID(text)
+        assert (str(parsed), parsed.version, parsed.variant) == (text, 4, uuid.RFC_4122)
