@@ -10,7 +10,7 @@ Times are passed in by the caller (from an injected Clock): scripts never read R
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Protocol
 
 import msgspec
@@ -110,6 +110,12 @@ class Broker(Protocol):
         Returns the new expiry (Unix s) and the ids that no longer had a lease: their handlers
         must stop, because the task may already run elsewhere.
         """
+        ...
+
+    async def extend_leases_many(
+        self, task_ids_by_queue: Mapping[str, Sequence[str]], *, now_s: int
+    ) -> tuple[int, dict[str, list[str]]]:
+        """``extend_leases`` for several queues in one round trip; lost ids per queue."""
         ...
 
     async def list_lease_expired(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import msgspec
@@ -288,6 +288,30 @@ class RedisBroker:
         lost = await guarded(self.scripts.run("extend_lease", [q.lease], [expires_s, *task_ids]))
         return expires_s, [i.decode() if isinstance(i, bytes) else str(i) for i in lost]
 
+    async def extend_leases_many(
+        self, task_ids_by_queue: Mapping[str, Sequence[str]], *, now_s: int
+    ) -> tuple[int, dict[str, list[str]]]:
+        """``extend_leases`` for several queues in one round trip (one script call per queue,
+        pipelined). Returns the new expiry and, per queue, the ids that had lost their lease.
+        Any failure raises, as ``extend_leases`` does: a handler is only stopped for a lease
+        that Redis said is gone, never because a reply went missing."""
+        expires_s = int(now_s) + LEASE_DURATION_S
+        queued = [(q, list(ids)) for q, ids in task_ids_by_queue.items() if ids]
+        if not queued:
+            return expires_s, {}
+        pipe = self.client.pipeline(transaction=False)
+        for qname, ids in queued:
+            Scripts.queue(pipe, "extend_lease", [keys.queue_keys(qname).lease], [expires_s, *ids])
+        replies = await guarded(self.scripts.execute_pipeline(pipe, ["extend_lease"]))
+        lost: dict[str, list[str]] = {}
+        for (qname, _ids), reply in zip(queued, replies, strict=True):
+            if isinstance(reply, REDIS_DOWN):
+                raise errors.BrokerUnavailable(f"redis unavailable: {reply}") from reply
+            if isinstance(reply, Exception):
+                raise errors.AqshError(f"lease extension failed for {qname!r}: {reply}") from reply
+            lost[qname] = [i.decode() if isinstance(i, bytes) else str(i) for i in reply]
+        return expires_s, lost
+
     async def list_lease_expired(
         self, queues: Sequence[str], *, cutoff_s: int
     ) -> list[TaskMessage]:
@@ -375,20 +399,30 @@ class RedisBroker:
 
     # ---------------------------------------------------------------- pub/sub
     async def _channel(self, channel: str) -> AsyncIterator[str]:
-        """Messages of one channel, resubscribing after connection loss."""
+        """Messages of one channel, resubscribing after connection loss.
+
+        The broken subscription is closed before a new one is made (redis-py may already have
+        reconnected it on its own, and nobody would read it), and the first resubscription is
+        immediate: messages published while unsubscribed are lost, as with any pub/sub. Only
+        repeated failures wait between attempts.
+        """
+        delay_s = 0.0
         while True:
             pubsub = self.client.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(channel)
+                delay_s = 0.0
                 async for message in pubsub.listen():
                     data = message.get("data")
                     if isinstance(data, bytes):
                         yield data.decode("utf-8", "replace")
             except REDIS_DOWN:
-                await asyncio.sleep(_RESUBSCRIBE_DELAY_S)
+                pass
             finally:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await asyncio.sleep(delay_s)
+            delay_s = _RESUBSCRIBE_DELAY_S
 
     def cancellations(self) -> AsyncIterator[str]:
         return self._channel(keys.CANCEL_CHANNEL)
