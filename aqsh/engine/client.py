@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
@@ -31,6 +31,8 @@ DEFAULT_TIMEOUT_S = 30 * 60
 _BATCH_LIMIT = 1000
 
 Duration = timedelta | float | int
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_ONE_US = timedelta(microseconds=1)
 
 
 def _seconds(value: Duration, name: str) -> float:
@@ -40,20 +42,25 @@ def _seconds(value: Duration, name: str) -> float:
     return seconds
 
 
+def _optional_seconds(value: Duration | None, name: str) -> float | None:
+    return None if value is None else _seconds(value, name)
+
+
 class EnqueueRequest(msgspec.Struct, kw_only=True):
-    """One task for ``Client.enqueue_many``; the fields mirror ``Client.enqueue``'s options."""
+    """One task for ``Client.enqueue_many``; the fields mirror ``Client.enqueue``'s options
+    (durations as ``timedelta`` or seconds)."""
 
     type: str
     payload: bytes
     queue: str = DEFAULT_QUEUE
     max_retry: int = DEFAULT_MAX_RETRY
-    timeout: float | None = None
+    timeout: Duration | None = None
     deadline: datetime | None = None
     process_at: datetime | None = None
-    process_in: float | None = None
-    unique_ttl: float | None = None
+    process_in: Duration | None = None
+    unique_ttl: Duration | None = None
     task_id: str | None = None
-    retention: float | None = None
+    retention: Duration | None = None
     headers: dict[str, str] | None = None
 
 
@@ -134,13 +141,13 @@ class Client:
             payload=payload,
             queue=queue,
             max_retry=max_retry,
-            timeout=None if timeout is None else _seconds(timeout, "timeout"),
+            timeout=timeout,
             deadline=deadline,
             process_at=process_at,
-            process_in=None if process_in is None else _seconds(process_in, "process_in"),
-            unique_ttl=None if unique_ttl is None else _seconds(unique_ttl, "unique_ttl"),
+            process_in=process_in,
+            unique_ttl=unique_ttl,
             task_id=task_id,
-            retention=None if retention is None else _seconds(retention, "retention"),
+            retention=retention,
             headers=headers,
         )
         plan = self._plan(request)
@@ -238,11 +245,15 @@ class Client:
             raise errors.InvalidArgument("queue name must contain a non-whitespace character")
         if isinstance(r.max_retry, bool) or not isinstance(r.max_retry, int) or r.max_retry < 0:
             raise errors.InvalidArgument(f"max_retry must be a non-negative int, got {r.max_retry}")
-        if r.process_at is not None and r.process_in is not None:
+        timeout = _optional_seconds(r.timeout, "timeout")
+        process_in = _optional_seconds(r.process_in, "process_in")
+        unique_ttl = _optional_seconds(r.unique_ttl, "unique_ttl")
+        retention = _optional_seconds(r.retention, "retention")
+        if r.process_at is not None and process_in is not None:
             raise errors.InvalidArgument("give process_at or process_in, not both")
         if r.task_id is not None and not r.task_id.strip():
             raise errors.InvalidArgument("task_id must not be blank")
-        if r.unique_ttl is not None and r.unique_ttl < 1:
+        if unique_ttl is not None and unique_ttl < 1:
             raise errors.InvalidArgument("unique_ttl must be at least 1 second")
         for name, when in (("deadline", r.deadline), ("process_at", r.process_at)):
             if when is not None and when.tzinfo is None:
@@ -250,7 +261,7 @@ class Client:
 
         now_ns = self.clock.now_ns()
         now_s = now_ns // 1_000_000_000
-        timeout_s = int(r.timeout) if r.timeout is not None else 0
+        timeout_s = int(timeout) if timeout is not None else 0
         deadline_s = int(r.deadline.timestamp()) if r.deadline is not None else 0
         if timeout_s == 0 and deadline_s == 0:
             timeout_s = DEFAULT_TIMEOUT_S
@@ -265,21 +276,24 @@ class Client:
             retry=r.max_retry,
             timeout_s=timeout_s,
             deadline_s=deadline_s,
-            unique_key=q.unique(r.type, payload) if r.unique_ttl is not None else "",
-            retention_s=int(r.retention) if r.retention is not None else 0,
+            unique_key=q.unique(r.type, payload) if unique_ttl is not None else "",
+            retention_s=int(retention) if retention is not None else 0,
             headers=dict(r.headers or {}),
         )
+        # asynq compares the process time with now at full precision (a time half a second
+        # ahead is scheduled, scored by its whole second); so do we, in integer nanoseconds.
         if r.process_at is not None:
-            process_at_s = int(r.process_at.timestamp())
-        elif r.process_in is not None:
-            process_at_s = int((now_ns + int(r.process_in * 1e9)) // 1_000_000_000)
+            process_at_ns = (r.process_at - _EPOCH) // _ONE_US * 1000
+        elif process_in is not None:
+            process_at_ns = now_ns + int(process_in * 1e9)
         else:
-            process_at_s = now_s
+            process_at_ns = now_ns
+        process_at_s = process_at_ns // 1_000_000_000
         encoded = wire.encode_task(message)
         task_key = q.task(task_id)
-        if process_at_s > now_s:
-            if r.unique_ttl is not None:
-                ttl_s = int(process_at_s + r.unique_ttl - now_s)
+        if process_at_ns > now_ns:
+            if unique_ttl is not None:
+                ttl_s = (process_at_ns + int(unique_ttl * 1e9) - now_ns) // 1_000_000_000
                 return _Plan(
                     message, "schedule_unique", [message.unique_key, task_key, q.scheduled],
                     [task_id, ttl_s, process_at_s, encoded], TaskState.SCHEDULED, process_at_s,
@@ -288,10 +302,10 @@ class Client:
                 message, "schedule", [task_key, q.scheduled],
                 [encoded, process_at_s, task_id], TaskState.SCHEDULED, process_at_s,
             )
-        if r.unique_ttl is not None:
+        if unique_ttl is not None:
             return _Plan(
                 message, "enqueue_unique", [message.unique_key, task_key, q.pending],
-                [task_id, int(r.unique_ttl), encoded, now_ns], TaskState.PENDING, now_s,
+                [task_id, int(unique_ttl), encoded, now_ns], TaskState.PENDING, now_s,
             )
         return _Plan(
             message, "enqueue", [task_key, q.pending], [encoded, task_id, now_ns],

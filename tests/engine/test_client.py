@@ -121,3 +121,32 @@ def test_default_task_ids_are_distinct_version_4_uuids() -> None:
     for text in list(ids)[:50]:
         parsed = uuid.UUID(text)
         assert (str(parsed), parsed.version, parsed.variant) == (text, 4, uuid.RFC_4122)
+
+
+async def test_a_process_time_later_in_the_same_second_is_still_scheduled(
+    redis: aioredis.Redis, client: Client, clock: ManualClock
+) -> None:
+    now_s = unix_s(clock)
+    clock.set(now_s + 0.25)
+    soon = await client.enqueue("email", b"soon", process_in=0.5)
+    assert soon.state is TaskState.SCHEDULED  # as asynq: after now, at full precision
+    assert await redis.zscore(Q.scheduled, soon.id) == now_s  # scored by its whole second
+    at = await client.enqueue("email", b"at", unique_ttl=50,
+                              process_at=datetime.fromtimestamp(now_s + 100.75, UTC))
+    assert await redis.zscore(Q.scheduled, at.id) == now_s + 100
+    assert 149 <= await redis.ttl(Q.unique("email", b"at")) <= 150  # int(100.5 + 50)
+    assert (await client.enqueue("email", b"now", process_in=0)).state is TaskState.PENDING
+
+
+async def test_batch_requests_take_timedeltas_and_reject_negative_durations(
+    redis: aioredis.Redis, client: Client, clock: ManualClock
+) -> None:
+    [info] = await client.enqueue_many([EnqueueRequest(
+        type="a", payload=b"", timeout=timedelta(minutes=2), retention=timedelta(hours=1),
+        process_in=timedelta(seconds=90), unique_ttl=timedelta(seconds=10))])
+    assert not isinstance(info, Exception)
+    msg = wire.decode_task((await stored(redis, "default", info.id))[b"msg"])
+    assert (msg.timeout_s, msg.retention_s) == (120, 3600)
+    assert await redis.zscore(Q.scheduled, info.id) == unix_s(clock) + 90
+    with pytest.raises(errors.InvalidArgument, match="negative"):
+        await client.enqueue_many([EnqueueRequest(type="a", payload=b"", retention=-1)])
