@@ -152,8 +152,8 @@ class FastLane:
     @classmethod
     def from_redis(cls, client: aioredis.Redis) -> FastLane | None:
         """A lane to the same server as ``client``, or None when it is not plain TCP."""
-        pool = client.connection_pool
-        if pool.connection_class is not Connection:
+        pool = getattr(client, "connection_pool", None)  # a cluster client has none
+        if pool is None or pool.connection_class is not Connection:
             return None
         kwargs = pool.connection_kwargs
         timeout = kwargs.get("socket_timeout")

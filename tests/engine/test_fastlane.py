@@ -159,3 +159,22 @@ async def test_database_number_is_selected(redis_url: str, redis: aioredis.Redis
 def test_only_plain_tcp_clients_get_a_lane() -> None:
     assert FastLane.from_redis(aioredis.Redis(unix_socket_path="/tmp/none.sock")) is None
     assert FastLane.from_redis(aioredis.Redis.from_url("rediss://localhost:1")) is None
+
+
+async def test_password_protected_redis(clock: ManualClock) -> None:
+    from aqsh.redis_process import RedisProcess
+
+    with RedisProcess() as server:  # its own server: the password must not leak into others
+        setup = aioredis.Redis.from_url(server.url)
+        await setup.config_set("requirepass", "s3cret")
+        await setup.aclose()
+        redis = aioredis.Redis.from_url(server.url.replace("redis://", "redis://:s3cret@"))
+        async with Client(redis, clock=clock, fast_lane=True) as client:
+            info = await client.enqueue("email", b"p")
+        assert (await raw_task(redis, "default", info.id))[b"state"] == b"pending"
+        wrong = aioredis.Redis.from_url(server.url.replace("redis://", "redis://:wrong@"))
+        async with Client(wrong, clock=clock, fast_lane=True) as client:
+            with pytest.raises(errors.BrokerUnavailable, match="handshake"):
+                await client.enqueue("email", b"p")
+        await redis.aclose()
+        await wrong.aclose()
