@@ -82,9 +82,11 @@ async def serve(mode: str | None) -> int:
     )
     broker = RedisBroker(redis)
     metrics = Metrics()
+    # The API's enqueues take the fast lane (one multiplexed connection; plain TCP Redis only,
+    # otherwise the client falls back to redis-py by itself).
     state = ApiState(settings=settings, config=config, redis=redis, blocking_redis=blocking,
-                     broker=broker, client=Client(broker), inspector=Inspector(redis),
-                     metrics=metrics)
+                     broker=broker, client=Client(broker, fast_lane=True),
+                     inspector=Inspector(redis), metrics=metrics)
     server = None
     if settings.mode in ("worker", "both"):
         server = _worker(settings, config, broker, metrics)
@@ -120,6 +122,7 @@ async def serve(mode: str | None) -> int:
         await server.stop()
     await app_runner.cleanup()
     await config.stop()
+    await state.client.aclose()
     await blocking.aclose()
     await redis.aclose()
     if embedded is not None:

@@ -67,7 +67,7 @@ def load(*args: str) -> dict[str, float]:
 
 async def direct_rate(redis_url: str, count: int, concurrency: int) -> float:
     redis = aioredis.Redis.from_url(redis_url, max_connections=64)
-    client = Client(redis)
+    client = Client(redis, fast_lane=True)  # as the API process's client
     remaining = count
 
     async def worker() -> None:
@@ -80,6 +80,7 @@ async def direct_rate(redis_url: str, count: int, concurrency: int) -> float:
     started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     elapsed = time.perf_counter() - started
+    await client.aclose()
     await redis.aclose()
     return count / elapsed
 

@@ -96,7 +96,7 @@ async def make_service(
 ) -> AsyncIterator[ServiceFactory]:
     created: list[tuple[web.AppRunner, Service, list[aioredis.Redis]]] = []
 
-    async def factory(*, worker: bool = True, url: str | None = None,
+    async def factory(*, worker: bool = True, url: str | None = None, fast_lane: bool = False,
                       **overrides: Any) -> Service:
         config_path, scripts = write_tasks(tmp_path)
         port = free_port()
@@ -114,7 +114,8 @@ async def make_service(
         holder = ConfigHolder(settings.tasks_config, settings.tasks_dir)
         metrics = Metrics()
         state = ApiState(settings=settings, config=holder, redis=client, blocking_redis=blocking,
-                         broker=broker, client=Client(broker), inspector=Inspector(client),
+                         broker=broker, client=Client(broker, fast_lane=fast_lane),
+                         inspector=Inspector(client),
                          metrics=metrics)
         server = _worker(settings, holder, broker, metrics) if worker else None
         if server is not None:
@@ -130,6 +131,7 @@ async def make_service(
     yield factory
     for runner, service, clients in created:
         await service.session.close()
+        await service.state.client.aclose()
         if service.server is not None:
             await service.server.stop(shutdown_timeout_s=0)
         await runner.cleanup()

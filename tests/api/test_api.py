@@ -236,11 +236,13 @@ async def test_openapi_matches_the_router(make_service: ServiceFactory) -> None:
                     assert schema == {"$ref": "#/components/schemas/Error"}
 
 
-async def test_redis_outage_gives_503_then_recovers(make_service: ServiceFactory) -> None:
+@pytest.mark.parametrize("fast_lane", [False, True])
+async def test_redis_outage_gives_503_then_recovers(make_service: ServiceFactory,
+                                                    fast_lane: bool) -> None:
     from aqsh.redis_process import RedisProcess
 
     with RedisProcess(persistent=True) as outage_redis:
-        service = await make_service(worker=False, url=outage_redis.url)
+        service = await make_service(worker=False, url=outage_redis.url, fast_lane=fast_lane)
         assert (await service.request("POST", "/tasks/echo", json={"name": "a"}))[0] == 202
         outage_redis.stop_keep_data()
         status, body, headers = await service.request("POST", "/tasks/echo", json={"name": "b"})
