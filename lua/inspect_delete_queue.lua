@@ -7,14 +7,17 @@
 -- KEYS[6] -> asynq:{q}:lease
 -- ARGV[1] -> 1 to force (delete waiting tasks too), 0 to refuse a non-empty queue
 -- ARGV[2] -> task key prefix asynq:{q}:t:
--- Returns 1 deleted; -1 not empty (without force); -2 has active tasks.
-if redis.call("LLEN", KEYS[2]) > 0 then
+-- Returns 1 deleted; -1 not empty (without force, active tasks included); -2 has active tasks
+-- (with force). Completed and aggregating tasks do not count, as in asynq.
+local active = redis.call("LLEN", KEYS[2])
+if ARGV[1] ~= "1" then
+  local total = active + redis.call("LLEN", KEYS[1]) + redis.call("ZCARD", KEYS[3]) +
+    redis.call("ZCARD", KEYS[4]) + redis.call("ZCARD", KEYS[5])
+  if total > 0 then
+    return -1
+  end
+elseif active > 0 then
   return -2
-end
-local waiting = redis.call("LLEN", KEYS[1]) + redis.call("ZCARD", KEYS[3]) +
-  redis.call("ZCARD", KEYS[4]) + redis.call("ZCARD", KEYS[5])
-if waiting > 0 and ARGV[1] ~= "1" then
-  return -1
 end
 for _, id in ipairs(redis.call("LRANGE", KEYS[1], 0, -1)) do
   redis.call("DEL", ARGV[2] .. id)

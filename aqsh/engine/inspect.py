@@ -201,10 +201,11 @@ class Inspector:
         out: list[TaskInfo] = []
         for i, task_id in enumerate(ids):
             raw_msg, result, since = replies[i]
-            if raw_msg is None:
+            message = _decode_or_none(raw_msg)
+            if message is None:
                 continue
             info = TaskInfo(
-                message=wire.decode_task(raw_msg),
+                message=message,
                 state=state,
                 result=result,
                 pending_since_ns=_int(since),
@@ -247,11 +248,11 @@ class Inspector:
         out: list[TaskInfo] = []
         for i in range(len(queues)):
             (raw_msg, raw_state, result, since), sched, retry, lease = replies[4 * i: 4 * i + 4]
-            if raw_msg is None or raw_state is None:
+            message = _decode_or_none(raw_msg)
+            if message is None or raw_state is None:
                 continue
             state = TaskState(raw_state.decode())
             score = sched if state is TaskState.SCHEDULED else retry
-            message: TaskMessage = wire.decode_task(raw_msg)
             out.append(
                 TaskInfo(
                     message=message,
@@ -393,6 +394,18 @@ class Inspector:
                 if worker.server_id in statuses:
                     statuses[worker.server_id].workers.append(worker)
         return sorted(statuses.values(), key=lambda s: (s.info.host, s.info.pid))
+
+
+def _decode_or_none(raw: bytes | None) -> TaskMessage | None:
+    """A hash without a readable ``msg`` is skipped, as asynq's listings do, so one corrupt
+    task cannot fail a whole page (protobuf's DecodeError stays behind wire, the one
+    protobuf importer)."""
+    if raw is None:
+        return None
+    try:
+        return wire.decode_task(raw)
+    except Exception:
+        return None
 
 
 def _next_process_at(state: TaskState, score: int, now_s: int) -> int:
