@@ -4,21 +4,24 @@ from __future__ import annotations
 
 import hashlib
 import time
+import uuid
 from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
 import structlog
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from aqsh import __version__, errors
 from aqsh.api.auth import Caller, authorize, caller_of
 from aqsh.api.errors import ApiError
+from aqsh.api.openapi import document
 from aqsh.api.sse import follow_logs, plain_logs, start_id
 from aqsh.api.state import STATE_KEY, ApiState
 from aqsh.engine.models import TaskInfo, TaskState
 from aqsh.runner.logs import log_key
-from aqsh.runner.result import decode_result
+from aqsh.runner.result import ScriptResult, decode_result, encode_result
 from aqsh.runner.spec import TaskSpec, parse_duration
 from aqsh.runner.validate import json_schema, validate_input
 
@@ -133,8 +136,6 @@ async def _idempotent_id(state: ApiState, caller: Caller, name: str, key: str, p
     SET NX makes two concurrent requests with one key agree on one id. The record holds a hash
     of the request, so the same key with a different body is refused (409).
     """
-    import uuid
-
     if not key.strip() or len(key) > 255:
         raise ApiError(400, "invalid_idempotency_key", "Idempotency-Key must be 1-255 characters")
     scope = hashlib.sha256(f"{caller.user or ''}\0{name}\0{key}".encode()).hexdigest()
@@ -264,8 +265,6 @@ async def cancel_task(request: web.Request) -> web.Response:
                                   "links": _links(request, info.id)}, status=202)
     # Not running: archive it with a "canceled" result, so it stays readable (and re-runnable
     # from Asynqmon) instead of vanishing into a 404.
-    from aqsh.runner.result import ScriptResult, encode_result
-
     try:
         await state.inspector.archive_task(info.queue, info.id)
     except errors.TaskStateConflict:
@@ -333,8 +332,6 @@ async def ready(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
     state = _state(request)
     infos = []
     for qname in await state.inspector.queues():
@@ -348,6 +345,4 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def openapi(request: web.Request) -> web.Response:
-    from aqsh.api.openapi import document
-
     return web.json_response(document())

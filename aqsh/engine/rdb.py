@@ -65,7 +65,7 @@ class RedisBroker:
         self, name: str, keys_: list[str], args: list[Any], msg: TaskMessage
     ) -> None:
         reply = await guarded(self.scripts.run(name, keys_, args))
-        _raise_for_produce(int(reply), msg)
+        raise_for_produce(int(reply), msg)
 
     async def enqueue(self, msg: TaskMessage, *, now_ns: int) -> None:
         q = keys.queue_keys(msg.queue)
@@ -138,7 +138,7 @@ class RedisBroker:
 
     def _complete_call(self, msg: TaskMessage, now_s: int) -> tuple[str, list[str], list[Any]]:
         q = keys.queue_keys(msg.queue)
-        completed = msgspec_replace(msg, completed_at_s=now_s)
+        completed = msgspec.structs.replace(msg, completed_at_s=now_s)
         key_list = [
             q.active, q.lease, q.completed, q.task(msg.id),
             q.processed_day(now_s), q.processed_total,
@@ -226,7 +226,7 @@ class RedisBroker:
     ) -> None:
         now_s = int(now_s)
         q = keys.queue_keys(msg.queue)
-        updated = msgspec_replace(
+        updated = msgspec.structs.replace(
             msg,
             retried=msg.retried + 1 if is_failure else msg.retried,
             error_msg=error_msg,
@@ -245,7 +245,7 @@ class RedisBroker:
     async def archive(self, msg: TaskMessage, *, error_msg: str, now_s: int) -> None:
         now_s = int(now_s)
         q = keys.queue_keys(msg.queue)
-        updated = msgspec_replace(msg, error_msg=error_msg, last_failed_at_s=now_s)
+        updated = msgspec.structs.replace(msg, error_msg=error_msg, last_failed_at_s=now_s)
         key_list = [
             q.task(msg.id), q.active, q.lease, q.archived, q.processed_day(now_s),
             q.failed_day(now_s), q.processed_total, q.failed_total,
@@ -444,7 +444,8 @@ class RedisBroker:
         await self.client.aclose()
 
 
-def _raise_for_produce(reply: int, msg: TaskMessage) -> None:
+def raise_for_produce(reply: int, msg: TaskMessage) -> None:
+    """Map an enqueue-type script's reply (1 ok, 0 id conflict, -1 duplicate) to an error."""
     if reply == 1:
         return
     if reply == -1:
@@ -454,12 +455,3 @@ def _raise_for_produce(reply: int, msg: TaskMessage) -> None:
     raise errors.TaskIdConflict(
         f"task id {msg.id!r} already exists in queue {msg.queue!r}", details={"id": msg.id}
     )
-
-
-def raise_for_produce(reply: int, msg: TaskMessage) -> None:
-    """Public for the client's pipelined batch path."""
-    _raise_for_produce(reply, msg)
-
-
-def msgspec_replace(msg: TaskMessage, **changes: Any) -> TaskMessage:
-    return msgspec.structs.replace(msg, **changes)
