@@ -2,7 +2,9 @@
 
 Sequential, 50 concurrent and batched (``enqueue_many``, 1,000 tasks per call), for the Client
 on redis-py and on its fast lane (``Client(fast_lane=True)``), against the Go client and the
-floor: raw EVALSHA of a no-op script through redis-py and through the lane.
+floor: raw EVALSHA of a no-op script through redis-py and through the lane. The lane's
+sequential figures are also taken with its spin-before-park turned off (``spin_us=0``), with the
+CPU time each enqueue costs this process, so the price of spinning is on the record too.
 
 Round-trip latency on a shared 2-core machine is bimodal (it depends on whether Redis and the
 caller share a core at that moment), so every phase runs ``--rounds`` times, aqsh and Go
@@ -44,10 +46,12 @@ async def floor_lane(lane: FastLane, sha: str) -> float:
     return N_SEQ / (time.perf_counter() - started)
 
 
-async def sequential(client: Client) -> float:
-    started = time.perf_counter()
+async def sequential(client: Client, cpu_us: list[float] | None = None) -> float:
+    started, cpu_started = time.perf_counter(), time.process_time()
     for _ in range(N_SEQ):
         await client.enqueue("bench:noop", b"x", queue="bench-aqsh")
+    if cpu_us is not None:
+        cpu_us.append((time.process_time() - cpu_started) / N_SEQ * 1e6)
     return N_SEQ / (time.perf_counter() - started)
 
 
@@ -90,15 +94,23 @@ async def main(rounds: int) -> None:
     with RedisProcess() as server:
         redis = aioredis.Redis.from_url(server.url, max_connections=64)
         slow = Client(redis)
-        async with Client(redis, fast_lane=True) as fast:
+        cpu: dict[str, list[float]] = {"spin": [], "nospin": []}
+        async with Client(redis, fast_lane=True) as fast, Client(redis, fast_lane=True) as parked:
+            assert parked._lane is not None
+            parked._lane.spin_s = 0.0
             lane = FastLane.from_redis(redis)
-            assert lane is not None
+            lane_parked = FastLane.from_redis(redis, spin_us=0)
+            assert lane is not None and lane_parked is not None
             sha = await redis.script_load("return 1")  # FLUSHALL keeps scripts
             for _ in range(rounds):
                 await measure("floor_redis_py_evalsha_per_s", lambda: floor_redis_py(redis, sha))
                 await measure("floor_lane_evalsha_per_s", lambda: floor_lane(lane, sha))
+                await measure("floor_lane_nospin_evalsha_per_s",
+                              lambda: floor_lane(lane_parked, sha))
                 await measure("aqsh_sequential_per_s", lambda: sequential(slow))
-                await measure("aqsh_fast_sequential_per_s", lambda: sequential(fast))
+                await measure("aqsh_fast_sequential_per_s", lambda: sequential(fast, cpu["spin"]))
+                await measure("aqsh_fast_nospin_sequential_per_s",
+                              lambda: sequential(parked, cpu["nospin"]))
                 await measure("go_sequential_per_s", go(1, N_SEQ))
                 await measure("aqsh_concurrent50_per_s", lambda: concurrent(slow))
                 await measure("aqsh_fast_concurrent50_per_s", lambda: concurrent(fast))
@@ -106,9 +118,13 @@ async def main(rounds: int) -> None:
                 await measure("aqsh_batched_per_s", lambda: batched(slow))
                 await measure("aqsh_fast_batched_per_s", lambda: batched(fast))
             await lane.aclose()
+            await lane_parked.aclose()
         await redis.aclose()
     figures: dict[str, float | int] = {
         name: round(statistics.median(values), 1) for name, values in samples.items()}
+    figures["aqsh_fast_sequential_cpu_us_per_enqueue"] = round(statistics.median(cpu["spin"]), 1)
+    figures["aqsh_fast_nospin_sequential_cpu_us_per_enqueue"] = round(
+        statistics.median(cpu["nospin"]), 1)
     figures["rounds"] = rounds
 
     def ratio(name: str, a: str, b: str) -> None:
@@ -116,6 +132,8 @@ async def main(rounds: int) -> None:
 
     ratio("sequential_ratio", "aqsh_sequential_per_s", "go_sequential_per_s")
     ratio("fast_sequential_ratio", "aqsh_fast_sequential_per_s", "go_sequential_per_s")
+    ratio("fast_nospin_sequential_ratio", "aqsh_fast_nospin_sequential_per_s",
+          "go_sequential_per_s")
     ratio("concurrent50_ratio", "aqsh_concurrent50_per_s", "go_concurrent50_per_s")
     ratio("fast_concurrent50_ratio", "aqsh_fast_concurrent50_per_s", "go_concurrent50_per_s")
     ratio("batched_vs_go_concurrent50_ratio", "aqsh_batched_per_s", "go_concurrent50_per_s")

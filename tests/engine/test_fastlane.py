@@ -15,7 +15,7 @@ from aqsh import errors
 from aqsh.clock import ManualClock
 from aqsh.engine import keys
 from aqsh.engine.client import Client, EnqueueRequest
-from aqsh.engine.fastlane import FastLane
+from aqsh.engine.fastlane import SPIN_BACKOFF_CALLS, FastLane
 from tests.support import wait_until
 
 Q = keys.queue_keys("default")
@@ -178,3 +178,61 @@ async def test_password_protected_redis(clock: ManualClock) -> None:
                 await client.enqueue("email", b"p")
         await redis.aclose()
         await wrong.aclose()
+
+
+async def test_a_lone_caller_spins_for_its_reply_while_other_tasks_keep_running(
+    lane: FastLane,
+) -> None:
+    patient = FastLane(lane.host, lane.port, spin_us=5_000_000)
+    await patient.execute("PING")
+    turns = 0
+    stop = asyncio.Event()
+
+    async def other_task() -> None:
+        nonlocal turns
+        while not stop.is_set():
+            turns += 1
+            await asyncio.sleep(0)
+
+    ticker = asyncio.create_task(other_task())
+    assert await patient.execute("DEBUG", "SLEEP", "0.05") == b"OK"
+    stop.set()
+    await ticker
+    assert patient.spins_won == 2 and patient.spins_given_up == 0
+    assert turns > 10  # the loop ran the other task all along the 50 ms spin
+    await patient.aclose()
+
+
+async def test_a_spin_that_runs_out_of_budget_backs_off_then_spins_again(lane: FastLane) -> None:
+    spinner = FastLane(lane.host, lane.port, spin_us=1000)
+    assert await spinner.execute("DEBUG", "SLEEP", "0.02") == b"OK"
+    assert spinner.spins_given_up == 1
+    won_before = spinner.spins_won
+    for _ in range(SPIN_BACKOFF_CALLS):  # these park at once: no spin is won or lost
+        assert await spinner.execute("ECHO", "x") == b"x"
+    assert (spinner.spins_won, spinner.spins_given_up) == (won_before, 1)
+    await spinner.execute("ECHO", "x")
+    assert spinner.spins_won + spinner.spins_given_up == won_before + 2
+    await spinner.aclose()
+
+
+async def test_a_caller_cancelled_while_spinning_does_not_shift_later_replies(
+    lane: FastLane,
+) -> None:
+    patient = FastLane(lane.host, lane.port, spin_us=5_000_000)
+    slow = asyncio.create_task(patient.execute("DEBUG", "SLEEP", "0.1"))
+    await wait_until(
+        lambda: patient._protocol is not None and len(patient._protocol.waiters) == 1)
+    slow.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await slow
+    assert await patient.execute("ECHO", "after") == b"after"
+    await patient.aclose()
+
+
+async def test_spinning_can_be_turned_off(lane: FastLane) -> None:
+    parked = FastLane(lane.host, lane.port, spin_us=0)
+    for _ in range(5):
+        assert await parked.execute("ECHO", "x") == b"x"
+    assert (parked.spins_won, parked.spins_given_up) == (0, 0)
+    await parked.aclose()
