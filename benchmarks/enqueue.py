@@ -100,7 +100,8 @@ async def main(rounds: int) -> None:
             parked._lane.spin_s = 0.0
             lane = FastLane.from_redis(redis)
             lane_parked = FastLane.from_redis(redis, spin_us=0)
-            assert lane is not None and lane_parked is not None
+            assert lane is not None
+            assert lane_parked is not None
             sha = await redis.script_load("return 1")  # FLUSHALL keeps scripts
             for _ in range(rounds):
                 await measure("floor_redis_py_evalsha_per_s", lambda: floor_redis_py(redis, sha))

@@ -198,7 +198,8 @@ async def test_a_lone_caller_spins_for_its_reply_while_other_tasks_keep_running(
     assert await patient.execute("DEBUG", "SLEEP", "0.05") == b"OK"
     stop.set()
     await ticker
-    assert patient.spins_won == 2 and patient.spins_given_up == 0
+    assert patient.spins_won == 2
+    assert patient.spins_given_up == 0
     assert turns > 10  # the loop ran the other task all along the 50 ms spin
     await patient.aclose()
 
