@@ -49,6 +49,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     keep_work_dirs: bool = False
     log_format: Literal["pretty", "json"] = "pretty"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    #: auto: uvloop for mode api (cheaper I/O per request), the standard loop where scripts are
+    #: spawned (uvloop spawns subprocesses several times slower).
+    event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
+
+    @property
+    def uses_uvloop(self) -> bool:
+        return self.event_loop == "uvloop" or (self.event_loop == "auto" and self.mode == "api")
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -143,6 +150,7 @@ _FIELDS: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "LOG_FORMAT": ("log_format", _choice("pretty", "json"), "pretty or json"),
     "LOG_LEVEL": ("log_level", _choice("debug", "info", "warning", "error"),
                   "debug, info, warning or error"),
+    "EVENT_LOOP": ("event_loop", _choice("auto", "asyncio", "uvloop"), "auto, asyncio or uvloop"),
 }
 
 
