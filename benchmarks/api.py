@@ -1,6 +1,7 @@
 """HTTP API: POST /tasks/{name} with validation at 1 and 50 concurrent connections for 20 s from
 a separate load-generator process, next to the same number of direct Client.enqueue calls in
-the same run (API overhead ratio); and SSE latency from a script's echo to the line arriving at
+the same run (API overhead ratio) and the same API process on the standard asyncio loop instead
+of uvloop (``AQSH_EVENT_LOOP=asyncio``); and SSE latency from a script's echo to the line arriving at
 1 and 500 clients following the same task.
 
 Usage: python benchmarks/api.py [seconds]
@@ -39,9 +40,11 @@ tasks:
 """
 
 
-def start_service(tmp: Path, redis_url: str, mode: str) -> tuple[subprocess.Popen[bytes], str]:
+def start_service(tmp: Path, redis_url: str, mode: str,
+                  event_loop: str = "auto") -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     env = {**os.environ, "AQSH_REDIS_ADDR": redis_url, "AQSH_MODE": mode,
+           "AQSH_EVENT_LOOP": event_loop,
            "AQSH_TASKS_CONFIG": str(tmp / "tasks.yaml"), "AQSH_TASKS_DIR": str(tmp),
            "AQSH_BIND": f"127.0.0.1:{port}", "AQSH_LOG_LEVEL": "warning",
            "AQSH_WORKER_CONCURRENCY": "4", "PYTHONPATH": str(_common.ROOT)}
@@ -103,21 +106,30 @@ def main() -> None:
         (tmp / script).chmod(0o755)
     figures: dict[str, float] = {}
     with RedisProcess() as redis_proc:
+        # The API process as deployed (mode api: uvloop) and the same process on the standard
+        # loop, loaded one after the other in the same run.
         api, url = start_service(tmp, redis_proc.url, "api")
+        api_std, url_std = start_service(tmp, redis_proc.url, "api", event_loop="asyncio")
         try:
             for concurrency in (1, 50):
                 result = load("post", url, str(concurrency), str(SECONDS))
+                std = load("post", url_std, str(concurrency), str(SECONDS))
                 direct = asyncio.run(direct_rate(redis_proc.url, int(result["requests"]),
                                                  concurrency))
                 figures[f"api_c{concurrency}_req_per_s"] = result["req_per_s"]
                 figures[f"api_c{concurrency}_p50_ms"] = result["p50_ms"]
                 figures[f"api_c{concurrency}_p99_ms"] = result["p99_ms"]
-                figures[f"api_c{concurrency}_errors"] = result["errors"]
+                figures[f"api_c{concurrency}_errors"] = result["errors"] + std["errors"]
+                figures[f"api_asyncio_c{concurrency}_req_per_s"] = std["req_per_s"]
+                figures[f"api_asyncio_c{concurrency}_p50_ms"] = std["p50_ms"]
                 figures[f"direct_c{concurrency}_enqueue_per_s"] = direct
                 figures[f"api_vs_direct_c{concurrency}_ratio"] = result["req_per_s"] / direct
+                figures[f"uvloop_vs_asyncio_c{concurrency}_ratio"] = (
+                    result["req_per_s"] / std["req_per_s"])
         finally:
-            api.terminate()
-            api.wait(timeout=30)
+            for proc in (api, api_std):
+                proc.terminate()
+                proc.wait(timeout=30)
     with RedisProcess() as redis_proc:
         both, url = start_service(tmp, redis_proc.url, "both")
         try:

@@ -51,6 +51,7 @@ def test_settings_defaults_and_parsing() -> None:
     ("AQSH_RESULT_RETENTION", "forever", "a duration like 72h"),
     ("AQSH_BIND", "8080", "host:port"),
     ("AQSH_WORKER_QUEUES", "a:x", "name[:weight]"),
+    ("AQSH_EVENT_LOOP", "trio", "auto, asyncio or uvloop"),
 ])
 def test_bad_setting_names_variable_and_accepted_values(name: str, value: str,
                                                        accepts: str) -> None:
@@ -60,6 +61,17 @@ def test_bad_setting_names_variable_and_accepted_values(name: str, value: str,
     assert message.startswith(f"{name}={value!r} is not valid")
     assert accepts in message
     assert "\n" not in message
+
+
+def test_uvloop_only_where_no_scripts_are_spawned_unless_asked() -> None:
+    def uvloop_for(**env: str) -> bool:
+        return load_settings({"AQSH_LOG_FORMAT": "json", **env}).uses_uvloop
+
+    assert uvloop_for(AQSH_MODE="api")
+    assert not uvloop_for(AQSH_MODE="worker")
+    assert not uvloop_for(AQSH_MODE="both")
+    assert not uvloop_for(AQSH_MODE="api", AQSH_EVENT_LOOP="asyncio")
+    assert uvloop_for(AQSH_MODE="both", AQSH_EVENT_LOOP="uvloop")
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -184,6 +196,9 @@ def test_sighup_reloads_tasks_yaml_and_keeps_the_old_one_on_error(tmp_path: Path
                             timeout_s=10, message="rejection logged")
             assert "extra" in names()
             assert "broken" not in names()
+            started = next(json.loads(line) for line in log_path.read_text().splitlines()
+                           if '"aqsh.started"' in line)
+            assert started["event_loop"] == "uvloop"  # mode api, AQSH_EVENT_LOOP unset
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=30)
