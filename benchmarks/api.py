@@ -1,8 +1,8 @@
 """HTTP API: POST /tasks/{name} with validation at 1 and 50 concurrent connections for 20 s from
 a separate load-generator process, next to the same number of direct Client.enqueue calls in
 the same run (API overhead ratio) and the same API process on the standard asyncio loop instead
-of uvloop (``AQSH_EVENT_LOOP=asyncio``); and SSE latency from a script's echo to the line arriving at
-1 and 500 clients following the same task.
+of uvloop (``AQSH_EVENT_LOOP=asyncio``); and SSE latency from a script's echo to the line
+arriving at 1 and 500 clients following the same task.
 
 Usage: python benchmarks/api.py [seconds]
 """
