@@ -355,7 +355,9 @@ async def test_graceful_shutdown_lets_short_handlers_finish(
     info = await client.enqueue("short", b"")
     await asyncio.wait_for(started.wait(), 5)
     stopping = asyncio.create_task(server.stop(shutdown_timeout_s=10))
-    await asyncio.sleep(0)  # let stop() begin before the handler finishes
+    # stop() has begun (heartbeats say "closed") while the handler is still running
+    await wait_until(lambda: server.heartbeater.status == "closed", message="stopping")
+    assert not stopping.done()
     release.set()
     await stopping
     assert await redis.exists(Q.task(info.id)) == 0
