@@ -67,8 +67,13 @@ async def submit_task(request: web.Request) -> web.Response:
         task_id, existing = await _idempotent_id(state, caller, name, idem_key, payload,
                                                  process_at)
         if existing:
-            info = await state.inspector.find_task(task_id, [spec.queue])
-            return web.json_response(_accepted(request, info, name, caller), status=202)
+            try:
+                info = await state.inspector.find_task(task_id, [spec.queue])
+                return web.json_response(_accepted(request, info, name, caller), status=202)
+            except errors.TaskNotFound:
+                # An earlier attempt stored the key but not its task (it was answered with an
+                # error, e.g. 503 in a Redis blip): this retry enqueues it under the same id.
+                pass
     headers = {HEADER_SUBMITTED_AT: str(time.time_ns())}
     if caller.user:
         headers[HEADER_USER] = caller.user

@@ -186,6 +186,37 @@ async def test_idempotency_key(make_service: ServiceFactory, redis: aioredis.Red
     assert fresh[1]["id"] != first[1]["id"]
 
 
+@pytest.mark.parametrize("fast_lane", [False, True])
+async def test_idempotent_retry_after_a_failed_enqueue_creates_the_task(
+    make_service: ServiceFactory, redis: aioredis.Redis, redis_url: str, fast_lane: bool
+) -> None:
+    """The key is recorded before the enqueue; when the enqueue then fails, the client's retry
+    with the same key must create the task, not report it missing. The failure is real: an ACL
+    that lets the API write its idempotency records but not yet asynq's keys."""
+    await redis.execute_command("ACL", "SETUSER", "api", "on", ">pw", "~aqsh:*", "+@all")
+    try:
+        url = redis_url.replace("redis://", "redis://api:pw@")
+        service = await make_service(worker=False, url=url, fast_lane=fast_lane)
+        headers = {"Idempotency-Key": "deploy-44"}
+        failed = await service.request("POST", "/tasks/echo", json={"name": "a"},
+                                       headers=headers)
+        assert failed[0] == 500
+        assert await redis.keys("aqsh:idem:*") != []
+        assert await redis.keys("asynq:*") == []
+        await redis.execute_command("ACL", "SETUSER", "api", "allkeys")
+        status, body, _ = await service.request("POST", "/tasks/echo", json={"name": "a"},
+                                                headers=headers)
+        assert status == 202
+        pending = keys.queue_keys("default").pending
+        assert await redis.lrange(pending, 0, -1) == [body["id"].encode()]
+        again = await service.request("POST", "/tasks/echo", json={"name": "a"},
+                                      headers=headers)
+        assert (again[0], again[1]["id"]) == (202, body["id"])
+        assert await redis.llen(pending) == 1
+    finally:
+        await redis.execute_command("ACL", "DELUSER", "api")
+
+
 async def test_catalogue_health_metrics_and_openapi(make_service: ServiceFactory) -> None:
     service = await make_service()
     status, body, _ = await service.request("GET", "/tasks")
