@@ -69,4 +69,5 @@ def create_client(
         socket_connect_timeout=settings.socket_timeout_s,
         health_check_interval=30,
     )
-    return aioredis.Redis(connection_pool=pool)
+    # from_pool: the client owns its pool, so closing the client disconnects every connection.
+    return aioredis.Redis.from_pool(pool)
