@@ -16,7 +16,7 @@ import ssl
 import subprocess
 import sys
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -52,19 +52,25 @@ class TlsRedis:
     url: str
     ca: Path
     handshakes: int = 0
-    servers: list[asyncio.Server] = field(default_factory=list)
+    client_cert: tuple[Path, Path] | None = None
 
     def url_with_ca(self, ca: Path) -> str:
         return f"{self.url}?ssl_ca_certs={ca}"
 
 
 @pytest.fixture
-async def tls_redis(redis_server: RedisProcess, tmp_path: Path) -> AsyncIterator[TlsRedis]:
+async def tls_redis(redis_server: RedisProcess, tmp_path: Path,
+                    request: pytest.FixtureRequest) -> AsyncIterator[TlsRedis]:
+    """Parametrize indirectly with ``"mutual"`` to require a client certificate."""
     cert, key = make_certificate(tmp_path, "server")
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)
     port = free_port()
     endpoint = TlsRedis(url=f"rediss://127.0.0.1:{port}/0", ca=cert)
+    if getattr(request, "param", None) == "mutual":
+        endpoint.client_cert = make_certificate(tmp_path, "client")
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(endpoint.client_cert[0])
 
     writers: set[asyncio.StreamWriter] = set()
     relays: set[asyncio.Task[None]] = set()
@@ -147,6 +153,24 @@ async def test_an_untrusted_server_certificate_is_refused(
         assert "certificate verify failed" in str(caught.value).lower()
     finally:
         await client_redis.aclose()
+
+
+@pytest.mark.parametrize("tls_redis", ["mutual"], indirect=True)
+async def test_mutual_tls_needs_the_client_certificate(tls_redis: TlsRedis) -> None:
+    assert tls_redis.client_cert is not None
+    cert, key = tls_redis.client_cert
+    with_cert = create_client(RedisSettings(
+        url=f"{tls_redis.url_with_ca(tls_redis.ca)}&ssl_certfile={cert}&ssl_keyfile={key}"))
+    without = create_client(RedisSettings(url=tls_redis.url_with_ca(tls_redis.ca),
+                                          socket_timeout_s=2))
+    try:
+        info = await Client(with_cert).enqueue("mtls:job", b"p")
+        assert (await Inspector(with_cert).find_task(info.id)).state is TaskState.PENDING
+        with pytest.raises(errors.BrokerUnavailable):
+            await Client(without).enqueue("mtls:job", b"p")
+    finally:
+        await with_cert.aclose()
+        await without.aclose()
 
 
 async def test_service_runs_a_shell_task_over_tls(tls_redis: TlsRedis, tmp_path: Path) -> None:
