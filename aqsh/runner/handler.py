@@ -129,7 +129,7 @@ class ShellRunner:
             try:
                 async with asyncio.timeout(spec.timeout_s):
                     outcome = await run_process(
-                        [spec.script], env=env, cwd=work_dir, sink=logs.put,
+                        [spec.script], env=env, cwd=work_dir, sink=logs,
                         kill_grace_s=self.settings.kill_grace_s,
                         max_line_bytes=self.settings.max_line_bytes,
                     )

@@ -7,11 +7,17 @@ first part is the time in ms: the start and eof markers date the attempt.
 
 Batching: lines go into an in-memory buffer; one flusher sends everything buffered in one script
 call (``append_log_lines.lua``), so while a call is in flight the next batch builds up and a fast
-script costs a few calls per second, not one per line. Back-pressure: when the buffer holds
-``max_buffered`` lines (Redis slow or away), ``put`` waits; the pipe readers stop reading, the
-kernel pipe fills and the script blocks on write. Lines are delayed, never dropped. If Redis is
-away for longer than ``give_up_s`` the writer drops the buffer and records how many lines it lost
-in a final marker line, so a dead Redis cannot hang a task forever.
+script costs a few calls per second, not one per line. The first batch of an attempt lingers for
+``linger_s`` (5 ms) before it goes: most short scripts have exited by then, so their start
+marker, output and eof marker travel in a single call instead of three (a script call costs the
+worker more CPU than a whole short script's output). A longer script's first lines, and the
+start marker of one that prints nothing, reach the stream at most ``linger_s`` late.
+
+Back-pressure: when the buffer holds ``max_buffered`` lines (Redis slow or away), the pipe
+readers stop reading until there is room, the kernel pipe fills and the script blocks on write.
+Lines are delayed, never dropped (the buffer may overshoot by one read chunk). If Redis is away
+for longer than ``give_up_s`` the writer drops the buffer and records how many lines it lost in
+a final marker line, so a dead Redis cannot hang a task forever.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ LOG_KEY_PREFIX = "logs:"
 DEFAULT_MAX_LINE_BYTES = 16 * 1024
 DEFAULT_MAX_STREAM_LEN = 100_000
 DEFAULT_BATCH_LINES = 2000
+DEFAULT_LINGER_S = 0.005
 
 
 def log_key(task_id: str) -> str:
@@ -48,6 +55,7 @@ class LogWriter:
         max_buffered: int = 20_000,
         batch_lines: int = DEFAULT_BATCH_LINES,
         give_up_s: float = 60.0,
+        linger_s: float = DEFAULT_LINGER_S,
     ) -> None:
         self.redis = redis
         self.key = log_key(task_id)
@@ -56,6 +64,7 @@ class LogWriter:
         self.max_buffered = max_buffered
         self.batch_lines = batch_lines
         self.give_up_s = give_up_s
+        self.linger_s = linger_s
         self.scripts = Scripts(redis)
         self.lines_written = 0
         self.lines_dropped = 0
@@ -64,18 +73,51 @@ class LogWriter:
         self._has_room = asyncio.Event()
         self._has_room.set()
         self._closing = False
-        self._flusher = asyncio.create_task(self._flush_loop(), name=f"aqsh-logs-{task_id}")
+        # No flusher task until the linger runs out (or a batch fills): a short script's single
+        # batch is sent by ``close`` itself.
+        self._flusher: asyncio.Task[None] | None = None
+        self._linger: asyncio.TimerHandle | None = None
+        self._task_id = task_id
 
     def mark_start(self, retry: int) -> None:
-        """Queued without waking the flusher: it travels with the first line (or the eof),
-        saving a round trip per task; its stream id still dates the attempt to within that."""
+        """Starts the linger: the marker goes with the first batch, within ``linger_s``, so its
+        stream id dates the attempt to within that (the API's ``started_at``)."""
         self._buffer.append(("start", str(retry)))
+        self._arm()
 
-    async def put(self, stream: str, line: str) -> None:
-        while len(self._buffer) >= self.max_buffered:
+    def put_lines(self, stream: str, lines: list[str]) -> None:
+        """Always takes the lines (a reader's chunk at most); readers check ``full`` after."""
+        self._buffer.extend([(stream, line) for line in lines])
+        if self._flusher is not None:
+            self._has_data.set()
+        elif len(self._buffer) >= self.batch_lines:
+            self._start_flusher()  # a full batch does not wait for the linger
+        elif self._linger is None:
+            self._arm()
+
+    @property
+    def full(self) -> bool:
+        return len(self._buffer) >= self.max_buffered
+
+    async def wait_for_room(self) -> None:
+        while self.full:
+            self._start_flusher()
             self._has_room.clear()
             await self._has_room.wait()
-        self._buffer.append((stream, line))
+
+    def _arm(self) -> None:
+        if self._flusher is None and self._linger is None:
+            loop = asyncio.get_running_loop()
+            self._linger = loop.call_later(self.linger_s, self._start_flusher)
+
+    def _start_flusher(self) -> None:
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(
+                self._flush_loop(), name=f"aqsh-logs-{self._task_id}"
+            )
         self._has_data.set()
 
     @property
@@ -86,14 +128,26 @@ class LogWriter:
         """Flush everything, then write the eof marker."""
         self._buffer.append(("eof", str(exit_code)))
         self._closing = True
+        if self._flusher is None:
+            # Still lingering: everything left is one batch (usually start, output, eof),
+            # sent from here without a task of its own.
+            if self._linger is not None:
+                self._linger.cancel()
+                self._linger = None
+            await self._flush_loop()
+            return
         self._has_data.set()
         await self._flusher
 
     async def abort(self) -> None:
         self._closing = True
-        self._flusher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._flusher
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
 
     async def _flush_loop(self) -> None:
         while True:
