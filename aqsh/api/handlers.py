@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 import uuid
@@ -12,6 +13,7 @@ import msgspec
 import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from redis.exceptions import RedisError
 
 from aqsh import __version__, errors
 from aqsh.api.auth import Caller, authorize, caller_of
@@ -63,17 +65,23 @@ async def submit_task(request: web.Request) -> web.Response:
     payload = msgspec.json.encode(values)
     idem_key = request.headers.get("Idempotency-Key")
     task_id: str | None = None
+    idem: _IdempotencyRecord | None = None
     if idem_key is not None:
-        task_id, existing = await _idempotent_id(state, caller, name, idem_key, payload,
-                                                 process_at)
-        if existing:
+        idem = await _idempotent_id(state, caller, name, idem_key, payload, process_at)
+        task_id = idem.task_id
+        if idem.previous:
             try:
                 info = await state.inspector.find_task(task_id, [spec.queue])
                 return web.json_response(_accepted(request, info, name, caller), status=202)
             except errors.TaskNotFound:
+                if idem.previous == "enqueued":
+                    raise ApiError(
+                        410, "idempotent_task_expired",
+                        "the task submitted with this Idempotency-Key ran and is no longer "
+                        "retained; use a new key to run it again",
+                        details={"id": task_id}) from None
                 # An earlier attempt stored the key but not its task (it was answered with an
                 # error, e.g. 503 in a Redis blip): this retry enqueues it under the same id.
-                pass
     headers = {HEADER_SUBMITTED_AT: str(time.time_ns())}
     if caller.user:
         headers[HEADER_USER] = caller.user
@@ -87,6 +95,8 @@ async def submit_task(request: web.Request) -> web.Response:
         # The idempotency record was written but the first attempt's answer was lost.
         assert task_id is not None
         info = await state.inspector.find_task(task_id, [spec.queue])
+    if idem is not None and idem.previous != "enqueued":
+        await _mark_enqueued(state, idem)
     state.metrics.tasks_submitted.labels(name).inc()
     log.info("task.submitted", task_id=info.id, name=name, queue=spec.queue, user=caller.user)
     return web.json_response(_accepted(request, info, name, caller), status=202)
@@ -134,12 +144,27 @@ def _schedule(request: web.Request) -> datetime | None:
     return None
 
 
+class _IdempotencyRecord(msgspec.Struct, frozen=True):
+    redis_key: str
+    task_id: str
+    fingerprint: str
+    #: what an earlier request with this key did: "" (none: this is the first), "recorded" (an
+    #: attempt began; its enqueue may have failed) or "enqueued"
+    previous: str
+
+    def encode(self, *, enqueued: bool) -> bytes:
+        record = {"id": self.task_id, "fingerprint": self.fingerprint}
+        return msgspec.json.encode({**record, "enqueued": True} if enqueued else record)
+
+
 async def _idempotent_id(state: ApiState, caller: Caller, name: str, key: str, payload: bytes,
-                         process_at: datetime | None) -> tuple[str, bool]:
-    """The task id for this Idempotency-Key: (id, True) when a task was already submitted.
+                         process_at: datetime | None) -> _IdempotencyRecord:
+    """The task id for this Idempotency-Key and what earlier requests with it did.
 
     SET NX makes two concurrent requests with one key agree on one id. The record holds a hash
-    of the request, so the same key with a different body is refused (409).
+    of the request, so the same key with a different body is refused (409). Its "enqueued" mark
+    lets a retry tell a task that was never stored (enqueue it now) from one that ran and has
+    since been deleted because its retention ended before the key's (it must not run twice).
     """
     if not key.strip() or len(key) > 255:
         raise ApiError(400, "invalid_idempotency_key", "Idempotency-Key must be 1-255 characters")
@@ -147,21 +172,28 @@ async def _idempotent_id(state: ApiState, caller: Caller, name: str, key: str, p
     fingerprint = hashlib.sha256(
         payload + b"\0" + (process_at.isoformat().encode() if process_at else b"")
     ).hexdigest()
-    record_key = IDEMPOTENCY_PREFIX + scope
-    candidate = str(uuid.uuid4())
-    record = msgspec.json.encode({"id": candidate, "fingerprint": fingerprint})
-    created = await state.redis.set(record_key, record, nx=True,
+    fresh = _IdempotencyRecord(IDEMPOTENCY_PREFIX + scope, str(uuid.uuid4()), fingerprint, "")
+    created = await state.redis.set(fresh.redis_key, fresh.encode(enqueued=False), nx=True,
                                     ex=max(1, int(state.settings.idempotency_ttl_s)))
     if created:
-        return candidate, False
-    raw = await state.redis.get(record_key)
+        return fresh
+    raw = await state.redis.get(fresh.redis_key)
     if raw is None:  # expired between the two commands: treat as new
-        return candidate, False
+        return fresh
     stored = msgspec.json.decode(raw)
     if stored["fingerprint"] != fingerprint:
         raise ApiError(409, "idempotency_conflict",
                        "this Idempotency-Key was used with a different request body")
-    return str(stored["id"]), True
+    return _IdempotencyRecord(fresh.redis_key, str(stored["id"]), fingerprint,
+                              "enqueued" if stored.get("enqueued") else "recorded")
+
+
+async def _mark_enqueued(state: ApiState, record: _IdempotencyRecord) -> None:
+    """One SET XX KEEPTTL: the record keeps its original expiry. Failing here costs only the
+    410 a much later retry would get, so it does not fail a request whose task is stored."""
+    with contextlib.suppress(RedisError):
+        await state.redis.set(record.redis_key, record.encode(enqueued=True), xx=True,
+                              keepttl=True)
 
 
 # ---------------------------------------------------------------------------- read

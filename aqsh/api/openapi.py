@@ -59,6 +59,7 @@ def document() -> dict[str, Any]:
                     "401": _COMMON_ERRORS["401"], "403": _COMMON_ERRORS["403"],
                     "404": _error("no such task type"),
                     "409": _error("Idempotency-Key reused with a different body"),
+                    "410": _error("the Idempotency-Key's task ran and is no longer retained"),
                     "413": _error("body over the size limit"),
                     "415": _error("body is not application/json"),
                     "422": _error("input failed validation; details lists every field"),

@@ -186,6 +186,24 @@ async def test_idempotency_key(make_service: ServiceFactory, redis: aioredis.Red
     assert fresh[1]["id"] != first[1]["id"]
 
 
+async def test_idempotency_key_never_runs_a_task_twice_after_its_retention_ends(
+    make_service: ServiceFactory, redis: aioredis.Redis
+) -> None:
+    service = await make_service(worker=False)
+    headers = {"Idempotency-Key": "nightly-7"}
+    status, first, _ = await service.request("POST", "/tasks/echo", json={"name": "a"},
+                                             headers=headers)
+    assert status == 202
+    # The task ran and its retention ended before the key's window did: it is gone.
+    await service.state.inspector.delete_task("default", first["id"])
+    status, body, _ = await service.request("POST", "/tasks/echo", json={"name": "a"},
+                                            headers=headers)
+    assert status == 410
+    assert body["error"]["code"] == "idempotent_task_expired"
+    assert body["error"]["details"] == {"id": first["id"]}
+    assert await redis.llen(keys.queue_keys("default").pending) == 0
+
+
 @pytest.mark.parametrize("fast_lane", [False, True])
 async def test_idempotent_retry_after_a_failed_enqueue_creates_the_task(
     make_service: ServiceFactory, redis: aioredis.Redis, redis_url: str, fast_lane: bool
