@@ -15,9 +15,7 @@ Outcomes, as the engine sees them:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-import shutil
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 
@@ -32,6 +30,7 @@ from aqsh.runner.process import ProcessExit, run_process
 from aqsh.runner.result import ScriptResult, encode_result, read_result_file
 from aqsh.runner.spec import TasksConfig, TaskSpec
 from aqsh.runner.validate import DEFAULT_MAX_STRING_LEN, InvalidInput, to_env, validate_input
+from aqsh.runner.workdirs import WorkDirs
 
 log = structlog.get_logger("aqsh.runner")
 
@@ -73,7 +72,7 @@ class ShellRunner:
         self.on_finished = on_finished
         source = self.settings.base_env if self.settings.base_env is not None else os.environ
         self.base_env = {k: source[k] for k in self.settings.env_allowlist if k in source}
-        self._work_root_ready = False
+        self.work_dirs = WorkDirs(self.settings.work_root, keep=self.settings.keep_work_dirs)
 
     def spec_for(self, task_type: str) -> TaskSpec | None:
         return self.config().tasks.get(task_type)
@@ -111,10 +110,7 @@ class ShellRunner:
 
     async def _run(self, spec: TaskSpec, task: Task, ctx: TaskContext,
                    inputs: Mapping[str, str]) -> bytes:
-        if not self._work_root_ready:
-            os.makedirs(self.settings.work_root, exist_ok=True)
-            self._work_root_ready = True
-        work_dir = tempfile.mkdtemp(prefix=f"aqsh-{task.id[:36]}-", dir=self.settings.work_root)
+        work_dir = self.work_dirs.create(task.id)
         result_file = os.path.join(work_dir, ".aqsh-result")
         env = self.environment(spec, task, inputs, work_dir, result_file)
         logs = LogWriter(self.redis, task.id, retention_s=spec.log_retention_s,
@@ -156,8 +152,7 @@ class ShellRunner:
         finally:
             if not logs.closed:
                 await logs.abort()
-            if not self.settings.keep_work_dirs:
-                await _remove_work_dir(work_dir, result_file)
+            await self.work_dirs.release(work_dir, result_file)
         duration_s = loop.time() - started
         error = _error_text(outcome, file_error, timed_out, spec.timeout_s)
         result = ScriptResult(exit_code=outcome.exit_code)
@@ -181,17 +176,6 @@ class ShellRunner:
 
     async def _store(self, ctx: TaskContext, result: ScriptResult) -> None:
         await ctx.result_writer.write(encode_result(result))
-
-
-async def _remove_work_dir(work_dir: str, result_file: str) -> None:
-    """Most scripts leave at most their result file: remove that inline; anything bigger goes
-    to a thread so a large tree never stalls the event loop."""
-    try:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(result_file)
-        os.rmdir(work_dir)
-    except OSError:
-        await asyncio.to_thread(shutil.rmtree, work_dir, True)
 
 
 def _error_text(outcome: ProcessExit, file_error: str | None, timed_out: bool,
