@@ -30,11 +30,14 @@ from aqsh.engine.client import Client
 from aqsh.engine.connection import RedisSettings, create_client
 from aqsh.engine.inspect import Inspector
 from aqsh.engine.rdb import RedisBroker
+from aqsh.engine.scheduler import Scheduler
 from aqsh.engine.server import Server
 from aqsh.errors import ConfigError
 from aqsh.logging import configure_logging
 from aqsh.runner.handler import RunnerSettings, ShellRunner, shell_retry_delay
 from aqsh.runner.process import install_child_watcher
+from aqsh.runner.schedules import periodic_tasks
+from aqsh.runner.spec import TasksConfig
 from aqsh.settings import Settings, load_settings
 
 log = structlog.get_logger("aqsh")
@@ -88,8 +91,11 @@ async def serve(settings: Settings) -> int:
                      broker=broker, client=Client(broker, fast_lane=True),
                      inspector=Inspector(redis), metrics=metrics)
     server = None
+    scheduler = None
     if settings.mode in ("worker", "both"):
         server = _worker(settings, config, broker, metrics)
+        if settings.scheduler:
+            scheduler = _scheduler(settings, config, broker)
     app = create_app(state, api=settings.mode in ("api", "both"))
     app_runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=5.0)
     await app_runner.setup()
@@ -114,10 +120,14 @@ async def serve(settings: Settings) -> int:
     config.watch()
     if server is not None:
         await server.start()
+    if scheduler is not None:
+        await scheduler.start()
     await stop.wait()
     log.info("aqsh.stopping")
     state.draining = True
     await site.stop()
+    if scheduler is not None:
+        await scheduler.stop()
     if server is not None:
         await server.stop()
     await app_runner.cleanup()
@@ -148,6 +158,19 @@ def _worker(settings: Settings, config: ConfigHolder, broker: RedisBroker,
                   strict_priority=settings.worker_strict_priority,
                   shutdown_timeout_s=settings.shutdown_timeout_s,
                   retry_delay=shell_retry_delay(config))
+
+
+def _scheduler(settings: Settings, config: ConfigHolder, broker: RedisBroker) -> Scheduler:
+    """The schedules of tasks.yaml, re-synced on every reload (unchanged entries keep their
+    next fire time)."""
+    scheduler = Scheduler(broker)
+
+    def sync(current: TasksConfig) -> None:
+        scheduler.sync(periodic_tasks(current, result_retention_s=settings.result_retention_s))
+
+    sync(config.current)
+    config.subscribe(sync)
+    return scheduler
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+from collections.abc import Callable
 
 import structlog
 
@@ -25,6 +26,12 @@ class ConfigHolder:
         self.current: TasksConfig = load_tasks(path, tasks_dir)
         self._mtime_ns = self._stat()
         self._watcher: asyncio.Task[None] | None = None
+        self._listeners: list[Callable[[TasksConfig], None]] = []
+
+    def subscribe(self, listener: Callable[[TasksConfig], None]) -> None:
+        """Call ``listener`` with every new configuration that takes effect (e.g. to re-sync
+        the scheduler's entries)."""
+        self._listeners.append(listener)
 
     def __call__(self) -> TasksConfig:
         return self.current
@@ -45,6 +52,8 @@ class ConfigHolder:
             return False
         self.current = config
         log.info("config.reloaded", path=self.path, tasks=sorted(config.tasks))
+        for listener in self._listeners:
+            listener(config)
         return True
 
     def watch(self, interval_s: float = 2.0) -> None:

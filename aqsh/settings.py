@@ -52,6 +52,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     #: auto: uvloop for mode api (cheaper I/O per request), the standard loop where scripts are
     #: spawned (uvloop spawns subprocesses several times slower).
     event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
+    #: Run the schedules of tasks.yaml in worker / both modes. Every replica may run them: each
+    #: fire is stored once (see aqsh.engine.scheduler).
+    scheduler: bool = True
 
     @property
     def uses_uvloop(self) -> bool:
@@ -151,6 +154,7 @@ _FIELDS: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "LOG_LEVEL": ("log_level", _choice("debug", "info", "warning", "error"),
                   "debug, info, warning or error"),
     "EVENT_LOOP": ("event_loop", _choice("auto", "asyncio", "uvloop"), "auto, asyncio or uvloop"),
+    "SCHEDULER": ("scheduler", _bool, "true or false"),
 }
 
 

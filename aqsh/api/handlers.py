@@ -21,16 +21,20 @@ from aqsh.api.errors import ApiError
 from aqsh.api.openapi import document
 from aqsh.api.sse import follow_logs, plain_logs, start_id
 from aqsh.api.state import STATE_KEY, ApiState
+from aqsh.engine.cron import CronSpec
 from aqsh.engine.models import TaskInfo, TaskState
 from aqsh.runner.logs import log_key
 from aqsh.runner.result import ScriptResult, decode_result, encode_result
-from aqsh.runner.spec import TaskSpec, parse_duration
+from aqsh.runner.spec import (
+    HEADER_SUBMITTED_AT,
+    HEADER_SUBMITTED_BY,
+    TaskSpec,
+    parse_duration,
+)
 from aqsh.runner.validate import json_schema, validate_input
 
 log = structlog.get_logger("aqsh.api")
 
-HEADER_USER = "aqsh-submitted-by"
-HEADER_SUBMITTED_AT = "aqsh-submitted-at"
 CANCELED = "canceled"
 IDEMPOTENCY_PREFIX = "aqsh:idem:"
 _FINISHED = {TaskState.COMPLETED, TaskState.ARCHIVED}
@@ -84,7 +88,7 @@ async def submit_task(request: web.Request) -> web.Response:
                 # error, e.g. 503 in a Redis blip): this retry enqueues it under the same id.
     headers = {HEADER_SUBMITTED_AT: str(time.time_ns())}
     if caller.user:
-        headers[HEADER_USER] = caller.user
+        headers[HEADER_SUBMITTED_BY] = caller.user
     try:
         info = await state.client.enqueue(
             name, payload, queue=spec.queue, max_retry=spec.max_retry, timeout=spec.timeout_s,
@@ -104,7 +108,7 @@ async def submit_task(request: web.Request) -> web.Response:
 
 def _accepted(request: web.Request, info: TaskInfo, name: str, caller: Caller) -> dict[str, Any]:
     return {"id": info.id, "name": name, "queue": info.queue, "state": info.state.value,
-            "submitted_by": info.message.headers.get(HEADER_USER, caller.user),
+            "submitted_by": info.message.headers.get(HEADER_SUBMITTED_BY, caller.user),
             "links": _links(request, info.id)}
 
 
@@ -239,7 +243,7 @@ async def get_task(request: web.Request) -> web.Response:
         "queue": info.queue,
         "state": public_state(info),
         "input": task_input,
-        "submitted_by": msg.headers.get(HEADER_USER),
+        "submitted_by": msg.headers.get(HEADER_SUBMITTED_BY),
         "enqueued_at": _iso(submitted_at_ns / 1e9),
         "started_at": _iso(started_ms / 1000 if started_ms else None),
         "finished_at": _iso(finished_ms / 1000 if finished_ms else None)
@@ -323,6 +327,7 @@ async def list_task_types(request: web.Request) -> web.Response:
     state = _state(request)
     caller_of(request, state.settings)
     config = state.config()
+    now_s = time.time()
     out = []
     for name in sorted(config.tasks):
         spec = config.tasks[name]
@@ -331,6 +336,11 @@ async def list_task_types(request: web.Request) -> web.Response:
             "timeout_s": spec.timeout_s, "max_retry": spec.max_retry,
             "retry_delay_s": spec.retry_delay_s, "allowed_groups": list(spec.allowed_groups),
             "input_schema": json_schema(spec, max_string_len=state.settings.max_input_length),
+            "schedules": [
+                {"cron": schedule.cron, "input": schedule.input,
+                 "next_run_at": _iso(CronSpec(schedule.cron).next_after(now_s))}
+                for schedule in spec.schedules
+            ],
         })
     return web.json_response({"tasks": out})
 

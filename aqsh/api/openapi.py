@@ -166,6 +166,15 @@ def document() -> dict[str, Any]:
                                         "retry_delay_s": {"type": "number"},
                                         "allowed_groups": {"type": "array",
                                                            "items": {"type": "string"}},
-                                        "input_schema": {"type": "object"}}},
+                                        "input_schema": {"type": "object"},
+                                        "schedules": {
+                                            "type": "array",
+                                            "items": {"$ref": "#/components/schemas/Schedule"}}}},
+            "Schedule": {"type": "object", "required": ["cron", "input", "next_run_at"],
+                         "description": "a periodic run from tasks.yaml (worker scheduler)",
+                         "properties": {"cron": {"type": "string"},
+                                        "input": {"type": "object"},
+                                        "next_run_at": {"type": "string",
+                                                        "format": "date-time"}}},
         }},
     }

@@ -56,6 +56,8 @@ func main() {
 		withInspector(opt, func(i *asynq.Inspector) any { return must(i.History(*queue, 3)) })
 	case "servers":
 		servers(opt)
+	case "cron":
+		withInspector(opt, schedulerEntries)
 	case "mutate":
 		mutate(opt, *op, *queue, *id)
 	case "serve":
@@ -265,6 +267,36 @@ func servers(opt asynq.RedisConnOpt) {
 		}
 		return out
 	})
+}
+
+// schedulerEntries is what `asynq cron ls` and `asynq cron history` show, and Asynqmon's
+// scheduler page: every entry with its parsed options and its enqueue events.
+func schedulerEntries(i *asynq.Inspector) any {
+	entries, err := i.SchedulerEntries()
+	if err != nil {
+		return map[string]any{"error": err.Error()}
+	}
+	out := []map[string]any{}
+	for _, e := range entries {
+		opts := []string{}
+		for _, o := range e.Opts {
+			opts = append(opts, o.String())
+		}
+		events := []map[string]any{}
+		list, err := i.ListSchedulerEnqueueEvents(e.ID)
+		if err != nil {
+			return map[string]any{"error": err.Error()}
+		}
+		for _, ev := range list {
+			events = append(events, map[string]any{"task_id": ev.TaskID, "at": ev.EnqueuedAt.Unix()})
+		}
+		out = append(out, map[string]any{
+			"id": e.ID, "spec": e.Spec, "type": e.Task.Type(), "payload": string(e.Task.Payload()),
+			"opts": opts, "next": e.Next.Unix(), "prev_zero": e.Prev.IsZero(),
+			"prev": e.Prev.Unix(), "events": events,
+		})
+	}
+	return out
 }
 
 func mutate(opt asynq.RedisConnOpt, op, queue, id string) {

@@ -61,6 +61,28 @@ func main() {
 				"next_process_at": t.NextProcessAt.Unix(), "retention_s": int64(t.Retention / time.Second)})
 		}
 		out = list
+	case "cron":
+		entries, err := insp.SchedulerEntries()
+		if err != nil {
+			out = map[string]any{"error": err.Error()}
+			break
+		}
+		list := []map[string]any{}
+		for _, e := range entries {
+			opts := []string{}
+			for _, o := range e.Opts {
+				opts = append(opts, o.String())
+			}
+			events, err := insp.ListSchedulerEnqueueEvents(e.ID)
+			if err != nil {
+				out = map[string]any{"error": err.Error()}
+				break
+			}
+			list = append(list, map[string]any{"id": e.ID, "spec": e.Spec, "type": e.Task.Type(),
+				"opts": opts, "next": e.Next.Unix(), "prev_zero": e.Prev.IsZero(),
+				"events": len(events)})
+		}
+		out = list
 	default:
 		fmt.Fprintln(os.Stderr, "unknown command")
 		os.Exit(2)
