@@ -31,6 +31,12 @@ RESERVED_ENV = frozenset({
     "PYTHONSTARTUP", "PERL5LIB", "RUBYLIB", "NODE_OPTIONS", "TMPDIR", "HOSTNAME",
 })
 RESERVED_PREFIXES = ("AQSH_", "LD_", "DYLD_", "BASH_FUNC_")
+#: Task headers aqsh writes on every shell task it submits (API or scheduler): who submitted it,
+#: and when (Unix ns). asynq headers, so they travel with the task message.
+HEADER_SUBMITTED_BY = "aqsh-submitted-by"
+HEADER_SUBMITTED_AT = "aqsh-submitted-at"
+#: ``submitted_by`` of the tasks the scheduler submits.
+SCHEDULER_USER = "aqsh-scheduler"
 
 
 class InputType(enum.StrEnum):
@@ -56,6 +62,14 @@ class InputSpec(msgspec.Struct, frozen=True, kw_only=True):
     description: str = ""
 
 
+class ScheduleSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """A periodic run: when (an asynq cron spec) and with which inputs (validated, defaults
+    applied, as a submission would be)."""
+
+    cron: str
+    input: dict[str, Scalar] = msgspec.field(default_factory=dict)
+
+
 class TaskSpec(msgspec.Struct, frozen=True, kw_only=True):
     name: str
     script: str
@@ -67,6 +81,7 @@ class TaskSpec(msgspec.Struct, frozen=True, kw_only=True):
     log_retention_s: float = 86400.0
     allowed_groups: tuple[str, ...] = ()
     inputs: tuple[InputSpec, ...] = ()
+    schedules: tuple[ScheduleSpec, ...] = ()
 
 
 class TasksConfig(msgspec.Struct, frozen=True):
@@ -92,7 +107,7 @@ def parse_duration(text: object) -> float:
 
 
 _TASK_KEYS = {"script", "description", "timeout", "max_retry", "retry_delay", "queue",
-              "log_retention", "allowed_groups", "input"}
+              "log_retention", "allowed_groups", "input", "schedules"}
 _DEFAULT_KEYS = {"timeout", "max_retry", "retry_delay", "queue", "log_retention"}
 _INPUT_KEYS = {"name", "env", "required", "type", "pattern", "enum", "min", "max", "default",
                "description"}
@@ -254,7 +269,7 @@ def _check_task(
                          "must be a list of group names")
             else:
                 fields[key] = tuple(groups)
-        elif key not in ("script", "input"):
+        elif key not in ("script", "input", "schedules"):
             checked = _check_task_field(key, value, errs, where)
             if checked is not None:
                 fields[key] = checked
@@ -262,7 +277,7 @@ def _check_task(
     inputs = _check_inputs(node.value.get("input"), where, errs)
     if len(errs.items) > before or script is None:
         return None
-    return TaskSpec(
+    spec = TaskSpec(
         name=name,
         script=script,
         description=fields.get("description", ""),
@@ -274,6 +289,55 @@ def _check_task(
         allowed_groups=fields.get("allowed_groups", ()),
         inputs=tuple(inputs),
     )
+    schedules = _check_schedules(node.value.get("schedules"), spec, where, errs)
+    if len(errs.items) > before:
+        return None
+    return msgspec.structs.replace(spec, schedules=tuple(schedules))
+
+
+def _check_schedules(
+    node: _Node | None, task: TaskSpec, where: str, errs: _Errors
+) -> list[ScheduleSpec]:
+    """Each schedule's cron spec parses and its input passes the task's own validation now, so
+    a bad schedule stops the config load instead of failing at 3 a.m."""
+    from aqsh.engine.cron import CronSpec  # cron needs parse_duration from this module
+    from aqsh.runner.validate import InvalidInput, validate_input
+
+    if node is None:
+        return []
+    if not isinstance(node.value, list):
+        errs.add(node.line, f"{where}: field 'schedules'", "must be a list")
+        return []
+    out: list[ScheduleSpec] = []
+    for index, item in enumerate(node.value):
+        here = f"{where}: field 'schedules[{index}]"
+        if not isinstance(item.value, dict):
+            errs.add(item.line, here + "'", "must be a mapping with 'cron' and 'input'")
+            continue
+        for key in item.value:
+            if key not in ("cron", "input"):
+                errs.add(_line(item, key), f"{here}.{key}'", "unknown key")
+        cron_node = item.value.get("cron")
+        if cron_node is None:
+            errs.add(item.line, f"{here}.cron'", "is required")
+            continue
+        try:
+            CronSpec(cron_node.value)
+        except ValueError as exc:
+            errs.add(cron_node.line, f"{here}.cron'", str(exc))
+            continue
+        input_node = item.value.get("input")
+        raw_input = _plain(input_node) if input_node is not None else {}
+        try:
+            values = validate_input(task, raw_input)
+        except InvalidInput as exc:
+            line = input_node.line if input_node is not None else item.line
+            for problem in exc.field_errors:
+                field = f".{problem.field}" if problem.field else ""
+                errs.add(line, f"{here}.input{field}'", problem.message)
+            continue
+        out.append(ScheduleSpec(cron=cron_node.value.strip(), input=values))
+    return out
 
 
 def _check_script(
