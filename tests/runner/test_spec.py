@@ -136,3 +136,49 @@ def test_unknown_top_level_and_empty_tasks(tmp_path: Path) -> None:
         load_tasks(path, tmp_path)
     assert any("unknown key 'extra'" in d for d in caught.value.details)
     assert any("at least one task" in d for d in caught.value.details)
+
+
+def test_schedules_are_validated_like_submissions(tmp_path: Path) -> None:
+    script(tmp_path)
+    text = """\
+tasks:
+  deploy:
+    script: deploy.sh
+    input:
+      - {name: env, env: TARGET, required: true, enum: [staging, prod]}
+      - {name: n, env: N, type: int, default: 2}
+    schedules:
+      - cron: "0 3 * * *"
+        input: {env: prod}
+      - cron: "CRON_TZ=Europe/Berlin @daily"
+        input: {env: staging, n: 5}
+"""
+    spec = load_tasks(write(tmp_path, text), tmp_path).tasks["deploy"]
+    assert [(s.cron, s.input) for s in spec.schedules] == [
+        ("0 3 * * *", {"env": "prod", "n": 2}),  # defaults applied, as on submit
+        ("CRON_TZ=Europe/Berlin @daily", {"env": "staging", "n": 5}),
+    ]
+    bad = write(tmp_path, text + """\
+      - cron: "0 61 * * *"
+        input: {env: prod}
+      - cron: "@daily"
+        input: {env: moon, extra: 1}
+      - cron: "@hourly"
+        when: now
+      - "@weekly"
+""")
+    with pytest.raises(ConfigError) as caught:
+        load_tasks(bad, tmp_path)
+    expected = [
+        (12, "field 'schedules[2].cron'", "is not a cron spec"),
+        (15, "field 'schedules[3].input.extra'", "is not an input of this task"),
+        (15, "field 'schedules[3].input.env'", "must be one of staging, prod"),
+        (17, "field 'schedules[4].when'", "unknown key"),
+        (16, "field 'schedules[4].input.env'", "is required"),
+        (18, "field 'schedules[5]'", "must be a mapping"),
+    ]
+    details = caught.value.details
+    for line, where, message in expected:
+        assert any(d.startswith(f"{bad}:{line}: task 'deploy': {where}") and message in d
+                   for d in details), f"{line} {where}\n" + "\n".join(details)
+    assert len(details) == len(expected)
