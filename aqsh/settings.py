@@ -55,6 +55,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     #: Run the schedules of tasks.yaml in worker / both modes. Every replica may run them: each
     #: fire is stored once (see aqsh.engine.scheduler).
     scheduler: bool = True
+    #: How long a submission waits out an unreachable Redis (a restart, a Sentinel failover)
+    #: before answering 503. Retries reuse the task id, so a submission is never stored twice.
+    submit_retry_s: float = 5.0
 
     @property
     def uses_uvloop(self) -> bool:
@@ -155,6 +158,7 @@ _FIELDS: dict[str, tuple[str, Callable[[str], Any], str]] = {
                   "debug, info, warning or error"),
     "EVENT_LOOP": ("event_loop", _choice("auto", "asyncio", "uvloop"), "auto, asyncio or uvloop"),
     "SCHEDULER": ("scheduler", _bool, "true or false"),
+    "SUBMIT_RETRY": ("submit_retry_s", _duration, "a duration like 5s (0 answers 503 at once)"),
 }
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 import structlog
@@ -21,8 +23,10 @@ from aqsh.api.errors import ApiError
 from aqsh.api.openapi import document
 from aqsh.api.sse import follow_logs, plain_logs, start_id
 from aqsh.api.state import STATE_KEY, ApiState
+from aqsh.engine.client import new_task_id
 from aqsh.engine.cron import CronSpec
 from aqsh.engine.models import TaskInfo, TaskState
+from aqsh.engine.rdb import guarded
 from aqsh.runner.logs import log_key
 from aqsh.runner.result import ScriptResult, decode_result, encode_result
 from aqsh.runner.spec import (
@@ -34,6 +38,7 @@ from aqsh.runner.spec import (
 from aqsh.runner.validate import json_schema, validate_input
 
 log = structlog.get_logger("aqsh.api")
+T = TypeVar("T")
 
 CANCELED = "canceled"
 IDEMPOTENCY_PREFIX = "aqsh:idem:"
@@ -71,7 +76,9 @@ async def submit_task(request: web.Request) -> web.Response:
     task_id: str | None = None
     idem: _IdempotencyRecord | None = None
     if idem_key is not None:
-        idem = await _idempotent_id(state, caller, name, idem_key, payload, process_at)
+        key = idem_key
+        idem = await _riding_out_outages(state, lambda: guarded(
+            _idempotent_id(state, caller, name, key, payload, process_at)))
         task_id = idem.task_id
         if idem.previous:
             try:
@@ -89,21 +96,45 @@ async def submit_task(request: web.Request) -> web.Response:
     headers = {HEADER_SUBMITTED_AT: str(time.time_ns())}
     if caller.user:
         headers[HEADER_SUBMITTED_BY] = caller.user
-    try:
-        info = await state.client.enqueue(
+    # The id is fixed before the first attempt: when an attempt's answer is lost (Redis went
+    # away mid-call), the next attempt meets its own task as a TaskIdConflict, never a twin.
+    task_id = task_id or new_task_id()
+
+    async def enqueue() -> TaskInfo:
+        return await state.client.enqueue(
             name, payload, queue=spec.queue, max_retry=spec.max_retry, timeout=spec.timeout_s,
             retention=state.settings.result_retention_s, headers=headers, task_id=task_id,
             process_at=process_at,
         )
+
+    try:
+        info = await _riding_out_outages(state, enqueue)
     except errors.TaskIdConflict:
-        # The idempotency record was written but the first attempt's answer was lost.
-        assert task_id is not None
+        # An earlier attempt (this request's, or one with the same Idempotency-Key) stored it.
         info = await state.inspector.find_task(task_id, [spec.queue])
     if idem is not None and idem.previous != "enqueued":
         await _mark_enqueued(state, idem)
     state.metrics.tasks_submitted.labels(name).inc()
     log.info("task.submitted", task_id=info.id, name=name, queue=spec.queue, user=caller.user)
     return web.json_response(_accepted(request, info, name, caller), status=202)
+
+
+async def _riding_out_outages(state: ApiState, attempt: Callable[[], Awaitable[T]]) -> T:
+    """Repeat ``attempt`` while Redis is unreachable, for up to ``AQSH_SUBMIT_RETRY``: a Redis
+    restart or a Sentinel failover then costs callers latency, not 503s. A draining process
+    gives up at once."""
+    loop = asyncio.get_running_loop()
+    give_up_at = loop.time() + state.settings.submit_retry_s
+    delay_s = 0.05
+    while True:
+        try:
+            return await attempt()
+        except errors.BrokerUnavailable:
+            if state.draining or loop.time() + delay_s > give_up_at:
+                raise
+        state.metrics.submit_retries.inc()
+        await asyncio.sleep(delay_s)
+        delay_s = min(delay_s * 2, 1.0)
 
 
 def _accepted(request: web.Request, info: TaskInfo, name: str, caller: Caller) -> dict[str, Any]:

@@ -65,6 +65,9 @@ class Metrics:
             "aqsh_script_duration_seconds", "Script run time", ["task"],
             buckets=(0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600),
             registry=self.registry)
+        self.submit_retries = Counter(
+            "aqsh_submit_retries", "Submission attempts repeated because Redis was unreachable",
+            registry=self.registry)
         self.sse_clients = Gauge("aqsh_sse_clients", "SSE log followers connected",
                                  registry=self.registry)
 

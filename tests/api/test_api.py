@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -291,7 +292,8 @@ async def test_redis_outage_gives_503_then_recovers(make_service: ServiceFactory
     from aqsh.redis_process import RedisProcess
 
     with RedisProcess(persistent=True) as outage_redis:
-        service = await make_service(worker=False, url=outage_redis.url, fast_lane=fast_lane)
+        service = await make_service(worker=False, url=outage_redis.url, fast_lane=fast_lane,
+                                     submit_retry_s=0.3)
         assert (await service.request("POST", "/tasks/echo", json={"name": "a"}))[0] == 202
         outage_redis.stop_keep_data()
         status, body, headers = await service.request("POST", "/tasks/echo", json={"name": "b"})
@@ -310,3 +312,29 @@ async def test_redis_outage_gives_503_then_recovers(make_service: ServiceFactory
         await wait_until(accepted, timeout_s=15, interval_s=0.2, message="recovered")
         pending = await service.state.redis.llen(keys.queue_keys("default").pending)
         assert pending == 2  # the accepted ones, none lost, the refused one never enqueued
+
+
+@pytest.mark.parametrize("fast_lane", [False, True])
+async def test_a_submission_rides_out_a_short_redis_outage(make_service: ServiceFactory,
+                                                           fast_lane: bool) -> None:
+    from aqsh.redis_process import RedisProcess
+
+    with RedisProcess(persistent=True) as outage_redis:
+        service = await make_service(worker=False, url=outage_redis.url, fast_lane=fast_lane,
+                                     submit_retry_s=20)
+        registry = service.state.metrics.registry
+
+        def retries() -> float:
+            return registry.get_sample_value("aqsh_submit_retries_total") or 0.0
+
+        outage_redis.stop_keep_data()
+        submit = asyncio.create_task(service.request(
+            "POST", "/tasks/echo", json={"name": "patient"}, headers={"Idempotency-Key": "k1"}))
+        await wait_until(lambda: retries() >= 2, timeout_s=10, message="retrying")
+        assert not submit.done()
+        outage_redis.start()
+        status, body, _ = await submit
+        assert status == 202
+        redis = service.state.redis
+        assert await redis.lrange(keys.queue_keys("default").pending, 0, -1) == [
+            body["id"].encode()]
