@@ -96,7 +96,11 @@ def submit(url: str, name: str) -> str:
 
 
 def main() -> None:
-    tmp = Path(tempfile.mkdtemp(prefix="aqsh-api-bench-"))
+    with tempfile.TemporaryDirectory(prefix="aqsh-api-bench-") as tmp_dir:
+        run(Path(tmp_dir))
+
+
+def run(tmp: Path) -> None:
     (tmp / "tasks.yaml").write_text(TASKS)
     (tmp / "echo.sh").write_text("#!/bin/sh\necho hi\n")
     # Each line is the send time in ns; the first lines wait for followers to attach.
