@@ -150,6 +150,7 @@ def _worker(settings: Settings, config: ConfigHolder, broker: RedisBroker,
                        env_allowlist=settings.env_allowlist, kill_grace_s=settings.kill_grace_s,
                        max_string_len=settings.max_input_length),
         on_finished=metrics.script_finished,
+        fast_lane=True,  # log batches over one connection of its own; closed by server.stop()
     )
     queues = dict(settings.worker_queues) or {
         spec.queue: 1 for spec in config.current.tasks.values()

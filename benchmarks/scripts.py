@@ -58,7 +58,8 @@ async def queue_rate(redis: aioredis.Redis, config: TasksConfig, work: str,
     batch = [EnqueueRequest(type="hi", payload=b"{}", queue="bench") for _ in range(500)]
     for start in range(0, runs, 500):
         await client.enqueue_many(batch[: min(500, runs - start)])
-    runner = ShellRunner(lambda: config, redis, RunnerSettings(work_root=work))
+    # Wired as `aqsh serve` wires its worker (aqsh/__main__.py: _worker).
+    runner = ShellRunner(lambda: config, redis, RunnerSettings(work_root=work), fast_lane=True)
     server = Server(RedisBroker(redis), runner, concurrency=concurrency, queues={"bench": 1})
     started = time.perf_counter()
     await server.start()
@@ -66,6 +67,7 @@ async def queue_rate(redis: aioredis.Redis, config: TasksConfig, work: str,
         await asyncio.sleep(0.02)  # the counter lives in Redis: nothing to await but a poll
     elapsed = time.perf_counter() - started
     await server.stop()
+    await runner.aclose()
     return runs / elapsed
 
 
@@ -88,10 +90,11 @@ async def million_lines(redis: aioredis.Redis, script: str, work: str) -> tuple[
     spec = TaskSpec(name="million", script=script, timeout_s=600)
     config = TasksConfig(path="bench", tasks={"million": spec})
     runner = ShellRunner(lambda: config, redis,
-                         RunnerSettings(work_root=work, max_stream_len=LINES + 10))
+                         RunnerSettings(work_root=work, max_stream_len=LINES + 10), fast_lane=True)
     started = time.perf_counter()
     await runner(Task(id="million", type="million", payload=b"{}", queue="bench"), Ctx())  # type: ignore[arg-type]
     elapsed = time.perf_counter() - started
+    await runner.aclose()
     expected = 1
     in_order = True
     cursor = "-"

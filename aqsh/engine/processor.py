@@ -209,10 +209,16 @@ class Processor:
             await asyncio.wait(set(self._workers), timeout=30)
 
     async def close(self) -> None:
+        """After the last task: stop acknowledging, then close the handler if it has an
+        ``aclose`` coroutine (a handler with a Redis connection of its own, say): it has no
+        task left to serve, and a stopped server should leave nothing open behind it."""
         if self._ack_flusher is not None:
             self._ack_flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._ack_flusher
+        closer = getattr(self.handler, "aclose", None)
+        if closer is not None:
+            await closer()
 
     # ---------------------------------------------------------------- fetching
     async def _fetch_loop(self) -> None:

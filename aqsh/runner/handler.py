@@ -23,6 +23,7 @@ import msgspec
 import redis.asyncio as aioredis
 import structlog
 
+from aqsh.engine.fastlane import FastLane
 from aqsh.engine.processor import default_retry_delay
 from aqsh.engine.task import CancelReason, SkipRetry, Task, TaskContext, TaskError
 from aqsh.runner.logs import LogWriter
@@ -64,7 +65,14 @@ class ShellRunner:
         redis: aioredis.Redis,
         settings: RunnerSettings | None = None,
         on_finished: Callable[[str, str, float], None] | None = None,
+        *,
+        fast_lane: bool = False,
     ) -> None:
+        """``fast_lane=True``: log batches go over one multiplexed connection of the runner's
+        own (``aqsh.engine.fastlane``; plain TCP Redis only, otherwise redis-py is used), which
+        costs the worker ~60 µs less CPU per batch than redis-py — for a short script, a tenth of
+        its whole run. It never spins: the worker's CPU belongs to the scripts. Call ``aclose``
+        when done."""
         self.config = config
         self.redis = redis
         self.settings = settings or RunnerSettings()
@@ -72,7 +80,13 @@ class ShellRunner:
         self.on_finished = on_finished
         source = self.settings.base_env if self.settings.base_env is not None else os.environ
         self.base_env = {k: source[k] for k in self.settings.env_allowlist if k in source}
+        self._lane = FastLane.from_redis(redis, spin_us=0) if fast_lane else None
         self.work_dirs = WorkDirs(self.settings.work_root, keep=self.settings.keep_work_dirs)
+
+    async def aclose(self) -> None:
+        """Closes the fast lane, if any; the redis client stays the caller's to close."""
+        if self._lane is not None:
+            await self._lane.aclose()
 
     def spec_for(self, task_type: str) -> TaskSpec | None:
         return self.config().tasks.get(task_type)
@@ -114,7 +128,7 @@ class ShellRunner:
         result_file = os.path.join(work_dir, ".aqsh-result")
         env = self.environment(spec, task, inputs, work_dir, result_file)
         logs = LogWriter(self.redis, task.id, retention_s=spec.log_retention_s,
-                         max_stream_len=self.settings.max_stream_len)
+                         max_stream_len=self.settings.max_stream_len, lane=self._lane)
         logs.mark_start(task.retried)
         bound = log.bind(task_id=task.id, name=spec.name, queue=task.queue)
         bound.info("task.started", retry=task.retried)

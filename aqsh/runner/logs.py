@@ -28,8 +28,9 @@ import contextlib
 import redis.asyncio as aioredis
 import structlog
 
+from aqsh.engine.fastlane import FastLane
 from aqsh.engine.rdb import REDIS_DOWN
-from aqsh.engine.scripts import Scripts
+from aqsh.engine.scripts import Scripts, script_sha
 
 log = structlog.get_logger("aqsh.runner")
 
@@ -56,8 +57,11 @@ class LogWriter:
         batch_lines: int = DEFAULT_BATCH_LINES,
         give_up_s: float = 60.0,
         linger_s: float = DEFAULT_LINGER_S,
+        lane: FastLane | None = None,
     ) -> None:
+        """``lane``: send batches over this fast lane instead of redis-py (see ShellRunner)."""
         self.redis = redis
+        self.lane = lane
         self.key = log_key(task_id)
         self.retention_s = max(1, int(retention_s))
         self.max_stream_len = max_stream_len
@@ -175,6 +179,15 @@ class LogWriter:
             del self._buffer[: len(batch)]
             self._has_room.set()
 
+    async def _append(self, args: list[str | int]) -> None:
+        if self.lane is None:
+            await self.scripts.run("append_log_lines", [self.key], args)
+            return
+        command = ("EVALSHA", script_sha("append_log_lines"), 1, self.key, *args)
+        reply = (await self.lane.execute_scripts([command], ["append_log_lines"]))[0]
+        if isinstance(reply, Exception):
+            raise reply
+
     async def _send(self, args: list[str | int]) -> bool:
         """Retry a batch while Redis is away, for up to ``give_up_s``."""
         loop = asyncio.get_running_loop()
@@ -182,7 +195,7 @@ class LogWriter:
         delay_s = 0.05
         while True:
             try:
-                await self.scripts.run("append_log_lines", [self.key], args)
+                await self._append(args)
                 return True
             except REDIS_DOWN as exc:
                 if loop.time() > deadline:

@@ -107,8 +107,10 @@ async def test_output_after_exit_from_a_grandchild_is_read_until_the_group_is_ki
 ) -> None:
     """The script exits while a child still writes to the inherited pipe; the group kill ends
     the child and the readers see end of file instead of waiting for the drain timeout."""
-    body = """\
-    (echo child; sleep 300) &
+    marker = tmp_path / "child-spoke"
+    body = f"""\
+    (echo child; touch "{marker}"; sleep 300) &
+    while [ ! -e "{marker}" ]; do sleep 0.01; done
     echo parent
     """
     sink = GatedSink(limit=10**9)
@@ -118,8 +120,7 @@ async def test_output_after_exit_from_a_grandchild_is_read_until_the_group_is_ki
                                 cwd=str(tmp_path), sink=sink)
     assert outcome.exit_code == 0
     assert loop.time() - started < 4.0  # well under the 5 s drain timeout
-    await wait_until(lambda: ("stdout", "child") in sink.lines, message="child's line")
-    assert ("stdout", "parent") in sink.lines
+    assert sink.lines == [("stdout", "child"), ("stdout", "parent")]
 
 
 async def test_a_signal_ends_the_script_with_a_negative_code(tmp_path: Path) -> None:
@@ -186,3 +187,27 @@ async def test_log_writer_keeps_every_line_in_order_through_a_small_buffer(
     lines = [f[b"line"] for _, f in await redis.xrange(log_key("bp")) if b"line" in f]
     assert lines == [f"n {i}".encode() for i in range(20000)]
     assert writer.lines_written == 20000
+
+
+async def test_logs_over_the_fast_lane_are_complete_and_survive_a_dropped_connection(
+    redis: aioredis.Redis, tmp_path: Path
+) -> None:
+    body = 'i=0\nwhile [ $i -lt 3000 ]; do echo "out $i"; echo "err $i" >&2; i=$((i+1)); done\n'
+    spec = TaskSpec(name="spam", script=script(tmp_path, body))
+    runner = ShellRunner(lambda: TasksConfig(path="t", tasks={"spam": spec}), redis,
+                         RunnerSettings(work_root=str(tmp_path / "work")), fast_lane=True)
+    try:
+        for task_id in ("t1", "t2"):
+            await runner(task("spam", task_id=task_id), Ctx(task_id))
+            entries = [f for _, f in await redis.xrange(log_key(task_id))]
+            out = [e[b"line"] for e in entries if e.get(b"stream") == b"stdout"]
+            err = [e[b"line"] for e in entries if e.get(b"stream") == b"stderr"]
+            assert out == [f"out {i}".encode() for i in range(3000)]
+            assert err == [f"err {i}".encode() for i in range(3000)]
+            assert entries[-1] == {b"eof": b"1", b"exit_code": b"0"}
+            # Drop every other connection (the lane's among them) before the next run.
+            await redis.client_kill_filter(_type="normal", skipme=True)
+    finally:
+        await runner.aclose()
+    assert runner._lane is not None
+    assert runner._lane._protocol is None
