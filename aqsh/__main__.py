@@ -75,12 +75,14 @@ async def serve(settings: Settings) -> int:
         url=url, password=settings.redis_password,
         sentinel_addrs=settings.redis_sentinel_addrs,
         sentinel_master=settings.redis_sentinel_master,
+        cluster_addrs=settings.redis_cluster_addrs,
     )
     redis = create_client(redis_settings)
     blocking = create_client(
         RedisSettings(url=url, password=settings.redis_password,
                       sentinel_addrs=settings.redis_sentinel_addrs,
-                      sentinel_master=settings.redis_sentinel_master, max_connections=4096),
+                      sentinel_master=settings.redis_sentinel_master,
+                      cluster_addrs=settings.redis_cluster_addrs, max_connections=4096),
         socket_timeout_s=60.0,
     )
     broker = RedisBroker(redis)

@@ -7,6 +7,7 @@ machine with only Python and pip can run aqsh and its tests.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import shutil
 import socket
@@ -14,6 +15,9 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
+
+import redis
 
 
 class RedisBinaryNotFound(RuntimeError):
@@ -102,7 +106,8 @@ class RedisProcess:
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock:
                 sock.sendall(b"PING\r\n")
-                return sock.recv(16).startswith(b"+PONG")
+                # A server with requirepass refuses the PING, but it is up.
+                return sock.recv(16).startswith((b"+PONG", b"-NOAUTH"))
         except OSError:
             return False
 
@@ -140,3 +145,115 @@ class RedisProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+#: Redis 6.2 always puts a node's cluster bus on its client port + 10000 (``cluster-port``
+#: arrived in 7.0), so a cluster node needs two free ports that far apart.
+CLUSTER_BUS_OFFSET = 10_000
+CLUSTER_SLOTS = 16_384
+
+
+def free_cluster_port(attempts: int = 200) -> int:
+    """A free port whose bus port (+10000) is free too and below 65536."""
+    for _ in range(attempts):
+        port = free_port()
+        if port + CLUSTER_BUS_OFFSET > 65_535:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port + CLUSTER_BUS_OFFSET))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
+class RedisClusterProcess:
+    """``nodes`` cluster-enabled ``redis-server`` processes joined into one Redis Cluster on
+    loopback, the slots split evenly and no replicas: a real cluster for tests and trials.
+
+    The slots are assigned and the nodes introduced with CLUSTER ADDSLOTS / SET-CONFIG-EPOCH /
+    MEET from Python (what ``redis-cli --cluster create`` does), so nothing beyond the
+    ``redis-server`` binary is needed. ``start`` returns once every node reports
+    ``cluster_state:ok`` and knows every other node.
+    """
+
+    def __init__(self, nodes: int = 3, *, password: str | None = None) -> None:
+        self.password = password
+        extra: tuple[str, ...] = (
+            "--cluster-enabled", "yes",
+            "--cluster-config-file", "nodes.conf",
+            "--cluster-node-timeout", "5000",
+        )
+        if password is not None:
+            extra += ("--requirepass", password, "--masterauth", password)
+        self.nodes = [
+            RedisProcess(port=free_cluster_port(), extra_args=extra) for _ in range(nodes)
+        ]
+
+    @property
+    def addrs(self) -> tuple[str, ...]:
+        """``host:port`` seeds, as AQSH_REDIS_CLUSTER_ADDRS takes them."""
+        return tuple(f"127.0.0.1:{node.port}" for node in self.nodes)
+
+    def slot_ranges(self) -> list[tuple[int, int]]:
+        """The half-open slot range ``[first, end)`` each node owns, in node order."""
+        count = len(self.nodes)
+        bounds = [CLUSTER_SLOTS * i // count for i in range(count + 1)]
+        return list(itertools.pairwise(bounds))
+
+    def start(self, timeout_s: float = 20.0) -> RedisClusterProcess:
+        try:
+            for node in self.nodes:
+                node.start()
+            clients = [
+                redis.Redis(port=node.port, password=self.password, socket_timeout=5)
+                for node in self.nodes
+            ]
+            try:
+                for epoch, (client, (first, end)) in enumerate(
+                    zip(clients, self.slot_ranges(), strict=True), start=1
+                ):
+                    _command(client, "CLUSTER", "ADDSLOTS", *range(first, end))
+                    # Distinct epochs up front spare the nodes a collision round after MEET.
+                    _command(client, "CLUSTER", "SET-CONFIG-EPOCH", epoch)
+                # Every pair meets directly: waiting for gossip to introduce them takes seconds.
+                for i, client in enumerate(clients):
+                    for other in self.nodes[:i]:
+                        _command(client, "CLUSTER", "MEET", "127.0.0.1", other.port)
+                deadline = time.monotonic() + timeout_s
+                while not all(self._node_ready(client) for client in clients):
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"cluster not ready after {timeout_s}s")
+                    time.sleep(0.05)
+            finally:
+                for client in clients:
+                    client.close()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _node_ready(self, client: redis.Redis) -> bool:
+        info = _command(client, "CLUSTER", "INFO")
+        text = info.decode() if isinstance(info, bytes) else str(info)
+        fields = dict(line.split(":", 1) for line in text.split() if ":" in line)
+        return (
+            fields.get("cluster_state") == "ok"
+            and fields.get("cluster_slots_ok") == str(CLUSTER_SLOTS)
+            and fields.get("cluster_known_nodes") == str(len(self.nodes))
+        )
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    def __enter__(self) -> RedisClusterProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _command(client: redis.Redis, *args: Any) -> Any:
+    return client.execute_command(*args)  # type: ignore[no-untyped-call]

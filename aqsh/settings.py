@@ -30,6 +30,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     redis_addr: str = "127.0.0.1:6379"
     redis_sentinel_addrs: tuple[str, ...] = ()
     redis_sentinel_master: str = "mymaster"
+    #: Seed nodes of a Redis Cluster; set, it replaces redis_addr (and excludes Sentinel).
+    redis_cluster_addrs: tuple[str, ...] = ()
     redis_password: str | None = None
     worker_concurrency: int = 10
     #: Empty: every queue named in tasks.yaml, weight 1.
@@ -103,6 +105,17 @@ def _queues(text: str) -> tuple[tuple[str, int], ...]:
     return tuple(out)
 
 
+def _addrs(text: str) -> tuple[str, ...]:
+    addrs = _csv(text)
+    for addr in addrs:
+        host, sep, port = addr.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("host:port,host:port")
+    if not addrs:
+        raise ValueError("host:port,host:port")
+    return addrs
+
+
 def _bind(text: str) -> str:
     _, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
@@ -137,6 +150,8 @@ _FIELDS: dict[str, tuple[str, Callable[[str], Any], str]] = {
                    "host:port, a redis:// or rediss:// URL, or 'embedded'"),
     "REDIS_SENTINEL_ADDRS": ("redis_sentinel_addrs", _csv, "host:port,host:port"),
     "REDIS_SENTINEL_MASTER": ("redis_sentinel_master", _text, "a master name"),
+    "REDIS_CLUSTER_ADDRS": ("redis_cluster_addrs", _addrs,
+                            "cluster seed nodes as host:port,host:port"),
     "REDIS_PASSWORD": ("redis_password", str, "a password"),
     "WORKER_CONCURRENCY": ("worker_concurrency", _positive_int, "a positive integer"),
     "WORKER_QUEUES": ("worker_queues", _queues, "name[:weight],name[:weight]"),
@@ -179,4 +194,7 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) ->
                 f"{name}={env[name]!r} is not valid: expected {accepts}"
             ) from None
     values.update(overrides)
+    if values.get("redis_cluster_addrs") and values.get("redis_sentinel_addrs"):
+        raise ConfigError("AQSH_REDIS_CLUSTER_ADDRS and AQSH_REDIS_SENTINEL_ADDRS are mutually "
+                          "exclusive: set one of them")
     return Settings(**values)

@@ -11,11 +11,11 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import redis.asyncio as aioredis
 from aiohttp import web
 from aiohttp_sse import sse_response
 
 from aqsh.api.errors import ApiError
+from aqsh.engine.connection import RedisClient
 from aqsh.runner.logs import log_key
 
 #: How long one XREAD blocks before the follower checks whether the task is still alive.
@@ -37,7 +37,7 @@ def start_id(request: web.Request) -> str:
     return raw
 
 
-async def plain_logs(redis: aioredis.Redis, task_id: str, after: str) -> web.Response:
+async def plain_logs(redis: RedisClient, task_id: str, after: str) -> web.Response:
     """``?follow=false``: what exists now, one line per line, as text/plain."""
     lines: list[str] = []
     cursor = f"({after}" if after != "0-0" else "-"
@@ -55,7 +55,7 @@ async def plain_logs(redis: aioredis.Redis, task_id: str, after: str) -> web.Res
 
 async def follow_logs(
     request: web.Request,
-    redis: aioredis.Redis,
+    redis: RedisClient,
     task_id: str,
     after: str,
     task_finished: Callable[[], Awaitable[bool]],

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import redis.asyncio as aioredis
 from aiohttp import web
 
 from aqsh.api.metrics import Metrics
 from aqsh.config_holder import ConfigHolder
 from aqsh.engine.client import Client
+from aqsh.engine.connection import RedisClient
 from aqsh.engine.inspect import Inspector
 from aqsh.engine.rdb import RedisBroker
 from aqsh.settings import Settings
@@ -19,9 +19,9 @@ from aqsh.settings import Settings
 class ApiState:
     settings: Settings
     config: ConfigHolder
-    redis: aioredis.Redis
+    redis: RedisClient
     #: A separate pool for XREAD BLOCK: followers hold a connection each while they wait.
-    blocking_redis: aioredis.Redis
+    blocking_redis: RedisClient
     broker: RedisBroker
     client: Client
     inspector: Inspector

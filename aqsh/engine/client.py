@@ -14,16 +14,16 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
-import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from aqsh import errors
 from aqsh.clock import Clock, SystemClock
 from aqsh.engine import keys, wire
+from aqsh.engine.connection import RedisClient
 from aqsh.engine.fastlane import FastLane
 from aqsh.engine.models import TaskInfo, TaskMessage, TaskState
 from aqsh.engine.rdb import REDIS_DOWN, RedisBroker, guarded, raise_for_produce
-from aqsh.engine.scripts import Scripts, script_sha
+from aqsh.engine.scripts import Batch, script_sha
 
 DEFAULT_QUEUE = "default"
 DEFAULT_MAX_RETRY = 25
@@ -78,7 +78,7 @@ class _Plan(msgspec.Struct):
 class Client:
     def __init__(
         self,
-        client: aioredis.Redis | RedisBroker,
+        client: RedisClient | RedisBroker,
         *,
         clock: Clock | None = None,
         wake_workers: bool = True,
@@ -86,8 +86,9 @@ class Client:
     ) -> None:
         """``fast_lane=True`` sends enqueues over one multiplexed connection of the client's
         own (``aqsh.engine.fastlane``), several times cheaper per enqueue than redis-py, when
-        ``client`` points at a plain TCP Redis (otherwise redis-py is used as before). That
-        connection must be closed: ``async with Client(...)`` or ``await client.aclose()``."""
+        ``client`` points at a plain TCP Redis (otherwise redis-py is used as before: TLS,
+        Sentinel, Cluster). That connection must be closed: ``async with Client(...)`` or
+        ``await client.aclose()``."""
         self.broker = client if isinstance(client, RedisBroker) else RedisBroker(client)
         self.redis = self.broker.client
         self.clock = clock or SystemClock()
@@ -114,11 +115,10 @@ class Client:
         _raise_reply(reply)
         return reply
 
-    async def _run_pipeline(self, pipe: Any, script_names: Sequence[str]) -> list[Any]:
+    async def _run_batch(self, batch: Batch, script_names: Sequence[str]) -> list[Any]:
         if self._lane is None:
-            return await guarded(self.broker.scripts.execute_pipeline(pipe, script_names))
-        commands = [args for args, _options in pipe.command_stack]
-        return await guarded(self._lane.execute_scripts(commands, script_names))
+            return await guarded(self.broker.scripts.execute(batch, script_names))
+        return await guarded(self._lane.execute_scripts(batch.commands, script_names))
 
     async def enqueue(
         self,
@@ -159,9 +159,9 @@ class Client:
             reply = await self._run_script(plan.script, plan.keys, [*plan.args, *extra])
             raise_for_produce(int(reply), plan.message)
             return _info(plan)
-        pipe = self.redis.pipeline(transaction=False)
-        self._queue_plan(pipe, plan)
-        replies = await self._run_pipeline(pipe, [plan.script])
+        batch = Batch()
+        self._queue_plan(batch, plan)
+        replies = await self._run_batch(batch, [plan.script])
         reply = replies[-1 - int(wake)]
         _raise_reply(reply)
         self._registered_queues.add(qname)
@@ -181,10 +181,10 @@ class Client:
         plans = [self._plan(r) for r in requests]
         if not plans:
             return []
-        pipe = self.redis.pipeline(transaction=False)
+        batch = Batch()
         new_queues = {p.message.queue for p in plans} - self._registered_queues
         if new_queues:
-            pipe.sadd(keys.ALL_QUEUES, *sorted(new_queues))
+            batch.command("SADD", keys.ALL_QUEUES, *sorted(new_queues))
         # where[i] = (reply index, position inside a batch reply or -1)
         where: list[tuple[int, int]] = [(0, -1)] * len(plans)
         batches: dict[str, list[int]] = {}
@@ -192,8 +192,8 @@ class Client:
             if plan.script == "enqueue":
                 batches.setdefault(plan.message.queue, []).append(i)
             else:
-                where[i] = (len(pipe.command_stack), -1)
-                Scripts.queue(pipe, plan.script, plan.keys, plan.args)
+                where[i] = (len(batch), -1)
+                batch.script(plan.script, plan.keys, plan.args)
         now_ns = self.clock.now_ns()
         for qname, members in batches.items():
             q = keys.queue_keys(qname)
@@ -202,14 +202,13 @@ class Client:
                 packed = bytearray()
                 for position, i in enumerate(chunk):
                     packed += _packed(plans[i].message.id.encode(), plans[i].args[0])
-                    where[i] = (len(pipe.command_stack), position)
-                Scripts.queue(pipe, "enqueue_batch", [q.pending],
-                              [now_ns, q.task_prefix, bytes(packed)])
+                    where[i] = (len(batch), position)
+                batch.script("enqueue_batch", [q.pending], [now_ns, q.task_prefix, bytes(packed)])
         if self.wake_workers:
             for qname in sorted({p.message.queue for p in plans if p.state is TaskState.PENDING}):
-                pipe.publish(keys.WAKE_CHANNEL, qname)
+                batch.command("PUBLISH", keys.WAKE_CHANNEL, qname)
         names = sorted({p.script for p in plans} | ({"enqueue_batch"} if batches else set()))
-        replies = await self._run_pipeline(pipe, names)
+        replies = await self._run_batch(batch, names)
         if new_queues:
             _raise_reply(replies[0])
             self._registered_queues |= new_queues
@@ -224,15 +223,15 @@ class Client:
                 results.append(exc)
         return results
 
-    def _queue_plan(self, pipe: Any, plan: _Plan) -> None:
+    def _queue_plan(self, batch: Batch, plan: _Plan) -> None:
         qname = plan.message.queue
         if qname not in self._registered_queues:
             # asynq SADDs the queue name before the script; caching it per process like asynq
             # v0.25+ saves a command per enqueue. It is added to the cache only on success.
-            pipe.sadd(keys.ALL_QUEUES, qname)
-        Scripts.queue(pipe, plan.script, plan.keys, plan.args)
+            batch.command("SADD", keys.ALL_QUEUES, qname)
+        batch.script(plan.script, plan.keys, plan.args)
         if self.wake_workers and plan.state is TaskState.PENDING:
-            pipe.publish(keys.WAKE_CHANNEL, qname)
+            batch.command("PUBLISH", keys.WAKE_CHANNEL, qname)
 
     def _plan(self, r: EnqueueRequest) -> _Plan:
         if not isinstance(r.type, str) or not r.type.strip():

@@ -32,12 +32,12 @@ from collections.abc import Sequence
 from typing import Any, cast
 
 import hiredis
-import redis.asyncio as aioredis
 from redis.asyncio.connection import Connection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from aqsh.engine.connection import RedisClient
 from aqsh.engine.scripts import script_source
 
 Command = tuple[Any, ...]
@@ -171,7 +171,7 @@ class FastLane:
 
     @classmethod
     def from_redis(
-        cls, client: aioredis.Redis, *, spin_us: int = DEFAULT_SPIN_US
+        cls, client: RedisClient, *, spin_us: int = DEFAULT_SPIN_US
     ) -> FastLane | None:
         """A lane to the same server as ``client``, or None when it is not plain TCP."""
         pool = getattr(client, "connection_pool", None)  # a cluster client has none

@@ -13,12 +13,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import msgspec
-import redis.asyncio as aioredis
 
 from aqsh import errors
 from aqsh.clock import Clock, SystemClock, unix_s
 from aqsh.engine import keys, wire
 from aqsh.engine.broker import ARCHIVED_EXPIRATION_S, MAX_ARCHIVE_SIZE
+from aqsh.engine.connection import RedisClient
 from aqsh.engine.models import (
     ServerInfo,
     TaskInfo,
@@ -78,7 +78,7 @@ def _text(value: Any) -> str:
 
 
 class Inspector:
-    def __init__(self, client: aioredis.Redis, *, clock: Clock | None = None) -> None:
+    def __init__(self, client: RedisClient, *, clock: Clock | None = None) -> None:
         self.redis = client
         self.clock = clock or SystemClock()
         self.scripts = Scripts(client)

@@ -8,14 +8,17 @@ processor's syncer and the HTTP layer can tell "Redis is away" from a logic erro
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import msgspec
-import redis.asyncio as aioredis
+from redis.exceptions import (
+    ClusterDownError,
+    RedisClusterException,
+    ResponseError,
+    SlotNotCoveredError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from aqsh import errors
@@ -28,13 +31,17 @@ from aqsh.engine.broker import (
     STATS_TTL_S,
     Leased,
 )
+from aqsh.engine.connection import RedisClient, open_pubsub
 from aqsh.engine.models import ServerInfo, TaskMessage, WorkerInfo
-from aqsh.engine.scripts import Scripts
+from aqsh.engine.scripts import Batch, Scripts
 
 T = TypeVar("T")
 
-#: Connection-level failures: Redis is away, the operation may be retried later.
-REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, OSError)
+#: Connection-level failures: Redis is away, the operation may be retried later. On a Cluster
+#: that includes a cluster that is down or has a slot no node serves (both mean a node is away).
+REDIS_DOWN = (
+    RedisConnectionError, RedisTimeoutError, OSError, ClusterDownError, SlotNotCoveredError,
+)
 _RESUBSCRIBE_DELAY_S = 1.0
 
 
@@ -51,12 +58,18 @@ async def guarded(call: Awaitable[T]) -> T:
         return await call
     except REDIS_DOWN as exc:
         raise errors.BrokerUnavailable(f"redis unavailable: {exc}") from exc
+    except RedisClusterException as exc:
+        # A Cluster client that reaches no seed node says so with this generic class, the
+        # connection error as its cause; anything else of that class is a usage error.
+        if isinstance(exc.__cause__, REDIS_DOWN):
+            raise errors.BrokerUnavailable(f"redis unavailable: {exc}") from exc
+        raise
 
 
 class RedisBroker:
     """The Broker protocol (aqsh.engine.broker) over one redis-py asyncio client."""
 
-    def __init__(self, client: aioredis.Redis) -> None:
+    def __init__(self, client: RedisClient) -> None:
         self.client = client
         self.scripts = Scripts(client)
 
@@ -185,19 +198,19 @@ class RedisBroker:
         """
         if not msgs:
             return []
-        pipe = self.client.pipeline(transaction=False)
+        batch = Batch()
         names = {"write_result"}
         slots: list[int] = []  # index of each message's transition reply
         for i, msg in enumerate(msgs):
             result = results[i] if results is not None else None
             if result is not None:
                 q = keys.queue_keys(msg.queue)
-                Scripts.queue(pipe, "write_result", [q.task(msg.id)], [result])
+                batch.script("write_result", [q.task(msg.id)], [result])
             name, key_list, args = self.success_call(msg, int(now_s))
             names.add(name)
-            slots.append(len(pipe.command_stack))
-            Scripts.queue(pipe, name, key_list, args)
-        replies = await guarded(self.scripts.execute_pipeline(pipe, sorted(names)))
+            slots.append(len(batch))
+            batch.script(name, key_list, args)
+        replies = await guarded(self.scripts.execute(batch, sorted(names)))
         outcome: list[errors.AqshError | None] = []
         for msg, slot in zip(msgs, slots, strict=True):
             reply = replies[slot]
@@ -299,10 +312,10 @@ class RedisBroker:
         queued = [(q, list(ids)) for q, ids in task_ids_by_queue.items() if ids]
         if not queued:
             return expires_s, {}
-        pipe = self.client.pipeline(transaction=False)
+        batch = Batch()
         for qname, ids in queued:
-            Scripts.queue(pipe, "extend_lease", [keys.queue_keys(qname).lease], [expires_s, *ids])
-        replies = await guarded(self.scripts.execute_pipeline(pipe, ["extend_lease"]))
+            batch.script("extend_lease", [keys.queue_keys(qname).lease], [expires_s, *ids])
+        replies = await guarded(self.scripts.execute(batch, ["extend_lease"]))
         lost: dict[str, list[str]] = {}
         for (qname, _ids), reply in zip(queued, replies, strict=True):
             if isinstance(reply, REDIS_DOWN):
@@ -376,11 +389,13 @@ class RedisBroker:
         args: list[Any] = [int(ttl_s), wire.encode_server(info)]
         for worker in workers:
             args += [worker.task_id, wire.encode_worker(worker)]
-        pipe = self.client.pipeline(transaction=False)
-        pipe.zadd(keys.ALL_SERVERS, {skey: expires_s})
-        pipe.zadd(keys.ALL_WORKERS, {wkey: expires_s})
-        Scripts.queue(pipe, "write_server_state", [skey, wkey], args)
-        replies = await guarded(self.scripts.execute_pipeline(pipe, ["write_server_state"]))
+        # Three slots on a Cluster (the two indexes and the server's own {host:pid:id} pair):
+        # one command each, so the batch splits cleanly per node.
+        batch = Batch()
+        batch.command("ZADD", keys.ALL_SERVERS, expires_s, skey)
+        batch.command("ZADD", keys.ALL_WORKERS, expires_s, wkey)
+        batch.script("write_server_state", [skey, wkey], args)
+        replies = await guarded(self.scripts.execute(batch, ["write_server_state"]))
         for reply in replies:
             if isinstance(reply, REDIS_DOWN):
                 raise errors.BrokerUnavailable(f"redis unavailable: {reply}") from reply
@@ -408,19 +423,19 @@ class RedisBroker:
         """
         delay_s = 0.0
         while True:
-            pubsub = self.client.pubsub(ignore_subscribe_messages=True)
             try:
-                await pubsub.subscribe(channel)
-                delay_s = 0.0
-                async for message in pubsub.listen():
-                    data = message.get("data")
-                    if isinstance(data, bytes):
-                        yield data.decode("utf-8", "replace")
+                async with open_pubsub(self.client) as pubsub:
+                    await pubsub.subscribe(channel)
+                    delay_s = 0.0
+                    async for message in pubsub.listen():
+                        data = message.get("data")
+                        if isinstance(data, bytes):
+                            yield data.decode("utf-8", "replace")
             except REDIS_DOWN:
                 pass
-            finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+            except RedisClusterException as exc:  # no node reachable to pick (see guarded)
+                if not isinstance(exc.__cause__, REDIS_DOWN):
+                    raise
             await asyncio.sleep(delay_s)
             delay_s = _RESUBSCRIBE_DELAY_S
 

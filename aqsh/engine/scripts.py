@@ -4,6 +4,10 @@ The scripts live in the top-level ``lua/`` folder of the source tree (editable i
 shipped as ``aqsh/_lua`` inside the wheel. EVALSHA goes through ``execute_command`` directly:
 redis-py's ``Script.__call__`` costs several times more CPU per call, which matters on the
 enqueue/dequeue/ack hot paths.
+
+On a Redis Cluster the client routes each EVALSHA to the node owning its keys' slot (every
+script's KEYS share one), and SCRIPT LOAD goes to every primary, so a NOSCRIPT from whichever
+node owns the slot — a fresh node after a failover included — is healed by the same reload.
 """
 
 from __future__ import annotations
@@ -14,9 +18,9 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-import redis.asyncio as aioredis
-from redis.asyncio.client import Pipeline
 from redis.exceptions import NoScriptError
+
+from aqsh.engine.connection import RedisClient
 
 KeyT = str | bytes
 ArgT = str | bytes | int | float
@@ -40,49 +44,71 @@ def script_sha(name: str) -> str:
     return hashlib.sha1(script_source(name).encode()).hexdigest()
 
 
+class Batch:
+    """Commands for one pipelined round trip, kept as plain argument tuples.
+
+    Not a redis-py pipeline: after a NOSCRIPT exactly the failed commands must be sent again,
+    and a Cluster pipeline neither exposes its commands nor keeps them once executed; the fast
+    lane takes the same tuples as they are. Each command is one command on the wire: never
+    give one command keys of two slots (a Cluster client refuses it).
+    """
+
+    __slots__ = ("commands",)
+
+    def __init__(self) -> None:
+        self.commands: list[tuple[Any, ...]] = []
+
+    def __len__(self) -> int:
+        return len(self.commands)
+
+    def script(self, name: str, keys: Sequence[KeyT], args: Sequence[ArgT]) -> None:
+        self.commands.append(("EVALSHA", script_sha(name), len(keys), *keys, *args))
+
+    def command(self, *args: Any) -> None:
+        self.commands.append(args)
+
+
 class Scripts:
     """Runs named Lua scripts on one client by SHA, loading them on first NOSCRIPT."""
 
-    def __init__(self, client: aioredis.Redis) -> None:
+    def __init__(self, client: RedisClient) -> None:
         self._client = client
 
     async def run(self, name: str, keys: Sequence[KeyT], args: Sequence[ArgT]) -> Any:
         sha = script_sha(name)
         try:
-            return await self._client.execute_command(  # type: ignore[no-untyped-call]
+            return await self._client.execute_command(
                 "EVALSHA", sha, len(keys), *keys, *args
             )
         except NoScriptError:
             await self._client.script_load(script_source(name))
-            return await self._client.execute_command(  # type: ignore[no-untyped-call]
+            return await self._client.execute_command(
                 "EVALSHA", sha, len(keys), *keys, *args
             )
-
-    @staticmethod
-    def queue(pipe: Pipeline, name: str, keys: Sequence[KeyT], args: Sequence[ArgT]) -> None:
-        """Add an EVALSHA to a pipeline; call ``execute_pipeline`` to run it."""
-        pipe.execute_command("EVALSHA", script_sha(name), len(keys), *keys, *args)
 
     async def load(self, names: Sequence[str]) -> None:
         for name in names:
             await self._client.script_load(script_source(name))
 
-    async def execute_pipeline(self, pipe: Pipeline, names: Sequence[str]) -> list[Any]:
-        """Run a pipeline of EVALSHAs and return every reply (errors as exception objects).
+    async def execute(self, batch: Batch, names: Sequence[str]) -> list[Any]:
+        """Run a batch in one pipeline and return every reply (errors as exception objects).
 
         A command that failed with NOSCRIPT had no effect, so after loading the scripts only
         those commands are sent again: a restarted or flushed Redis costs one extra round trip
-        and never runs a transition twice.
+        and never runs a transition twice. On a Cluster the pipeline goes out as one pipeline
+        per node, concurrently.
         """
-        commands = list(pipe.command_stack)
-        replies = list(await pipe.execute(raise_on_error=False))
+        replies = await self._send(batch.commands)
         missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
         if missing:
             await self.load(names)
-            again = self._client.pipeline(transaction=False)
-            for i in missing:
-                args, options = commands[i]
-                again.execute_command(*args, **options)
-            for i, reply in zip(missing, await again.execute(raise_on_error=False), strict=True):
+            again = await self._send([batch.commands[i] for i in missing])
+            for i, reply in zip(missing, again, strict=True):
                 replies[i] = reply
         return replies
+
+    async def _send(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+        pipe = self._client.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        return list(await pipe.execute(raise_on_error=False))

@@ -20,9 +20,9 @@ import tempfile
 from collections.abc import Callable, Mapping, Sequence
 
 import msgspec
-import redis.asyncio as aioredis
 import structlog
 
+from aqsh.engine.connection import RedisClient
 from aqsh.engine.fastlane import FastLane
 from aqsh.engine.processor import default_retry_delay
 from aqsh.engine.task import CancelReason, SkipRetry, Task, TaskContext, TaskError
@@ -62,7 +62,7 @@ class ShellRunner:
     def __init__(
         self,
         config: Callable[[], TasksConfig],
-        redis: aioredis.Redis,
+        redis: RedisClient,
         settings: RunnerSettings | None = None,
         on_finished: Callable[[str, str, float], None] | None = None,
         *,

@@ -25,9 +25,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-import redis.asyncio as aioredis
 import structlog
 
+from aqsh.engine.connection import RedisClient
 from aqsh.engine.fastlane import FastLane
 from aqsh.engine.rdb import REDIS_DOWN
 from aqsh.engine.scripts import Scripts, script_sha
@@ -48,7 +48,7 @@ def log_key(task_id: str) -> str:
 class LogWriter:
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: RedisClient,
         task_id: str,
         *,
         retention_s: float,
