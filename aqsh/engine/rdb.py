@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import msgspec
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import (
     ClusterDownError,
     RedisClusterException,
@@ -453,7 +454,12 @@ class RedisBroker:
         await guarded(self.client.publish(keys.WAKE_CHANNEL, qname))
 
     async def ping(self) -> None:
-        await guarded(self.client.ping())
+        """On a Cluster every primary must answer, not just one: each holds a share of the
+        queues, and with one of them gone those queues can neither take nor give tasks."""
+        if isinstance(self.client, RedisCluster):
+            await guarded(self.client.ping(target_nodes=RedisCluster.PRIMARIES))
+        else:
+            await guarded(self.client.ping())
 
     async def close(self) -> None:
         await self.client.aclose()

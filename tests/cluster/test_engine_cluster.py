@@ -27,10 +27,11 @@ from aqsh.engine.inspect import Inspector
 from aqsh.engine.maintenance import LEASE_EXPIRED_ERROR
 from aqsh.engine.models import TaskState
 from aqsh.engine.rdb import RedisBroker
+from aqsh.engine.scheduler import PeriodicTask, Scheduler
 from aqsh.engine.server import Server
 from aqsh.engine.task import CancelReason, SkipRetry, Task, TaskContext
 from aqsh.redis_process import RedisClusterProcess
-from tests.cluster.conftest import PASSWORD
+from tests.cluster.conftest import PASSWORD, queue_on_node
 from tests.support import wait_until
 
 ServerFactory = Callable[..., Server]
@@ -474,3 +475,59 @@ async def test_open_pubsub_uses_the_password_and_a_primary(
     with pytest.raises(errors.BrokerUnavailable):
         await RedisBroker(wrong).ping()
     await wrong.aclose()
+
+
+async def test_scheduler_fires_records_and_clears_across_nodes(
+    cluster: RedisCluster, queues: list[str]
+) -> None:
+    clock = ManualClock(1_767_225_600.0 + 7)  # 2026-01-01T00:00:07Z
+    scheduler = Scheduler(RedisBroker(cluster), clock=clock)
+    entry_ids = [
+        scheduler.register(PeriodicTask(spec="*/5 * * * *", type="cron", payload=q.encode(),
+                                        queue=q))
+        for q in queues
+    ]
+    await scheduler.heartbeat()
+    assert len(await cluster.lrange(scheduler.entries_key, 0, -1)) == 3
+    clock.advance(300)
+    fired = await scheduler.fire_due()
+    assert sorted(info.queue for info in fired) == sorted(queues)
+    for info in fired:
+        assert await state_of(cluster, info.queue, info.id) == "pending"
+    history = [keys.scheduler_history_key(entry_id) for entry_id in entry_ids]
+    for key in history:
+        assert await cluster.zcard(key) == 1
+    # Retired histories and, on stop, the entries and every history go in DELs that span
+    # several slots: the cluster client splits them per slot.
+    scheduler.unregister(entry_ids[0])
+    await scheduler.heartbeat()
+    assert await cluster.exists(history[0]) == 0
+    await scheduler.start()
+    await scheduler.stop()
+    for key in [scheduler.entries_key, *history]:
+        assert await cluster.exists(key) == 0
+    assert await cluster.zcard(keys.ALL_SCHEDULERS) == 0
+
+
+async def test_ping_fails_when_one_primary_is_down() -> None:
+    """Health and readiness ping every primary: with one down, a third of the queues is out
+    of reach even though the other nodes still answer. A cluster of its own, as it is broken."""
+    with RedisClusterProcess(3, password=PASSWORD) as doomed:
+        client = create_client(RedisSettings(cluster_addrs=doomed.addrs, password=PASSWORD))
+        try:
+            broker = RedisBroker(client)
+            await broker.ping()
+            # Not the node a plain PING goes to, which would fail without pinging them all.
+            default_port = int(client.get_default_node().port)
+            victim = next(i for i, n in enumerate(doomed.nodes) if n.port != default_port)
+            live = queue_on_node(doomed, (victim + 1) % 3)
+            client_ = Client(broker)
+            await client_.enqueue("x", b"", queue=live)  # registered in asynq:queues
+            doomed.nodes[victim].kill()
+            with pytest.raises(errors.BrokerUnavailable):
+                await broker.ping()
+            # The surviving nodes keep serving their own queues meanwhile.
+            info = await client_.enqueue("x", b"", queue=live)
+            assert await state_of(client, live, info.id) == "pending"
+        finally:
+            await client.aclose()
