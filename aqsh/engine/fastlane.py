@@ -12,12 +12,13 @@ replies in order from a hiredis reader:
 * replies are never out of step with callers: a cancelled caller's reply is still read and
   dropped, and any timeout or connection loss closes the connection and fails every waiter, so
   the next call starts on a fresh connection;
-* a lone caller spins briefly before parking (``spin_us``). A sequential producer's round trip
-  is otherwise dominated by the event loop going to sleep in ``epoll_wait`` and the kernel waking
-  it up again on another core, not by Redis; Go's runtime avoids the same cost by spinning before
-  it parks a thread. The spin yields to the event loop on every turn (other tasks and I/O keep
-  running), is bounded, and backs off when replies take longer than the budget (a distant Redis),
-  so it costs CPU only where it buys latency.
+* a lone caller may spin briefly before parking (``spin_us``). When Redis runs on another
+  core, a sequential producer's round trip is dominated by the event loop going to sleep in
+  ``epoll_wait`` and the kernel waking it up again, not by Redis; Go's runtime avoids that cost by
+  spinning before it parks a thread. When Redis shares the caller's core, spinning holds the CPU
+  Redis needs and parking is faster. The OS moves processes between those cases at run time, so
+  the lane measures both (``_WaitChooser``) and spins only while spinning has been faster. The
+  spin yields to the event loop on every turn (other tasks and I/O keep running) and is bounded.
 
 It only speaks to a plain TCP standalone Redis (what ``from_redis`` can derive from a redis-py
 client); TLS, unix sockets and Sentinel stay on redis-py.
@@ -43,8 +44,40 @@ from aqsh.engine.scripts import script_source
 Command = tuple[Any, ...]
 
 DEFAULT_SPIN_US = 200
-# After a spin runs out of budget, this many lone calls park at once before spinning again.
-SPIN_BACKOFF_CALLS = 16
+# Every this many lone calls, the wait the chooser does not prefer is tried again.
+EXPLORE_EVERY = 16
+_SAMPLES_KEPT = 8
+
+
+class _WaitChooser:
+    """Spin or park for the next lone call: whichever had the lower median round trip over its
+    last few calls, trying the other one every ``EXPLORE_EVERY`` calls so that a change (the OS
+    moving Redis to or from this core, a slower Redis) is noticed."""
+
+    def __init__(self) -> None:
+        self._samples: dict[bool, collections.deque[float]] = {
+            True: collections.deque(maxlen=_SAMPLES_KEPT),
+            False: collections.deque(maxlen=_SAMPLES_KEPT),
+        }
+        self._median = {True: 0.0, False: 0.0}
+        self._calls = 0
+
+    @property
+    def prefers_spin(self) -> bool:
+        return self._median[True] <= self._median[False]
+
+    def spin_next(self) -> bool:
+        self._calls += 1
+        for spin in (True, False):
+            if len(self._samples[spin]) < 3:  # not measured enough yet
+                return spin
+        preferred = self.prefers_spin
+        return not preferred if self._calls % EXPLORE_EVERY == 0 else preferred
+
+    def record(self, spun: bool, round_trip_s: float) -> None:
+        samples = self._samples[spun]
+        samples.append(round_trip_s)
+        self._median[spun] = sorted(samples)[len(samples) // 2]
 
 
 def _reply_error(text: str) -> ResponseError:
@@ -161,11 +194,12 @@ class FastLane:
         self.db = db
         self.timeout_s = timeout_s
         self.spin_s = spin_us / 1e6
-        self._spin_backoff = 0
-        # Lone calls answered while spinning / spins that ran out of budget (for tests and
-        # for judging ``spin_us`` on a given deployment).
+        self._chooser = _WaitChooser()
+        # Lone calls answered while spinning / spins that ran out of budget / lone calls that
+        # parked at once (for tests and for judging ``spin_us`` on a given deployment).
         self.spins_won = 0
         self.spins_given_up = 0
+        self.parked = 0
         self._protocol: _Protocol | None = None
         self._connecting = asyncio.Lock()
 
@@ -229,25 +263,34 @@ class FastLane:
         protocol = self._protocol
         if protocol is None or protocol.lost is not None:
             protocol = await self._connect()
+        single = len(commands) == 1
+        if not self.spin_s or protocol.waiters:  # others are waiting: no spin, no sample
+            futures = protocol.send(commands)
+            if single:  # the hot path: no gather, one loop iteration fewer
+                return [await futures[0]]
+            return list(await asyncio.gather(*futures))
+        # A lone call. Only single commands are timed, so samples compare like with like.
+        spin = self._chooser.spin_next() if single else self._chooser.prefers_spin
+        started = time.perf_counter()
         futures = protocol.send(commands)
-        if self.spin_s and len(protocol.waiters) == len(futures):
+        if spin:
             await self._spin(futures)
-        if len(futures) == 1:  # the hot path: no gather, one loop iteration fewer
-            return [await futures[0]]
+        else:
+            self.parked += 1
+        if single:
+            replies = [await futures[0]]
+            self._chooser.record(spin, time.perf_counter() - started)
+            return replies
         return list(await asyncio.gather(*futures))
 
     async def _spin(self, futures: list[asyncio.Future[Any]]) -> None:
         """Poll (yielding to the loop each turn) until the call's replies are in or the budget
         is spent; replies arrive in order, so the last one settles them all."""
-        if self._spin_backoff:
-            self._spin_backoff -= 1
-            return
         last = futures[-1]
         give_up_at = time.perf_counter() + self.spin_s
         try:
             while not last.done():
                 if time.perf_counter() >= give_up_at:
-                    self._spin_backoff = SPIN_BACKOFF_CALLS
                     self.spins_given_up += 1
                     return
                 await asyncio.sleep(0)

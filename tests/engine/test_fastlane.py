@@ -15,7 +15,7 @@ from aqsh import errors
 from aqsh.clock import ManualClock
 from aqsh.engine import keys
 from aqsh.engine.client import Client, EnqueueRequest
-from aqsh.engine.fastlane import SPIN_BACKOFF_CALLS, FastLane
+from aqsh.engine.fastlane import _SAMPLES_KEPT, EXPLORE_EVERY, FastLane, _WaitChooser
 from tests.support import wait_until
 
 Q = keys.queue_keys("default")
@@ -204,17 +204,39 @@ async def test_a_lone_caller_spins_for_its_reply_while_other_tasks_keep_running(
     await patient.aclose()
 
 
-async def test_a_spin_that_runs_out_of_budget_backs_off_then_spins_again(lane: FastLane) -> None:
+async def test_a_spin_that_runs_out_of_budget_parks_for_the_reply(lane: FastLane) -> None:
     spinner = FastLane(lane.host, lane.port, spin_us=1000)
     assert await spinner.execute("DEBUG", "SLEEP", "0.02") == b"OK"
-    assert spinner.spins_given_up == 1
-    won_before = spinner.spins_won
-    for _ in range(SPIN_BACKOFF_CALLS):  # these park at once: no spin is won or lost
-        assert await spinner.execute("ECHO", "x") == b"x"
-    assert (spinner.spins_won, spinner.spins_given_up) == (won_before, 1)
-    await spinner.execute("ECHO", "x")
-    assert spinner.spins_won + spinner.spins_given_up == won_before + 2
+    assert (spinner.spins_won, spinner.spins_given_up) == (0, 1)
     await spinner.aclose()
+
+
+async def test_lone_calls_measure_both_waits_and_keep_trying_the_other(lane: FastLane) -> None:
+    measured = FastLane(lane.host, lane.port)
+    for n in range(4 * EXPLORE_EVERY):
+        assert await measured.execute("ECHO", str(n)) == str(n).encode()
+    spins = measured.spins_won + measured.spins_given_up
+    assert spins + measured.parked == 4 * EXPLORE_EVERY
+    assert spins >= 3
+    assert measured.parked >= 3
+    await measured.aclose()
+
+
+def test_the_chooser_prefers_the_faster_wait_and_explores_the_other() -> None:
+    chooser = _WaitChooser()
+    first = []
+    for _ in range(6):
+        spun = chooser.spin_next()
+        chooser.record(spun, 20e-6 if spun else 60e-6)
+        first.append(spun)
+    assert first == [True] * 3 + [False] * 3  # neither measured yet: measure both
+    picks = [chooser.spin_next() for _ in range(2 * EXPLORE_EVERY)]
+    assert picks.count(False) == 2  # spinning is faster: parking only to re-check it
+    for _ in range(_SAMPLES_KEPT):  # Redis moved onto this core: spinning got slow
+        chooser.record(True, 400e-6)
+    assert not chooser.prefers_spin
+    picks = [chooser.spin_next() for _ in range(2 * EXPLORE_EVERY)]
+    assert picks.count(True) == 2
 
 
 async def test_a_caller_cancelled_while_spinning_does_not_shift_later_replies(
