@@ -324,6 +324,15 @@ def _packed(task_id: bytes, encoded: bytes) -> bytes:
 _random_pool = bytearray()
 
 
+def _forget_random_pool() -> None:
+    """A forked child must not hand out the ids its parent will also hand out."""
+    global _random_pool
+    _random_pool = bytearray()
+
+
+os.register_at_fork(after_in_child=_forget_random_pool)
+
+
 def new_task_id() -> str:
     """A random (version 4) UUID string, as asynq's default task id; built by hand because
     ``str(uuid.uuid4())`` costs about a tenth of a whole fast-lane enqueue. The random bytes

@@ -150,3 +150,27 @@ async def test_batch_requests_take_timedeltas_and_reject_negative_durations(
     assert await redis.zscore(Q.scheduled, info.id) == unix_s(clock) + 90
     with pytest.raises(errors.InvalidArgument, match="negative"):
         await client.enqueue_many([EnqueueRequest(type="a", payload=b"", retention=-1)])
+
+
+def test_task_ids_are_uuid4_and_a_forked_child_does_not_repeat_the_parents() -> None:
+    import os
+    import uuid
+
+    from aqsh.engine.client import new_task_id
+
+    ids = [new_task_id() for _ in range(600)]  # more than one 4 KiB pool of randomness
+    assert len(set(ids)) == len(ids)
+    assert all(uuid.UUID(i).version == 4 and str(uuid.UUID(i)) == i for i in ids)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report its next ids and leave at once
+        os.close(read_end)
+        os.write(write_end, " ".join(new_task_id() for _ in range(10)).encode())
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end) as pipe:
+        child_ids = pipe.read().split()
+    os.waitpid(pid, 0)
+    parent_ids = [new_task_id() for _ in range(10)]
+    assert len(child_ids) == 10
+    assert not set(child_ids) & set(parent_ids)
