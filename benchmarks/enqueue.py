@@ -8,13 +8,15 @@ CPU time each enqueue costs this process, so the price of spinning is on the rec
 
 Round-trip latency on a shared 2-core machine is bimodal (it depends on whether Redis and the
 caller share a core at that moment), so every phase runs ``--rounds`` times, aqsh and Go
-interleaved, and the median of each is reported.
+interleaved, and the median of each is reported. ``--pin N`` puts this process, Redis and the Go
+client on core N, which fixes the regime where they share a core (CPU per enqueue decides).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import time
 from collections.abc import Awaitable, Callable
@@ -78,7 +80,7 @@ async def batched(client: Client) -> float:
     return N_BATCH / (time.perf_counter() - started)
 
 
-async def main(rounds: int) -> None:
+async def main(rounds: int, pin: int | None) -> None:
     samples: dict[str, list[float]] = {}
 
     async def measure(name: str, phase: Callable[[], Awaitable[float]]) -> None:
@@ -127,6 +129,7 @@ async def main(rounds: int) -> None:
     figures["aqsh_fast_nospin_sequential_cpu_us_per_enqueue"] = round(
         statistics.median(cpu["nospin"]), 1)
     figures["rounds"] = rounds
+    figures["pinned_core"] = -1 if pin is None else pin
 
     def ratio(name: str, a: str, b: str) -> None:
         figures[name] = round(figures[a] / figures[b], 3)
@@ -149,4 +152,9 @@ async def main(rounds: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=3)
-    asyncio.run(main(parser.parse_args().rounds))
+    parser.add_argument("--pin", type=int, default=None, metavar="CORE",
+                        help="run everything (this process, Redis, Go) on this core")
+    args = parser.parse_args()
+    if args.pin is not None:
+        os.sched_setaffinity(0, {args.pin})  # inherited by Redis and the Go client
+    asyncio.run(main(args.rounds, args.pin))
