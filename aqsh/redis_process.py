@@ -257,3 +257,33 @@ class RedisClusterProcess:
 
 def _command(client: redis.Redis, *args: Any) -> Any:
     return client.execute_command(*args)  # type: ignore[no-untyped-call]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m aqsh.redis_process cluster``: a local Redis Cluster to try aqsh on. Prints
+    the setting to use, runs until SIGINT/SIGTERM, then stops the nodes and removes their data.
+    """
+    import argparse
+    import signal
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m aqsh.redis_process",
+                                     description="a local Redis Cluster to try aqsh on")
+    parser.add_argument("kind", choices=["cluster"])
+    parser.add_argument("--nodes", type=int, default=3)
+    parser.add_argument("--password", default=None)
+    args = parser.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, through the ``with`` that stops the nodes.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        with RedisClusterProcess(args.nodes, password=args.password) as cluster:
+            print(f"AQSH_REDIS_CLUSTER_ADDRS={','.join(cluster.addrs)}", flush=True)
+            while True:
+                signal.pause()
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

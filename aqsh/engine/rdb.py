@@ -58,7 +58,9 @@ async def guarded(call: Awaitable[T]) -> T:
     try:
         return await call
     except REDIS_DOWN as exc:
-        raise errors.BrokerUnavailable(f"redis unavailable: {exc}") from exc
+        # Some say nothing (a cluster node's pool at its limit): name them then.
+        raise errors.BrokerUnavailable(
+            f"redis unavailable: {str(exc) or type(exc).__name__}") from exc
     except RedisClusterException as exc:
         # A Cluster client that reaches no seed node says so with this generic class, the
         # connection error as its cause; anything else of that class is a usage error.

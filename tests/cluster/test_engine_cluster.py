@@ -12,6 +12,7 @@ import contextlib
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
+import msgspec
 import pytest
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
@@ -26,7 +27,7 @@ from aqsh.engine.fastlane import FastLane
 from aqsh.engine.inspect import Inspector
 from aqsh.engine.maintenance import LEASE_EXPIRED_ERROR
 from aqsh.engine.models import TaskState
-from aqsh.engine.rdb import RedisBroker
+from aqsh.engine.rdb import RedisBroker, guarded
 from aqsh.engine.scheduler import PeriodicTask, Scheduler
 from aqsh.engine.server import Server
 from aqsh.engine.task import CancelReason, SkipRetry, Task, TaskContext
@@ -531,3 +532,22 @@ async def test_ping_fails_when_one_primary_is_down() -> None:
             assert await state_of(client, live, info.id) == "pending"
         finally:
             await client.aclose()
+
+
+async def test_a_node_pool_at_its_limit_answers_unavailable_instead_of_queueing(
+    cluster_settings: RedisSettings,
+) -> None:
+    """redis-py's cluster pools have no blocking mode: the caller beyond the limit fails at
+    once (the API answers 503) rather than waiting for a connection as on a single Redis."""
+    small = create_client(msgspec.structs.replace(cluster_settings, max_connections=2))
+    try:
+        await small.ping()
+        replies = await asyncio.gather(
+            *[guarded(small.xread({"logs:pool-probe": "$"}, block=200)) for _ in range(3)],
+            return_exceptions=True)
+        failures = [r for r in replies if isinstance(r, BaseException)]
+        assert len(failures) == 1
+        assert isinstance(failures[0], errors.BrokerUnavailable)
+        assert "MaxConnectionsError" in str(failures[0])
+    finally:
+        await small.aclose()

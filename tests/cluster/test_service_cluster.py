@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -47,6 +48,32 @@ def test_serve_refuses_cluster_with_sentinel_in_one_line() -> None:
     assert result.stderr.strip() == (
         "aqsh: AQSH_REDIS_CLUSTER_ADDRS and AQSH_REDIS_SENTINEL_ADDRS are mutually exclusive: "
         "set one of them")
+
+
+def test_local_cluster_command_serves_until_sigterm_then_stops_its_nodes() -> None:
+    """``python -m aqsh.redis_process cluster``, as the README suggests for trying aqsh."""
+    proc = subprocess.Popen([sys.executable, "-m", "aqsh.redis_process", "cluster"], cwd=ROOT,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        name, _, value = proc.stdout.readline().strip().partition("=")
+        settings = load_settings({name: value})
+        assert len(settings.redis_cluster_addrs) == 3
+        host, _, port = settings.redis_cluster_addrs[-1].rpartition(":")
+        with RedisCluster(host=host, port=int(port)) as client:
+            assert client.set("k", "v")
+            assert client.get("k") == b"v"
+            assert len(client.get_primaries()) == 3
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    assert proc.returncode == 0
+    for addr in settings.redis_cluster_addrs:
+        host, _, port = addr.rpartition(":")
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection((host, int(port)), timeout=1).close()
 
 
 def tasks_yaml(queues: list[str]) -> str:
