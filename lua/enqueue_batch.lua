@@ -4,10 +4,14 @@
 -- ARGV[2] -> task key prefix asynq:{q}:t:  (task keys share the queue's slot)
 -- ARGV[3] -> the tasks, packed: for each, a 4-byte big-endian length + task id, then a 4-byte
 --            big-endian length + encoded TaskMessage
+-- ARGV[4] -> optional: wake-up channel (aqsh:wake) to PUBLISH the queue name on, once, when at
+--            least one task was enqueued (after the tasks exist, so a woken worker finds them)
+-- ARGV[5] -> optional: the queue name
 -- Returns one integer per task, in order: 1 enqueued, 0 a task with this id already exists.
 -- Each task gets exactly the single-task enqueue treatment. Packing the batch into one argument
 -- spares the client encoding thousands of arguments (its main cost in profiles).
 local out = {}
+local enqueued = false
 local blob = ARGV[3]
 local pos = 1
 while pos <= #blob do
@@ -25,6 +29,10 @@ while pos <= #blob do
     redis.call("HSET", key, "msg", msg, "state", "pending", "pending_since", ARGV[1])
     redis.call("LPUSH", KEYS[1], id)
     out[#out + 1] = 1
+    enqueued = true
   end
+end
+if enqueued and ARGV[4] and ARGV[4] ~= "" then
+  redis.call("PUBLISH", ARGV[4], ARGV[5])
 end
 return out

@@ -155,21 +155,31 @@ class Client:
         )
         plan = self._plan(request)
         qname = plan.message.queue
-        wake = self.wake_workers and plan.state is TaskState.PENDING
-        if qname in self._registered_queues:
-            # The common case is one command: the script itself publishes the wake-up.
-            extra = [keys.WAKE_CHANNEL, qname] if wake else []
-            reply = await self._run_script(plan.script, plan.keys, [*plan.args, *extra])
+        # The script that stores a pending task also publishes the wake-up, so a woken worker
+        # always finds the task (a separate PUBLISH would go out before a task whose script
+        # had to be reloaded after NOSCRIPT).
+        args = [*plan.args, *self._wake_args(plan)]
+        if qname in self._registered_queues:  # the common case: one command
+            reply = await self._run_script(plan.script, plan.keys, args)
             raise_for_produce(int(reply), plan.message)
             return _info(plan)
+        # asynq SADDs the queue name before the script; caching it per process like asynq
+        # v0.25+ saves a command per enqueue. It is added to the cache only on success.
         batch = Batch()
-        self._queue_plan(batch, plan)
+        batch.command("SADD", keys.ALL_QUEUES, qname)
+        batch.script(plan.script, plan.keys, args)
         replies = await self._run_batch(batch, [plan.script])
-        reply = replies[-1 - int(wake)]
-        _raise_reply(reply)
+        for reply in replies:
+            _raise_reply(reply)
         self._registered_queues.add(qname)
-        raise_for_produce(int(reply), plan.message)
+        raise_for_produce(int(replies[-1]), plan.message)
         return _info(plan)
+
+    def _wake_args(self, plan: _Plan) -> list[str]:
+        """The optional trailing script arguments that publish the queue name on aqsh:wake."""
+        if self.wake_workers and plan.state is TaskState.PENDING:
+            return [keys.WAKE_CHANNEL, plan.message.queue]
+        return []
 
     async def enqueue_many(
         self, requests: Sequence[EnqueueRequest]
@@ -191,12 +201,17 @@ class Client:
         # where[i] = (reply index, position inside a batch reply or -1)
         where: list[tuple[int, int]] = [(0, -1)] * len(plans)
         batches: dict[str, list[int]] = {}
+        # The last script call that may store a pending task of a queue publishes its wake-up
+        # (see enqueue): queue name -> (command index, the wake arguments).
+        last_pending: dict[str, tuple[int, list[str]]] = {}
         for i, plan in enumerate(plans):
             if plan.script == "enqueue":
                 batches.setdefault(plan.message.queue, []).append(i)
-            else:
-                where[i] = (len(batch), -1)
-                batch.script(plan.script, plan.keys, plan.args)
+                continue
+            where[i] = (len(batch), -1)
+            if wake := self._wake_args(plan):
+                last_pending[plan.message.queue] = (len(batch), wake)
+            batch.script(plan.script, plan.keys, plan.args)
         now_ns = self.clock.now_ns()
         for qname, members in batches.items():
             q = keys.queue_keys(qname)
@@ -206,10 +221,11 @@ class Client:
                 for position, i in enumerate(chunk):
                     packed += _packed(plans[i].message.id.encode(), plans[i].args[0])
                     where[i] = (len(batch), position)
+                if wake := self._wake_args(plans[chunk[0]]):
+                    last_pending[qname] = (len(batch), wake)
                 batch.script("enqueue_batch", [q.pending], [now_ns, q.task_prefix, bytes(packed)])
-        if self.wake_workers:
-            for qname in sorted({p.message.queue for p in plans if p.state is TaskState.PENDING}):
-                batch.command("PUBLISH", keys.WAKE_CHANNEL, qname)
+        for index, wake in last_pending.values():
+            batch.commands[index] = (*batch.commands[index], *wake)
         names = sorted({p.script for p in plans} | ({"enqueue_batch"} if batches else set()))
         replies = await self._run_batch(batch, names)
         if new_queues:
@@ -225,16 +241,6 @@ class Client:
             except errors.AqshError as exc:
                 results.append(exc)
         return results
-
-    def _queue_plan(self, batch: Batch, plan: _Plan) -> None:
-        qname = plan.message.queue
-        if qname not in self._registered_queues:
-            # asynq SADDs the queue name before the script; caching it per process like asynq
-            # v0.25+ saves a command per enqueue. It is added to the cache only on success.
-            batch.command("SADD", keys.ALL_QUEUES, qname)
-        batch.script(plan.script, plan.keys, plan.args)
-        if self.wake_workers and plan.state is TaskState.PENDING:
-            batch.command("PUBLISH", keys.WAKE_CHANNEL, qname)
 
     def _plan(self, r: EnqueueRequest) -> _Plan:
         if not isinstance(r.type, str) or not r.type.strip():

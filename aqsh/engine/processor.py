@@ -158,6 +158,8 @@ class Processor:
         self.max_batch = max_batch
         self.running: dict[str, Running] = {}
         self._wake = asyncio.Event()
+        #: While idle: the event-loop time of the next poll (what a wake-up cuts short).
+        self.next_poll_at: float | None = None
         self._slot_free = asyncio.Event()
         self._stopping = asyncio.Event()
         self._fetcher: asyncio.Task[None] | None = None
@@ -248,8 +250,11 @@ class Processor:
             idle_polls += 1
             # Back off from 0.1 s to the poll interval while idle: a wake-up cuts it short.
             delay = min(self.poll_interval_s, 0.05 * (2**min(idle_polls, 10)))
+            loop = asyncio.get_running_loop()
+            self.next_poll_at = loop.time() + delay
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=delay)
+            self.next_poll_at = None
 
     def _spawn(self, leased: Leased) -> None:
         msg = leased.message

@@ -174,3 +174,37 @@ def test_task_ids_are_uuid4_and_a_forked_child_does_not_repeat_the_parents() -> 
     parent_ids = [new_task_id() for _ in range(10)]
     assert len(child_ids) == 10
     assert not set(child_ids) & set(parent_ids)
+
+
+@pytest.mark.parametrize("fast_lane", [False, True])
+async def test_a_wake_up_is_published_only_once_its_tasks_exist(
+    redis: aioredis.Redis, clock: ManualClock, fast_lane: bool
+) -> None:
+    """The scripts publish the wake-up themselves, after storing: even when the scripts were
+    flushed (Redis restarted), a woken worker finds what woke it — single and batched, new
+    queue or known one, with exactly one wake-up per queue and call."""
+    listener = redis.pubsub()
+    await listener.subscribe(keys.WAKE_CHANNEL)
+    await listener.get_message(timeout=1)  # the subscribe confirmation
+    seen: list[tuple[str, int]] = []
+
+    async def drain() -> None:
+        while message := await listener.get_message(timeout=0.5):
+            qname = message["data"].decode()
+            seen.append((qname, await redis.llen(keys.queue_keys(qname).pending)))
+
+    async with Client(redis, clock=clock, fast_lane=fast_lane) as client:
+        for _ in range(2):  # a new queue (SADD + script), then a known one (script alone)
+            await redis.script_flush()
+            await client.enqueue("email", b"p", queue="single")
+            await drain()
+        await redis.script_flush()
+        await client.enqueue_many(
+            [EnqueueRequest(type="u", payload=b"u", queue="many", unique_ttl=60)]
+            + [EnqueueRequest(type="b", payload=bytes([n]), queue="many") for n in range(3)]
+            + [EnqueueRequest(type="s", payload=b"s", queue="later", process_in=60)]
+            + [EnqueueRequest(type="o", payload=b"o", queue="other")])
+        await drain()
+    await listener.aclose()
+    # each wake-up arrived when all of its call's tasks of that queue were already there
+    assert seen == [("single", 1), ("single", 2), ("many", 4), ("other", 1)]

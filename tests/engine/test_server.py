@@ -376,13 +376,19 @@ async def test_wakeup_starts_task_before_the_poll_would(
     server = make_server(handler, poll_interval_s=30.0)
     await server.start()
     await wait_until(lambda: redis.pubsub_numsub(keys.WAKE_CHANNEL), message="wake subscribed")
-    # Let the processor back off to its long poll before enqueueing.
-    await asyncio.sleep(0.5)
     loop = asyncio.get_running_loop()
-    t0 = loop.time()
+    processor = server.processor
+
+    def next_poll_is_far() -> bool:  # the processor has backed off to a long idle wait
+        due = processor.next_poll_at
+        return due is not None and due - loop.time() > 1.0
+
+    await wait_until(next_poll_is_far, timeout_s=10, message="long idle wait")
+    poll_due = processor.next_poll_at
+    assert poll_due is not None
     await client.enqueue("quick", b"")
     await asyncio.wait_for(started.wait(), 5)
-    assert loop.time() - t0 < 2.0  # the 30 s poll would not have fired
+    assert loop.time() < poll_due  # started by the wake-up, before its next poll
 
 
 async def test_paused_queue_is_not_served(
