@@ -10,6 +10,8 @@ Round-trip latency on a shared 2-core machine is bimodal (it depends on whether 
 caller share a core at that moment), so every phase runs ``--rounds`` times, aqsh and Go
 interleaved, and the median of each is reported. ``--pin N`` puts this process, Redis and the Go
 client on core N, which fixes the regime where they share a core (CPU per enqueue decides).
+``--loop uvloop`` runs the aqsh side on uvloop, as the API process (``aqsh serve --mode api``)
+runs its client.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from collections.abc import Awaitable, Callable
 
 import _common
 import redis.asyncio as aioredis
+import uvloop
 
 from aqsh.engine.client import Client, EnqueueRequest
 from aqsh.engine.fastlane import FastLane
@@ -130,6 +133,7 @@ async def main(rounds: int, pin: int | None) -> None:
         statistics.median(cpu["nospin"]), 1)
     figures["rounds"] = rounds
     figures["pinned_core"] = -1 if pin is None else pin
+    figures["event_loop"] = type(asyncio.get_running_loop()).__module__
 
     def ratio(name: str, a: str, b: str) -> None:
         figures[name] = round(figures[a] / figures[b], 3)
@@ -154,7 +158,10 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--pin", type=int, default=None, metavar="CORE",
                         help="run everything (this process, Redis, Go) on this core")
+    parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
     args = parser.parse_args()
     if args.pin is not None:
         os.sched_setaffinity(0, {args.pin})  # inherited by Redis and the Go client
-    asyncio.run(main(args.rounds, args.pin))
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop if args.loop == "uvloop" else None
+                        ) as runner:
+        runner.run(main(args.rounds, args.pin))

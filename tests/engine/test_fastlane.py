@@ -15,7 +15,7 @@ from aqsh import errors
 from aqsh.clock import ManualClock
 from aqsh.engine import keys
 from aqsh.engine.client import Client, EnqueueRequest
-from aqsh.engine.fastlane import _SAMPLES_KEPT, EXPLORE_EVERY, FastLane, _WaitChooser
+from aqsh.engine.fastlane import EXPLORE_EVERY, FastLane, _WaitChooser
 from tests.support import wait_until
 
 Q = keys.queue_keys("default")
@@ -232,11 +232,23 @@ def test_the_chooser_prefers_the_faster_wait_and_explores_the_other() -> None:
     assert first == [True] * 3 + [False] * 3  # neither measured yet: measure both
     picks = [chooser.spin_next() for _ in range(2 * EXPLORE_EVERY)]
     assert picks.count(False) == 2  # spinning is faster: parking only to re-check it
-    for _ in range(_SAMPLES_KEPT):  # Redis moved onto this core: spinning got slow
+    chooser.record(True, 0.05)  # one stalled call does not flip the choice
+    assert chooser.prefers_spin
+    for _ in range(20):  # Redis moved onto this core: spinning got slow
         chooser.record(True, 400e-6)
     assert not chooser.prefers_spin
     picks = [chooser.spin_next() for _ in range(2 * EXPLORE_EVERY)]
     assert picks.count(True) == 2
+    # an exploring spin gives up once it has taken as long as a parked round trip
+    assert chooser.spin_budget(200e-6) == pytest.approx(60e-6)
+    for _ in range(20):
+        chooser.record(True, 20e-6)
+    assert chooser.prefers_spin
+    assert chooser.spin_budget(200e-6) == 200e-6
+    chooser.record(True, 55e-6)  # a spin that wins only by noise is not worth its CPU
+    for _ in range(40):
+        chooser.record(True, 55e-6)
+    assert not chooser.prefers_spin
 
 
 async def test_a_caller_cancelled_while_spinning_does_not_shift_later_replies(
