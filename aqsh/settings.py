@@ -51,7 +51,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     keep_work_dirs: bool = False
     log_format: Literal["pretty", "json"] = "pretty"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-    #: auto: uvloop for mode api (cheaper I/O per request), the standard loop where scripts are
+    #: auto: uvloop for mode api (cheaper enqueues), the standard loop where scripts are
     #: spawned (uvloop spawns subprocesses several times slower).
     event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
     #: Run the schedules of tasks.yaml in worker / both modes. Every replica may run them: each
