@@ -85,7 +85,9 @@ async def serve(settings: Settings) -> int:
                       cluster_addrs=settings.redis_cluster_addrs, max_connections=4096),
         socket_timeout_s=60.0,
     )
-    broker = RedisBroker(redis)
+    # Script calls (dequeue, acks, leases, results) over the broker's own fast lane: a
+    # fraction of redis-py's CPU per call (plain TCP Redis only; redis-py otherwise).
+    broker = RedisBroker(redis, fast_lane=True)
     metrics = Metrics()
     # The API's enqueues take the fast lane (one multiplexed connection; plain TCP Redis only,
     # otherwise the client falls back to redis-py by itself).
@@ -135,6 +137,7 @@ async def serve(settings: Settings) -> int:
     await app_runner.cleanup()
     await config.stop()
     await state.client.aclose()
+    await broker.close_fast_lane()
     await blocking.aclose()
     await redis.aclose()
     if embedded is not None:

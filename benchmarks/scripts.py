@@ -60,7 +60,8 @@ async def queue_rate(redis: aioredis.Redis, config: TasksConfig, work: str,
         await client.enqueue_many(batch[: min(500, runs - start)])
     # Wired as `aqsh serve` wires its worker (aqsh/__main__.py: _worker).
     runner = ShellRunner(lambda: config, redis, RunnerSettings(work_root=work), fast_lane=True)
-    server = Server(RedisBroker(redis), runner, concurrency=concurrency, queues={"bench": 1})
+    broker = RedisBroker(redis, fast_lane=True)
+    server = Server(broker, runner, concurrency=concurrency, queues={"bench": 1})
     started = time.perf_counter()
     await server.start()
     while int(await redis.get("asynq:{bench}:processed") or 0) < runs:  # noqa: ASYNC110
@@ -68,6 +69,7 @@ async def queue_rate(redis: aioredis.Redis, config: TasksConfig, work: str,
     elapsed = time.perf_counter() - started
     await server.stop()
     await runner.aclose()
+    await broker.close_fast_lane()
     return runs / elapsed
 
 

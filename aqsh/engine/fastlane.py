@@ -33,9 +33,10 @@ from collections.abc import Sequence
 from typing import Any, cast
 
 import hiredis
+from redis._parsers.base import BaseParser
 from redis.asyncio.connection import Connection
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from aqsh.engine.connection import RedisClient
@@ -95,11 +96,10 @@ class _WaitChooser:
         self._average[spun] = average + (min(round_trip_s, 4 * average) - average) / 8
 
 
-def _reply_error(text: str) -> ResponseError:
-    """Error replies as redis-py's classes, so callers classify them the same on both paths."""
-    if text.startswith("NOSCRIPT"):
-        return NoScriptError(text)
-    return ResponseError(text)
+def _reply_error(text: str) -> Exception:
+    """Error replies as redis-py's own parser classifies them (NOSCRIPT, LOADING and READONLY
+    after a restart or failover, ...), so callers treat them the same on both paths."""
+    return cast(Exception, BaseParser.parse_error(text))  # type: ignore[no-untyped-call]
 
 
 class _Protocol(asyncio.Protocol):
@@ -258,7 +258,7 @@ class FastLane:
                     if self.db:
                         handshake.append(("SELECT", self.db))
                     for reply in await asyncio.gather(*protocol.send(handshake)):
-                        if isinstance(reply, ResponseError):
+                        if isinstance(reply, Exception):
                             failed = RedisConnectionError(f"redis handshake failed: {reply}")
                             protocol.fail(failed)
                             raise failed from reply
@@ -268,7 +268,7 @@ class FastLane:
             return protocol
 
     async def execute_many(self, commands: Sequence[Command]) -> list[Any]:
-        """Replies in order; Redis error replies come back as ResponseError objects.
+        """Replies in order; Redis error replies come back as redis-py exception objects.
 
         Raises redis-py's ConnectionError/TimeoutError when the connection fails or a reply is
         overdue; the next call connects afresh.
@@ -317,7 +317,7 @@ class FastLane:
 
     async def execute(self, *command: Any) -> Any:
         reply = (await self.execute_many([command]))[0]
-        if isinstance(reply, ResponseError):
+        if isinstance(reply, Exception):
             raise reply
         return reply
 

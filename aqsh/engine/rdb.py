@@ -33,6 +33,7 @@ from aqsh.engine.broker import (
     Leased,
 )
 from aqsh.engine.connection import RedisClient, open_pubsub
+from aqsh.engine.fastlane import FastLane
 from aqsh.engine.models import ServerInfo, TaskMessage, WorkerInfo
 from aqsh.engine.scripts import Batch, Scripts
 
@@ -72,9 +73,18 @@ async def guarded(call: Awaitable[T]) -> T:
 class RedisBroker:
     """The Broker protocol (aqsh.engine.broker) over one redis-py asyncio client."""
 
-    def __init__(self, client: RedisClient) -> None:
+    def __init__(self, client: RedisClient, *, fast_lane: bool = False) -> None:
+        """``fast_lane=True``: script calls go over one multiplexed connection of the broker's
+        own (plain TCP standalone Redis only; otherwise redis-py as before), which then needs
+        ``await broker.close_fast_lane()``. It never spins: a worker's CPU belongs to its
+        tasks."""
         self.client = client
-        self.scripts = Scripts(client)
+        self.lane = FastLane.from_redis(client, spin_us=0) if fast_lane else None
+        self.scripts = Scripts(client, self.lane)
+
+    async def close_fast_lane(self) -> None:
+        if self.lane is not None:
+            await self.lane.aclose()
 
     # ---------------------------------------------------------------- producer side
     async def _produce(

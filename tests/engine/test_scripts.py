@@ -6,6 +6,8 @@ the tests check.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import msgspec
 import pytest
 import redis.asyncio as aioredis
@@ -41,9 +43,16 @@ async def seed_pending(r: aioredis.Redis, m: TaskMessage, since_ns: int = 1) -> 
     await r.lpush(q.pending, m.id)
 
 
-@pytest.fixture
-def broker(redis: aioredis.Redis) -> RedisBroker:
-    return RedisBroker(redis)
+@pytest.fixture(params=[False, True], ids=["redis-py", "fast-lane"])
+async def broker(
+    redis: aioredis.Redis, request: pytest.FixtureRequest
+) -> AsyncIterator[RedisBroker]:
+    """Every transition through redis-py and through the broker's fast lane (as aqsh serve
+    runs it): same keys, same replies, same errors."""
+    made = RedisBroker(redis, fast_lane=request.param)
+    assert (made.lane is not None) is request.param
+    yield made
+    await made.close_fast_lane()
 
 
 async def test_enqueue_writes_hash_and_pushes_id(redis: aioredis.Redis, broker: RedisBroker,

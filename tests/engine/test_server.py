@@ -29,11 +29,14 @@ Q = keys.queue_keys("default")
 ServerFactory = Callable[..., Server]
 
 
-@pytest.fixture
+@pytest.fixture(params=[False, True], ids=["redis-py", "fast-lane"])
 async def make_server(
-    redis: aioredis.Redis, clock: ManualClock
+    redis: aioredis.Redis, clock: ManualClock, request: pytest.FixtureRequest
 ) -> AsyncIterator[ServerFactory]:
+    """Servers whose broker sends script calls through redis-py, or through its own fast lane
+    as aqsh serve wires it."""
     servers: list[Server] = []
+    brokers: list[RedisBroker] = []
 
     def factory(handler: Any, **options: Any) -> Server:
         options.setdefault("queues", {"default": 1})
@@ -41,13 +44,17 @@ async def make_server(
         options.setdefault("forward_interval_s", 3600)
         options.setdefault("recover_interval_s", 3600)
         options.setdefault("janitor_interval_s", 3600)
-        server = Server(RedisBroker(redis), handler, clock=clock, **options)
+        broker = RedisBroker(redis, fast_lane=request.param)
+        brokers.append(broker)
+        server = Server(broker, handler, clock=clock, **options)
         servers.append(server)
         return server
 
     yield factory
     for server in servers:
         await server.stop(shutdown_timeout_s=0)
+    for broker in brokers:
+        await broker.close_fast_lane()
 
 
 @pytest.fixture
