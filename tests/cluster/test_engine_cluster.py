@@ -454,7 +454,7 @@ async def test_subscriber_moves_on_after_its_connection_drops(
             await broker.publish_cancel("after")  # lost while unsubscribed: keep sending
             return not seen.empty()
 
-        await wait_until(delivered, timeout_s=5, interval_s=0.05, message="resubscribed")
+        await wait_until(delivered, timeout_s=15, interval_s=0.05, message="resubscribed")
         assert seen.get_nowait() == "after"
     finally:
         listener.cancel()
