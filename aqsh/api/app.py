@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import time
 
+import redis.asyncio as aioredis
 from aiohttp import web
 
 from aqsh.api import handlers
 from aqsh.api.errors import Handler, error_middleware
+from aqsh.api.loghub import LogHub
 from aqsh.api.state import STATE_KEY, ApiState
 
 
@@ -34,6 +36,13 @@ def create_app(state: ApiState, *, api: bool = True) -> web.Application:
         client_max_size=state.settings.max_body_bytes,
     )
     app[STATE_KEY] = state
+    if api and state.log_hub is None and isinstance(state.blocking_redis, aioredis.Redis):
+        hub = state.log_hub = LogHub(state.blocking_redis)
+
+        async def close_hub(_: web.Application) -> None:
+            await hub.close()
+
+        app.on_cleanup.append(close_hub)
     if api:
         app.router.add_post("/tasks/{name}", handlers.submit_task)
         app.router.add_get("/tasks", handlers.list_task_types)

@@ -320,7 +320,8 @@ async def task_logs(request: web.Request) -> web.StreamResponse:
         return current.state in _FINISHED
 
     return await follow_logs(request, state.blocking_redis, info.id, after, finished,
-                             state.metrics.sse_clients.inc, state.metrics.sse_clients.dec)
+                             state.metrics.sse_clients.inc, state.metrics.sse_clients.dec,
+                             hub=state.log_hub)
 
 
 # ---------------------------------------------------------------------------- cancel

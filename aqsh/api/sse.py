@@ -1,13 +1,15 @@
 """GET /tasks/{id}/logs: replay the log stream, then follow it live.
 
-Each client reads the stream on its own (``XREAD BLOCK`` from its last id), so followers share
-no state and every one resumes exactly where its ``Last-Event-ID`` says. The stream's own entry
+Every follower resumes exactly where its ``Last-Event-ID`` says: it replays from there on its
+own, then takes the live part from the process's shared reader (``aqsh.api.loghub``; on a
+Cluster it keeps reading alone with ``XREAD BLOCK``). The stream's own entry
 ids are the SSE ids. ``event: eof`` (data = the exit code) ends the stream once the task's last
 attempt finished; a task that will be retried keeps its followers through the next attempt.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -15,6 +17,7 @@ from aiohttp import web
 from aiohttp_sse import sse_response
 
 from aqsh.api.errors import ApiError
+from aqsh.api.loghub import LogHub
 from aqsh.engine.connection import RedisClient
 from aqsh.runner.logs import log_key
 
@@ -53,6 +56,35 @@ async def plain_logs(redis: RedisClient, task_id: str, after: str) -> web.Respon
     return web.Response(text=body, content_type="text/plain", charset="utf-8")
 
 
+class _Cursor:
+    """A follower's position and the eof marker that may end its stream."""
+
+    def __init__(self, after: str) -> None:
+        self.last = after
+        #: The newest eof marker with nothing after it: the end, unless the task runs again.
+        self.pending_eof: tuple[str, str] | None = None
+
+    async def send(self, response: Any, entries: Any) -> None:
+        for raw_id, fields in entries:
+            self.last = _text(raw_id)
+            if b"line" in fields:
+                await response.send(_text(fields[b"line"]), id=self.last)
+                self.pending_eof = None
+            elif b"eof" in fields:
+                self.pending_eof = (self.last, _text(fields.get(b"exit_code", b"")))
+            elif b"start" in fields:
+                self.pending_eof = None
+
+    def wait_s(self) -> float:
+        # Right after an eof marker the task's final state lands within milliseconds (the ack
+        # follows the script's exit); check briefly instead of waiting long.
+        return 0.2 if self.pending_eof else BLOCK_MS / 1000
+
+    async def end(self, response: Any) -> None:
+        eof_id, code = self.pending_eof or (None, "")
+        await response.send(code, id=eof_id, event="eof")
+
+
 async def follow_logs(
     request: web.Request,
     redis: RedisClient,
@@ -61,37 +93,58 @@ async def follow_logs(
     task_finished: Callable[[], Awaitable[bool]],
     on_open: Callable[[], None],
     on_close: Callable[[], None],
+    hub: LogHub | None = None,
 ) -> web.StreamResponse:
+    """With a ``hub`` (standalone Redis) the live part comes from the process's one shared
+    reader; without (Cluster) this follower blocks on a connection of its own."""
     key = log_key(task_id)
-    last = after
-    #: The newest eof marker with nothing after it: the end, unless the task runs again.
-    pending_eof: tuple[str, str] | None = None
+    cursor = _Cursor(after)
     on_open()
     try:
         async with sse_response(request, ping_interval=15) as response:
-            while response.is_connected():
-                # Right after an eof marker the task's final state lands within milliseconds
-                # (the ack follows the script's exit); poll briefly instead of blocking long.
-                block_ms = 200 if pending_eof else BLOCK_MS
-                reply: Any = await redis.xread({key: last}, count=BATCH, block=block_ms)
-                if not reply:
-                    if await task_finished():
-                        eof_id, code = pending_eof or (None, "")
-                        await response.send(code, id=eof_id, event="eof")
-                        break
-                    continue
-                pending_eof = None
-                for raw_id, fields in reply[0][1]:
-                    last = _text(raw_id)
-                    if b"line" in fields:
-                        await response.send(_text(fields[b"line"]), id=last)
-                        pending_eof = None
-                    elif b"eof" in fields:
-                        pending_eof = (last, _text(fields.get(b"exit_code", b"")))
-                    elif b"start" in fields:
-                        pending_eof = None
+            if hub is None:
+                await _follow_alone(response, redis, key, cursor, task_finished)
+            else:
+                await _follow_with_hub(response, redis, hub, key, cursor, task_finished)
         return response
     finally:
         on_close()
 
 
+async def _follow_alone(response: Any, redis: RedisClient, key: str, cursor: _Cursor,
+                        task_finished: Callable[[], Awaitable[bool]]) -> None:
+    while response.is_connected():
+        reply: Any = await redis.xread({key: cursor.last}, count=BATCH,
+                                       block=int(cursor.wait_s() * 1000))
+        if reply:
+            await cursor.send(response, reply[0][1])
+        elif await task_finished():
+            await cursor.end(response)
+            return
+
+
+async def _follow_with_hub(response: Any, redis: RedisClient, hub: LogHub, key: str,
+                           cursor: _Cursor, task_finished: Callable[[], Awaitable[bool]]) -> None:
+    while response.is_connected():
+        # Catch up on our own (no blocking), then let the hub bring what comes next.
+        while True:
+            start = f"({cursor.last}" if cursor.last != "0-0" else "-"
+            entries: Any = await redis.xrange(key, min=start, max="+", count=BATCH)
+            await cursor.send(response, entries)
+            if len(entries) < BATCH:
+                break
+        follower = hub.join(key, cursor.last)
+        try:
+            while response.is_connected():
+                if follower.dropped and follower.entries.empty():
+                    break  # too slow for the hub: catch up alone, then rejoin
+                try:
+                    batch = await asyncio.wait_for(follower.entries.get(), cursor.wait_s())
+                except TimeoutError:
+                    if await task_finished():
+                        await cursor.end(response)
+                        return
+                    continue
+                await cursor.send(response, batch)
+        finally:
+            hub.leave(follower)

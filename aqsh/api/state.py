@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from aqsh.api.loghub import LogHub
 from aqsh.api.metrics import Metrics
 from aqsh.config_holder import ConfigHolder
 from aqsh.engine.client import Client
@@ -20,13 +21,15 @@ class ApiState:
     settings: Settings
     config: ConfigHolder
     redis: RedisClient
-    #: A separate pool for XREAD BLOCK: followers hold a connection each while they wait.
+    #: A separate pool for XREAD BLOCK (the log hub's, or each follower's on a Cluster).
     blocking_redis: RedisClient
     broker: RedisBroker
     client: Client
     inspector: Inspector
     metrics: Metrics
     draining: bool = False
+    #: The shared reader of followed log streams (standalone Redis; None on a Cluster).
+    log_hub: LogHub | None = None
 
 
 STATE_KEY = web.AppKey("aqsh", ApiState)

@@ -1,0 +1,122 @@
+"""The shared log reader: one XREAD for many followers, each still getting exactly the entries
+after its own position, slow followers dropped (and caught up) instead of buffered forever."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from aqsh.api.loghub import Follower, LogHub, stream_id
+from tests.api.conftest import ServiceFactory, sse_events
+from tests.support import wait_until
+
+
+@pytest.fixture
+async def hub(redis_url: str) -> AsyncIterator[LogHub]:
+    reader = aioredis.Redis.from_url(redis_url, socket_timeout=30)
+    made = LogHub(reader, block_ms=5000)
+    yield made
+    await made.close()
+    await reader.aclose()
+
+
+async def received(follower: Follower, count: int) -> list[str]:
+    out: list[str] = []
+    while len(out) < count:
+        batch = await asyncio.wait_for(follower.entries.get(), 5)
+        out.extend(entry_id for entry_id, _ in batch)
+    return out
+
+
+async def test_followers_get_what_is_after_their_own_position(
+    redis: aioredis.Redis, hub: LogHub
+) -> None:
+    ids = [(await redis.xadd("logs:t", {"line": str(n)})).decode() for n in range(3)]
+    ahead = hub.join("logs:t", ids[1])  # caught up to the second entry on its own
+    assert await received(ahead, 1) == [ids[2]]
+    behind = hub.join("logs:t", "0-0")  # joins behind the hub's position: it reads again
+    assert await received(behind, 3) == ids
+    later = (await redis.xadd("logs:t", {"line": "3"})).decode()
+    assert await received(ahead, 1) == [later]
+    assert await received(behind, 1) == [later]
+    assert ahead.entries.empty()  # the re-read for `behind` gave `ahead` no duplicates
+
+
+async def test_one_reader_serves_many_streams(redis: aioredis.Redis, hub: LogHub) -> None:
+    followers = [hub.join(f"logs:{n}", "0-0") for n in range(20)]
+    await wait_until(lambda: _blocked_xreads(redis), message="hub blocked in XREAD")
+    for n in range(20):
+        await redis.xadd(f"logs:{n}", {"line": f"line {n}"})
+    for n, follower in enumerate(followers):
+        [(_, fields)] = (await asyncio.wait_for(follower.entries.get(), 5))
+        assert fields[b"line"] == f"line {n}".encode()
+    assert await _blocked_xreads(redis) <= 1
+
+
+async def _blocked_xreads(redis: aioredis.Redis) -> int:
+    clients = (await redis.execute_command("CLIENT", "LIST")).decode().splitlines()
+    return sum(1 for c in clients if "cmd=xread" in c and "flags=b" in c)
+
+
+async def test_a_follower_too_far_behind_is_dropped_not_buffered(
+    redis: aioredis.Redis, redis_url: str
+) -> None:
+    reader = aioredis.Redis.from_url(redis_url, socket_timeout=30)
+    hub = LogHub(reader, queue_limit=1)
+    slow = hub.join("logs:s", "0-0")
+    await redis.xadd("logs:s", {"line": "1"})
+    await wait_until(lambda: slow.entries.qsize() == 1, message="first batch")
+    await redis.xadd("logs:s", {"line": "2"})
+    await wait_until(lambda: slow.dropped, message="dropped")
+    assert "logs:s" not in hub._followers  # nothing more is kept for it
+    assert slow.entries.qsize() == 1
+    assert stream_id("1-0") < stream_id("10-0")  # ids compare as numbers, not text
+    await hub.close()
+    await reader.aclose()
+
+
+async def test_sse_followers_get_every_line_through_the_hub(
+    make_service: ServiceFactory, redis: aioredis.Redis
+) -> None:
+    service = await make_service()
+    assert service.state.log_hub is not None
+    service.state.log_hub.queue_limit = 1  # slow followers get dropped and catch up alone
+    _, body, _ = await service.request("POST", "/tasks/lines?process_in=1s", json={"count": 3000})
+    followers = [asyncio.create_task(sse_events(service, body["id"])) for _ in range(8)]
+    results = await asyncio.wait_for(asyncio.gather(*followers), 60)
+    for events in results:
+        assert [e["data"] for e in events] == [f"line {n}" for n in range(3000)] + ["0"]
+        ids = [stream_id(e["id"]) for e in events[:-1]]
+        assert ids == sorted(set(ids))  # in order, no duplicates
+    assert service.state.log_hub.reads > 0  # the live part came through the hub
+    assert await _blocked_xreads(redis) <= 1
+
+
+async def test_the_hub_resumes_after_a_redis_restart() -> None:
+    from aqsh.redis_process import RedisProcess
+
+    with RedisProcess(persistent=True) as server:
+        reader = aioredis.Redis.from_url(server.url, socket_timeout=5, socket_connect_timeout=1)
+        writer = aioredis.Redis.from_url(server.url, socket_timeout=5, socket_connect_timeout=1)
+        hub = LogHub(reader, block_ms=1000)
+        before = (await writer.xadd("logs:r", {"line": "before"})).decode()
+        follower = hub.join("logs:r", before)
+        await wait_until(lambda: _blocked_xreads(writer), message="hub reading")
+        server.stop_keep_data()
+        server.start()
+        await wait_until(lambda: _pings(writer), timeout_s=15, interval_s=0.1, message="up")
+        after = (await writer.xadd("logs:r", {"line": "after"})).decode()
+        assert await received(follower, 1) == [after]
+        await hub.close()
+        await reader.aclose()
+        await writer.aclose()
+
+
+async def _pings(redis: aioredis.Redis) -> bool:
+    try:
+        return bool(await redis.ping())
+    except Exception:
+        return False
