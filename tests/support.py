@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -41,3 +41,11 @@ def wait_until_sync(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s}s waiting for {message}")
         time.sleep(interval_s)
+
+
+async def redis_answers(redis: Any) -> bool:
+    """For polling until a restarted Redis is back: True once PING succeeds."""
+    try:
+        return bool(await redis.ping())
+    except Exception:
+        return False

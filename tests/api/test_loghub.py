@@ -11,7 +11,7 @@ import redis.asyncio as aioredis
 
 from aqsh.api.loghub import Follower, LogHub, stream_id
 from tests.api.conftest import ServiceFactory, sse_events
-from tests.support import wait_until
+from tests.support import redis_answers, wait_until
 
 
 @pytest.fixture
@@ -107,16 +107,11 @@ async def test_the_hub_resumes_after_a_redis_restart() -> None:
         await wait_until(lambda: _blocked_xreads(writer), message="hub reading")
         server.stop_keep_data()
         server.start()
-        await wait_until(lambda: _pings(writer), timeout_s=15, interval_s=0.1, message="up")
+        await wait_until(lambda: redis_answers(writer), timeout_s=15, interval_s=0.1,
+                         message="up")
         after = (await writer.xadd("logs:r", {"line": "after"})).decode()
         assert await received(follower, 1) == [after]
         await hub.close()
         await reader.aclose()
         await writer.aclose()
 
-
-async def _pings(redis: aioredis.Redis) -> bool:
-    try:
-        return bool(await redis.ping())
-    except Exception:
-        return False

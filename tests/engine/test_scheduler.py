@@ -14,7 +14,7 @@ from aqsh.engine.models import TaskState
 from aqsh.engine.rdb import RedisBroker
 from aqsh.engine.scheduler import PeriodicTask, Scheduler
 from aqsh.redis_process import RedisProcess
-from tests.support import wait_until
+from tests.support import redis_answers, wait_until
 
 START = 1_767_225_600.0 + 7  # 2026-01-01T00:00:07Z
 NIGHTLY = PeriodicTask(spec="*/5 * * * *", type="backup", payload=b'{"db":"main"}',
@@ -113,18 +113,13 @@ async def test_a_fire_during_an_outage_is_retried_with_the_same_id(
         start_clock.advance(0.5)
         assert await sched.fire_due() == []  # not before the retry delay
         server.start()
-        await wait_until(lambda: _pings(redis), timeout_s=15, interval_s=0.1, message="redis")
+        await wait_until(lambda: redis_answers(redis), timeout_s=15, interval_s=0.1,
+                         message="redis")
         start_clock.advance(1)
         [info] = await sched.fire_due()
         assert info.id.endswith(f"-{int(START - 7 + 300)}")
         await redis.aclose()
 
-
-async def _pings(redis: aioredis.Redis) -> bool:
-    try:
-        return bool(await redis.ping())
-    except Exception:
-        return False
 
 
 async def test_sync_keeps_unchanged_entries_and_retires_removed_ones(
