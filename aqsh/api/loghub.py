@@ -137,15 +137,26 @@ class LogHub:
                 continue
             self.reads += 1
             for raw_key, raw_entries in reply or []:
-                self._deliver(_text(raw_key), [(_text(i), f) for i, f in raw_entries])
+                key = _text(raw_key)
+                self._deliver(key, [(_text(i), f) for i, f in raw_entries],
+                              read_from=stream_id(streams[key]))
 
-    def _deliver(self, key: str, entries: Sequence[Entry]) -> None:
+    def _deliver(self, key: str, entries: Sequence[Entry], *, read_from: tuple[int, int]) -> None:
+        """Hand out what one read of ``key`` (after ``read_from``) returned.
+
+        A follower that joined behind ``read_from`` while the read was under way needs older
+        entries first: it gets nothing now, and the cursor stays where its join put it, so the
+        next read starts there (the others skip what they already have).
+        """
         if not entries or key not in self._followers:
             return
         newest = stream_id(entries[-1][0])
-        self._cursor[key] = max(self._cursor.get(key, newest), newest)
+        if self._cursor.get(key) == read_from:
+            self._cursor[key] = newest
         ids = [stream_id(entry_id) for entry_id, _ in entries]
         for follower in list(self._followers[key]):
+            if follower.last < read_from:
+                continue
             fresh = [entry for entry, at in zip(entries, ids, strict=True) if at > follower.last]
             if not fresh:
                 continue

@@ -115,3 +115,29 @@ async def test_the_hub_resumes_after_a_redis_restart() -> None:
         await reader.aclose()
         await writer.aclose()
 
+
+
+async def test_a_follower_joining_behind_during_a_read_loses_nothing(
+    redis: aioredis.Redis, redis_url: str
+) -> None:
+    """The read that was under way when it joined cannot serve it (it started after the
+    entries this follower still needs): it gets nothing from that read, and the cursor stays
+    where its join put it, so the next read brings it everything in order."""
+    reader = aioredis.Redis.from_url(redis_url)
+    hub = LogHub(reader)
+    ids = [(await redis.xadd("logs:j", {"line": str(n)})).decode() for n in range(4)]
+    ahead = hub.join("logs:j", ids[1])
+    await hub.close()  # drive the hub's steps by hand from here
+    behind = hub.join("logs:j", "0-0")
+    await hub.close()
+    raw = await redis.xrange("logs:j", min=f"({ids[1]}", max="+")
+    entries = [(i.decode(), f) for i, f in raw]
+    hub._deliver("logs:j", entries, read_from=stream_id(ids[1]))  # the read issued before
+    assert [e for e, _ in ahead.entries.get_nowait()] == ids[2:]
+    assert behind.entries.empty()
+    assert hub._cursor["logs:j"] == stream_id("0-0")  # the next read starts from `behind`
+    raw = await redis.xrange("logs:j", min="-", max="+")
+    hub._deliver("logs:j", [(i.decode(), f) for i, f in raw], read_from=stream_id("0-0"))
+    assert [e for e, _ in behind.entries.get_nowait()] == ids
+    assert ahead.entries.empty()  # nothing twice
+    await reader.aclose()
