@@ -11,6 +11,7 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -112,7 +113,9 @@ def http(method: str, url: str, body: Any = None) -> tuple[int, Any]:
         return 0, None
 
 
-def sse_to_eof(url: str) -> list[str]:
+def sse_to_eof(url: str, on_data: Callable[[list[str]], None] | None = None) -> list[str]:
+    """The data lines of an SSE log stream up to its eof (as ``eof:<code>``); ``on_data`` sees
+    the list after every line, while the stream is still open."""
     lines: list[str] = []
     with urllib.request.urlopen(url, timeout=60) as resp:
         event = None
@@ -124,6 +127,8 @@ def sse_to_eof(url: str) -> list[str]:
                 lines.append(("eof:" if event == "eof" else "") + line[5:].strip())
                 if event == "eof":
                     return lines
+                if on_data is not None:
+                    on_data(lines)
     return lines
 
 
@@ -256,3 +261,57 @@ def test_k8s_manifests_probe_real_routes_and_real_settings() -> None:
                     assert container[probe]["httpGet"]["path"] in routes
                 for env in container["env"]:
                     assert env["name"].removeprefix("AQSH_") in _FIELDS, env["name"]
+
+
+def test_split_deployment_api_on_uvloop_and_a_separate_worker(tmp_path: Path) -> None:
+    """The k8s topology: an API process (uvloop, shared SSE reader) and a worker process on
+    one Redis. A submitted task runs on the worker; its log is followed live through the API."""
+    from tests.api.conftest import write_tasks
+
+    config, scripts = write_tasks(tmp_path)
+    with RedisProcess() as redis_proc:
+        procs: dict[str, subprocess.Popen[str]] = {}
+        urls: dict[str, str] = {}
+        for mode in ("api", "worker"):
+            port = free_port()
+            env = {**os.environ, "AQSH_REDIS_ADDR": redis_proc.url,
+                   "AQSH_TASKS_CONFIG": str(config), "AQSH_TASKS_DIR": str(scripts),
+                   "AQSH_BIND": f"127.0.0.1:{port}", "AQSH_MODE": mode,
+                   "AQSH_LOG_FORMAT": "json", "AQSH_RESULTS_DIR": str(tmp_path / "work")}
+            procs[mode] = subprocess.Popen([sys.executable, "-m", "aqsh", "serve"], cwd=ROOT,
+                                           env=env, stdout=subprocess.DEVNULL,
+                                           stderr=subprocess.PIPE, text=True)
+            urls[mode] = f"http://127.0.0.1:{port}"
+        try:
+            for url in urls.values():
+                wait_until_sync(lambda u=url: http("GET", u + "/health/ready")[0] == 200,
+                                timeout_s=30, interval_s=0.1, message="ready")
+            assert http("POST", urls["worker"] + "/tasks/echo", {"name": "x"})[0] == 404
+            status, accepted = http("POST", urls["api"] + "/tasks/echo",
+                                    {"name": "split", "times": 3})
+            assert status == 202, accepted
+            lines = sse_to_eof(f"{urls['api']}/tasks/{accepted['id']}/logs")
+            assert lines == ["hello split"] * 3 + ["eof:0"]
+            _, task = http("GET", f"{urls['api']}/tasks/{accepted['id']}")
+            assert (task["state"], task["result"]["exit_code"]) == ("completed", 0)
+            # Live: follow a running script, cancel it through the API, see the stream end.
+            _, slow = http("POST", urls["api"] + "/tasks/slow", {})
+
+            def cancel_once_started(lines: list[str]) -> None:
+                if lines == ["started"]:
+                    assert http("DELETE", f"{urls['api']}/tasks/{slow['id']}")[0] == 202
+
+            seen = sse_to_eof(f"{urls['api']}/tasks/{slow['id']}/logs", cancel_once_started)
+            assert seen == ["started", "eof:-15"]
+        finally:
+            for proc in procs.values():
+                proc.send_signal(signal.SIGTERM)
+            outputs = {mode: proc.communicate(timeout=30)[1] for mode, proc in procs.items()}
+    for mode, proc in procs.items():
+        assert proc.returncode == 0, outputs[mode][-2000:]
+    started = [json.loads(line) for line in outputs["api"].splitlines()
+               if '"aqsh.started"' in line]
+    assert started[0]["event_loop"] == "uvloop"
+    worker_started = [json.loads(line) for line in outputs["worker"].splitlines()
+                      if '"aqsh.started"' in line]
+    assert worker_started[0]["event_loop"] == "asyncio.unix_events"
