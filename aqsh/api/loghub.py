@@ -94,9 +94,10 @@ class LogHub:
             return
         followers.discard(follower)
         if not followers:
+            # No wake-up: the read under way may keep the stream until it returns (its news for
+            # nobody is dropped); interrupting it would cost a reconnect per departing viewer.
             del self._followers[follower.key]
             self._cursor.pop(follower.key, None)
-            self._changed.set()
 
     async def close(self) -> None:
         if self._task is not None:
