@@ -18,7 +18,6 @@ import signal
 import sys
 
 import structlog
-import uvloop
 from aiohttp import web
 
 from aqsh import __version__
@@ -202,8 +201,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"aqsh: {exc.message}", file=sys.stderr)
         return 2
+    loop_factory = None
+    if settings.uses_uvloop:
+        import uvloop  # only where it runs: a worker process need not load it
+
+        loop_factory = uvloop.new_event_loop
     with contextlib.suppress(KeyboardInterrupt), asyncio.Runner(
-        loop_factory=uvloop.new_event_loop if settings.uses_uvloop else None
+        loop_factory=loop_factory
     ) as runner:
         return runner.run(serve(settings))
     return 130
