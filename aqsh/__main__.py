@@ -98,7 +98,7 @@ async def serve(settings: Settings) -> int:
     if settings.mode in ("worker", "both"):
         server = _worker(settings, config, broker, metrics)
         if settings.scheduler:
-            scheduler = _scheduler(settings, config, broker)
+            scheduler = _scheduler(settings, config, broker, metrics)
     app = create_app(state, api=settings.mode in ("api", "both"))
     app_runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=5.0)
     await app_runner.setup()
@@ -165,10 +165,15 @@ def _worker(settings: Settings, config: ConfigHolder, broker: RedisBroker,
                   retry_delay=shell_retry_delay(config))
 
 
-def _scheduler(settings: Settings, config: ConfigHolder, broker: RedisBroker) -> Scheduler:
+def _scheduler(settings: Settings, config: ConfigHolder, broker: RedisBroker,
+               metrics: Metrics) -> Scheduler:
     """The schedules of tasks.yaml, re-synced on every reload (unchanged entries keep their
     next fire time)."""
-    scheduler = Scheduler(broker)
+
+    def count(task: str, outcome: str) -> None:
+        metrics.schedule_fires.labels(task, outcome).inc()
+
+    scheduler = Scheduler(broker, on_fire=count)
 
     def sync(current: TasksConfig) -> None:
         scheduler.sync(periodic_tasks(current, result_retention_s=settings.result_retention_s))

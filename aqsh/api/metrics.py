@@ -68,6 +68,10 @@ class Metrics:
         self.submit_retries = Counter(
             "aqsh_submit_retries", "Submission attempts repeated because Redis was unreachable",
             registry=self.registry)
+        self.schedule_fires = Counter(
+            "aqsh_schedule_fires", "Schedule fires by outcome: stored (by this worker), "
+            "elsewhere (another replica stored it), failed (Redis away), refused",
+            ["task", "outcome"], registry=self.registry)
         self.sse_clients = Gauge("aqsh_sse_clients", "SSE log followers connected",
                                  registry=self.registry)
 

@@ -27,7 +27,7 @@ import json
 import os
 import socket
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import msgspec
@@ -101,7 +101,12 @@ class Scheduler:
         clock: Clock | None = None,
         heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S,
         history_limit: int = HISTORY_LIMIT,
+        on_fire: Callable[[str, str], None] | None = None,
     ) -> None:
+        """``on_fire(task_type, outcome)`` hears every fire: ``stored`` (this scheduler stored
+        the task), ``elsewhere`` (another replica had), ``failed`` (Redis away; retried) or
+        ``refused`` (the entry itself is wrong) — for metrics and alerts on silent schedules."""
+        self.on_fire = on_fire
         self.broker = broker
         self.clock = clock or SystemClock()
         self.client = Client(broker, clock=self.clock)
@@ -179,15 +184,19 @@ class Scheduler:
                     timeout=task.timeout_s, retention=task.retention_s, headers=headers,
                     task_id=task_id)
             except errors.TaskIdConflict:
+                self._heard(task.type, "elsewhere")
                 log.debug("scheduler.fired_elsewhere", entry_id=entry.id, task_id=task_id)
             except errors.BrokerUnavailable as exc:
                 entry.retry_at_s = now_s + _RETRY_AFTER_FAILURE_S
+                self._heard(task.type, "failed")
                 log.warning("scheduler.enqueue_failed", entry_id=entry.id, error=str(exc))
                 continue
             except errors.AqshError as exc:  # the entry itself is wrong: skip this fire
+                self._heard(task.type, "refused")
                 log.error("scheduler.enqueue_refused", entry_id=entry.id, error=str(exc))
             else:
                 stored.append(info)
+                self._heard(task.type, "stored")
                 await self._record(entry.id, info.id)
                 log.info("scheduler.enqueued", entry_id=entry.id, task_id=info.id,
                          type=task.type, queue=task.queue)
@@ -195,6 +204,10 @@ class Scheduler:
             entry.next_s = entry.cron.next_after(now_s)
             entry.retry_at_s = 0.0
         return stored
+
+    def _heard(self, task_type: str, outcome: str) -> None:
+        if self.on_fire is not None:
+            self.on_fire(task_type, outcome)
 
     async def _record(self, entry_id: str, task_id: str) -> None:
         """The enqueue is done; losing its history line to a Redis blip is not worth failing

@@ -100,6 +100,13 @@ async def test_a_schedule_runs_once_per_fire_across_replicas(
             assert task["enqueued_at"] is not None
             async with session.get(f"{base}/tasks/{task_id}/logs") as resp:
                 assert "hello cron" in await resp.text()
+            stored = 0.0
+            for _, url in replicas:  # every fire stored by exactly one replica, and counted
+                async with session.get(url + "/metrics") as resp:
+                    for line in (await resp.text()).splitlines():
+                        if line.startswith('aqsh_schedule_fires_total{outcome="stored"'):
+                            stored += float(line.rsplit(" ", 1)[1])
+            assert stored >= 3
 
             # Reload without the schedule: both replicas withdraw the entry.
             config.write_text(TASKS_YAML)

@@ -78,11 +78,14 @@ async def test_a_fire_enqueues_one_task_and_records_it(redis: aioredis.Redis,
 
 async def test_replicas_store_one_task_per_fire(redis: aioredis.Redis,
                                                 start_clock: ManualClock) -> None:
-    replicas = [scheduler(redis, start_clock) for _ in range(3)]
+    heard: list[tuple[str, str]] = []
+    replicas = [Scheduler(RedisBroker(redis), clock=start_clock,
+                          on_fire=lambda t, o: heard.append((t, o))) for _ in range(3)]
     entry_ids = [replica.register(NIGHTLY) for replica in replicas]
     start_clock.advance(300)
     stored = [await replica.fire_due() for replica in replicas]
     assert [len(s) for s in stored] == [1, 0, 0]
+    assert heard == [("backup", "stored"), ("backup", "elsewhere"), ("backup", "elsewhere")]
     assert await redis.llen(keys.queue_keys("ops").pending) == 1
     counts = [await redis.zcard(keys.scheduler_history_key(e)) for e in entry_ids]
     assert counts == [1, 0, 0]
@@ -105,7 +108,9 @@ async def test_a_fire_during_an_outage_is_retried_with_the_same_id(
 ) -> None:
     with RedisProcess(persistent=True) as server:
         redis = aioredis.Redis.from_url(server.url, socket_timeout=1, socket_connect_timeout=1)
-        sched = scheduler(redis, start_clock)
+        heard: list[str] = []
+        sched = Scheduler(RedisBroker(redis), clock=start_clock,
+                          on_fire=lambda _, outcome: heard.append(outcome))
         sched.register(NIGHTLY)
         start_clock.advance(300)
         server.stop_keep_data()
@@ -118,6 +123,7 @@ async def test_a_fire_during_an_outage_is_retried_with_the_same_id(
         start_clock.advance(1)
         [info] = await sched.fire_due()
         assert info.id.endswith(f"-{int(START - 7 + 300)}")
+        assert heard == ["failed", "stored"]
         await redis.aclose()
 
 
