@@ -279,24 +279,22 @@ class FastLane:
         if protocol is None or protocol.lost is not None:
             protocol = await self._connect()
         single = len(commands) == 1
-        if not self.spin_s or protocol.waiters:  # others are waiting: no spin, no sample
-            futures = protocol.send(commands)
-            if single:  # the hot path: no gather, one loop iteration fewer
-                return [await futures[0]]
-            return list(await asyncio.gather(*futures))
-        # A lone call. Only single commands are timed, so samples compare like with like.
-        spin = self._chooser.spin_next() if single else self._chooser.prefers_spin
+        # A lone call may spin (others waiting means replies are already on their way, so
+        # not then). Only lone single commands are timed, so samples compare like with like.
+        lone = bool(self.spin_s) and not protocol.waiters
+        spin = lone and (self._chooser.spin_next() if single else self._chooser.prefers_spin)
         started = time.perf_counter()
         futures = protocol.send(commands)
         if spin:
             await self._spin(futures, self._chooser.spin_budget(self.spin_s))
-        else:
+        elif lone:
             self.parked += 1
-        if single:
-            replies = [await futures[0]]
+        if not single:
+            return list(await asyncio.gather(*futures))
+        replies = [await futures[0]]  # the hot path: no gather, one loop iteration fewer
+        if lone:
             self._chooser.record(spin, time.perf_counter() - started)
-            return replies
-        return list(await asyncio.gather(*futures))
+        return replies
 
     async def _spin(self, futures: list[asyncio.Future[Any]], budget_s: float) -> None:
         """Poll (yielding to the loop each turn) until the call's replies are in or the budget
