@@ -34,7 +34,13 @@ from aqsh.engine.broker import (
 )
 from aqsh.engine.connection import RedisClient, open_pubsub
 from aqsh.engine.fastlane import FastLane
-from aqsh.engine.models import ServerInfo, TaskMessage, WorkerInfo
+from aqsh.engine.models import (
+    SchedulerEnqueueEvent,
+    SchedulerEntry,
+    ServerInfo,
+    TaskMessage,
+    WorkerInfo,
+)
 from aqsh.engine.scripts import Batch, Scripts
 
 T = TypeVar("T")
@@ -424,6 +430,37 @@ class RedisBroker:
         pipe.delete(skey)
         pipe.delete(wkey)
         await guarded(pipe.execute())
+
+    # ---------------------------------------------------------------- scheduler state
+    async def write_scheduler_entries(
+        self, scheduler_id: str, entries: Sequence[SchedulerEntry], *, ttl_s: int, now_s: int
+    ) -> None:
+        """A scheduler's heartbeat (asynq §4.22): its entries, announced for ``ttl_s``."""
+        key = keys.scheduler_entries_key(scheduler_id)
+        await guarded(self.client.zadd(keys.ALL_SCHEDULERS, {key: int(now_s) + int(ttl_s)}))
+        await guarded(self.scripts.run(
+            "write_scheduler_entries", [key],
+            [int(ttl_s), *(wire.encode_scheduler_entry(entry) for entry in entries)]))
+
+    async def record_scheduler_event(
+        self, entry_id: str, event: SchedulerEnqueueEvent, *, limit: int
+    ) -> None:
+        """One periodic enqueue in the entry's history, which keeps the newest ``limit``."""
+        await guarded(self.scripts.run(
+            "record_scheduler_event", [keys.scheduler_history_key(entry_id)],
+            [event.enqueue_time_ns // 1_000_000_000, wire.encode_enqueue_event(event), limit]))
+
+    async def delete_scheduler_histories(self, entry_ids: Sequence[str]) -> None:
+        if entry_ids:
+            await guarded(self.client.delete(
+                *[keys.scheduler_history_key(entry_id) for entry_id in entry_ids]))
+
+    async def clear_scheduler_state(self, scheduler_id: str, entry_ids: Sequence[str]) -> None:
+        """A stopping scheduler withdraws its entries and their histories (as asynq)."""
+        key = keys.scheduler_entries_key(scheduler_id)
+        await guarded(self.client.zrem(keys.ALL_SCHEDULERS, key))
+        await guarded(self.client.delete(
+            key, *[keys.scheduler_history_key(entry_id) for entry_id in entry_ids]))
 
     # ---------------------------------------------------------------- pub/sub
     async def _channel(self, channel: str) -> AsyncIterator[str]:

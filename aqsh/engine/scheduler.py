@@ -35,11 +35,11 @@ import structlog
 
 from aqsh import errors
 from aqsh.clock import Clock, SystemClock
-from aqsh.engine import keys, wire
+from aqsh.engine import keys
 from aqsh.engine.client import DEFAULT_MAX_RETRY, DEFAULT_QUEUE, Client
 from aqsh.engine.cron import CronSpec, go_duration
 from aqsh.engine.models import SchedulerEnqueueEvent, SchedulerEntry, TaskInfo
-from aqsh.engine.rdb import RedisBroker, guarded
+from aqsh.engine.rdb import RedisBroker
 
 log = structlog.get_logger("aqsh.engine")
 
@@ -212,29 +212,20 @@ class Scheduler:
     async def _record(self, entry_id: str, task_id: str) -> None:
         """The enqueue is done; losing its history line to a Redis blip is not worth failing
         over, so errors are logged and dropped."""
-        now_ns = self.clock.now_ns()
-        event = wire.encode_enqueue_event(
-            SchedulerEnqueueEvent(task_id=task_id, enqueue_time_ns=now_ns))
+        event = SchedulerEnqueueEvent(task_id=task_id, enqueue_time_ns=self.clock.now_ns())
         try:
-            await guarded(self.broker.scripts.run(
-                "record_scheduler_event", [keys.scheduler_history_key(entry_id)],
-                [now_ns // 1_000_000_000, event, self.history_limit]))
+            await self.broker.record_scheduler_event(entry_id, event, limit=self.history_limit)
         except errors.BrokerUnavailable as exc:
             log.warning("scheduler.history_failed", entry_id=entry_id, error=str(exc))
 
     async def heartbeat(self) -> None:
         """Announce the entries for twice the heartbeat interval; forget retired histories."""
-        ttl_s = max(1, int(2 * self.heartbeat_interval_s))
-        now_s = int(self.clock.now_s())
-        encoded = [wire.encode_scheduler_entry(entry) for entry in self.entries()]
-        await guarded(self.broker.client.zadd(keys.ALL_SCHEDULERS,
-                                              {self.entries_key: now_s + ttl_s}))
-        await guarded(self.broker.scripts.run(
-            "write_scheduler_entries", [self.entries_key], [ttl_s, *encoded]))
+        await self.broker.write_scheduler_entries(
+            self.scheduler_id, self.entries(), ttl_s=max(1, int(2 * self.heartbeat_interval_s)),
+            now_s=int(self.clock.now_s()))
         if self._retired:
             retired, self._retired = self._retired, []
-            await guarded(self.broker.client.delete(
-                *[keys.scheduler_history_key(entry_id) for entry_id in retired]))
+            await self.broker.delete_scheduler_histories(retired)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -249,11 +240,9 @@ class Scheduler:
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
         self._task = None
-        history = [keys.scheduler_history_key(entry_id)
-                   for entry_id in [*self._entries, *self._retired]]
         try:
-            await guarded(self.broker.client.zrem(keys.ALL_SCHEDULERS, self.entries_key))
-            await guarded(self.broker.client.delete(self.entries_key, *history))
+            await self.broker.clear_scheduler_state(
+                self.scheduler_id, [*self._entries, *self._retired])
         except errors.BrokerUnavailable as exc:  # the entries expire on their own
             log.warning("scheduler.clear_failed", error=str(exc))
 
