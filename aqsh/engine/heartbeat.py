@@ -50,6 +50,11 @@ class Heartbeater:
         self.started_ns = clock.now_ns()
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        # Two beats must never interleave: each writes a snapshot of the running tasks, and an
+        # older snapshot landing after a newer one would report tasks that already finished
+        # (and hand out leases from a stale list).
+        self._beat_lock = asyncio.Lock()
+        self.beats_completed = 0
 
     def server_info(self) -> ServerInfo:
         return ServerInfo(
@@ -69,6 +74,11 @@ class Heartbeater:
 
     async def beat(self) -> None:
         """Write server state, then extend leases; each part survives the other failing."""
+        async with self._beat_lock:
+            await self._beat()
+            self.beats_completed += 1
+
+    async def _beat(self) -> None:
         running = list(self.processor.running.values())
         now_s = int(self.clock.now_s())
         try:

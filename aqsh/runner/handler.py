@@ -26,7 +26,7 @@ from aqsh.engine.connection import RedisClient
 from aqsh.engine.fastlane import FastLane
 from aqsh.engine.processor import default_retry_delay
 from aqsh.engine.task import CancelReason, SkipRetry, Task, TaskContext, TaskError
-from aqsh.runner.logs import LogWriter
+from aqsh.runner.logs import DEFAULT_LINGER_S, LogWriter
 from aqsh.runner.process import ProcessExit, run_process
 from aqsh.runner.result import ScriptResult, encode_result, read_result_file
 from aqsh.runner.spec import TasksConfig, TaskSpec
@@ -53,6 +53,8 @@ class RunnerSettings(msgspec.Struct, frozen=True, kw_only=True):
     max_string_len: int = DEFAULT_MAX_STRING_LEN
     max_line_bytes: int = 16 * 1024
     max_stream_len: int = 100_000
+    #: How long the first log batch of an attempt waits for more lines (see LogWriter).
+    log_linger_s: float = DEFAULT_LINGER_S
 
 
 class ShellRunner:
@@ -128,7 +130,8 @@ class ShellRunner:
         result_file = os.path.join(work_dir, ".aqsh-result")
         env = self.environment(spec, task, inputs, work_dir, result_file)
         logs = LogWriter(self.redis, task.id, retention_s=spec.log_retention_s,
-                         max_stream_len=self.settings.max_stream_len, lane=self._lane)
+                         max_stream_len=self.settings.max_stream_len, lane=self._lane,
+                         linger_s=self.settings.log_linger_s)
         logs.mark_start(task.retried)
         bound = log.bind(task_id=task.id, name=spec.name, queue=task.queue)
         bound.info("task.started", retry=task.retried)

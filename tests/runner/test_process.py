@@ -139,9 +139,11 @@ async def _evalsha_calls(redis: aioredis.Redis) -> int:
 async def test_a_short_scripts_whole_log_is_one_redis_call(
     redis: aioredis.Redis, tmp_path: Path
 ) -> None:
+    """A linger far longer than the script's run: however busy the machine, the script exits
+    (and close() sends everything) before the first batch would have gone on its own."""
     spec = TaskSpec(name="hi", script=script(tmp_path, "echo hi\necho oops >&2\n"))
     runner = ShellRunner(lambda: TasksConfig(path="t", tasks={"hi": spec}), redis,
-                         RunnerSettings(work_root=str(tmp_path / "work")))
+                         RunnerSettings(work_root=str(tmp_path / "work"), log_linger_s=30.0))
     await runner(task("hi"), Ctx("t1"))  # loads the script into Redis
     await redis.config_resetstat()
     await runner(task("hi", task_id="t2"), Ctx("t2"))
