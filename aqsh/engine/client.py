@@ -22,7 +22,7 @@ from aqsh.engine import keys, wire
 from aqsh.engine.connection import RedisClient
 from aqsh.engine.fastlane import FastLane
 from aqsh.engine.models import TaskInfo, TaskMessage, TaskState
-from aqsh.engine.rdb import REDIS_DOWN, RedisBroker, guarded, raise_for_produce
+from aqsh.engine.rdb import REDIS_DOWN, RedisBroker, broker_error, guarded, raise_for_produce
 from aqsh.engine.scripts import Batch, script_sha
 
 DEFAULT_QUEUE = "default"
@@ -355,8 +355,8 @@ def new_task_id() -> str:
 
 
 def _raise_reply(reply: object) -> None:
-    if isinstance(reply, REDIS_DOWN):
-        raise errors.BrokerUnavailable(f"redis unavailable: {reply}") from reply
+    if isinstance(reply, BaseException) and (mapped := broker_error(reply)) is not None:
+        raise mapped from reply
     if isinstance(reply, ResponseError):
         raise errors.AqshError(f"redis error: {reply}") from reply
 
