@@ -14,7 +14,7 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from aqsh.__main__ import _worker
+from aqsh.__main__ import _worker, config_queues
 from aqsh.api.app import create_app
 from aqsh.api.metrics import Metrics
 from aqsh.api.state import ApiState
@@ -115,7 +115,8 @@ async def make_service(
         metrics = Metrics()
         state = ApiState(settings=settings, config=holder, redis=client, blocking_redis=blocking,
                          broker=broker, client=Client(broker, fast_lane=fast_lane),
-                         inspector=Inspector(client),
+                         inspector=Inspector(client,
+                                             known_queues=lambda: config_queues(holder)),
                          metrics=metrics)
         server = _worker(settings, holder, broker, metrics, loops=state.loops) if worker else None
         if server is not None:
