@@ -4,8 +4,8 @@ lease extension for every running task (both every 5 s, like asynq)."""
 from __future__ import annotations
 
 import asyncio
-import math
 import contextlib
+import math
 import os
 import socket
 import uuid

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import redis
 import redis.asyncio as aioredis
 
 from aqsh.engine import keys
@@ -25,7 +26,7 @@ from aqsh.engine.task import Task, TaskContext
 from aqsh.redis_process import free_port
 from aqsh.runner.logs import log_key
 from tests.api.conftest import write_tasks
-from tests.support import wait_until, wait_until_sync
+from tests.support import wait_until_sync
 
 Q = keys.queue_keys("default")
 ROOT = Path(__file__).resolve().parents[2]
@@ -79,7 +80,7 @@ def _get(url: str) -> tuple[int, Any]:
         return exc.code, json.loads(exc.read())
 
 
-async def test_probes_answer_while_draining(redis_url: str, tmp_path: Path) -> None:
+def test_probes_answer_while_draining(redis_url: str, tmp_path: Path) -> None:
     """SIGTERM with a script running: until it has drained, live answers 200 and ready 503 —
     the listener stays open, so Kubernetes sees a drain, not a dead pod."""
     config, scripts = write_tasks(tmp_path)
@@ -103,8 +104,9 @@ async def test_probes_answer_while_draining(redis_url: str, tmp_path: Path) -> N
                                          headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=10) as resp:
             task_id = json.loads(resp.read())["id"]
-        await wait_until(lambda: redis_has_started(redis_url, task_id), timeout_s=20,
-                         message="script running")
+        check = redis.Redis.from_url(redis_url)
+        wait_until_sync(lambda: check.xlen(log_key(task_id)) >= 2, timeout_s=20,
+                        message="script running")
         proc.send_signal(signal.SIGTERM)
         wait_until_sync(lambda: _get(base + "/health/ready")[0] == 503, timeout_s=10,
                         message="not ready while draining")
@@ -118,10 +120,10 @@ async def test_probes_answer_while_draining(redis_url: str, tmp_path: Path) -> N
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    async with aioredis.Redis.from_url(redis_url) as check:
-        state = await check.hget(Q.task(task_id), "state")
+    with redis.Redis.from_url(redis_url) as check:
+        state = check.hget(Q.task(task_id), "state")
         assert state in (b"completed", None)  # finished during the drain, not requeued
-        assert await check.lrange(Q.pending, 0, -1) == []
+        assert check.lrange(Q.pending, 0, -1) == []
 
 
 def _reachable(url: str) -> bool:
@@ -129,8 +131,3 @@ def _reachable(url: str) -> bool:
         return _get(url)[0] == 200
     except OSError:
         return False
-
-
-async def redis_has_started(redis_url: str, task_id: str) -> bool:
-    async with aioredis.Redis.from_url(redis_url) as check:
-        return bool(await check.xlen(log_key(task_id)) >= 2)
