@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from aqsh.api.auth import PeerTrust
 from aqsh.api.loghub import LogHub
 from aqsh.api.metrics import Metrics
 from aqsh.config_holder import ConfigHolder
@@ -30,6 +31,11 @@ class ApiState:
     draining: bool = False
     #: The shared reader of followed log streams (standalone Redis; None on a Cluster).
     log_hub: LogHub | None = None
+    #: Which peers' identity headers are believed (from settings.trusted_proxies).
+    trust: PeerTrust = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.trust = PeerTrust(self.settings.trusted_proxies)
 
 
 STATE_KEY = web.AppKey("aqsh", ApiState)

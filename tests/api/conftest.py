@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from aqsh.__main__ import _worker
-from aqsh.api.app import create_app
+from aqsh.api.app import ApiRunner, create_app
 from aqsh.api.metrics import Metrics
 from aqsh.api.state import ApiState
 from aqsh.config_holder import ConfigHolder
@@ -120,7 +120,7 @@ async def make_service(
         server = _worker(settings, holder, broker, metrics) if worker else None
         if server is not None:
             await server.start()
-        runner = web.AppRunner(create_app(state), shutdown_timeout=1)
+        runner = ApiRunner(create_app(state), shutdown_timeout=1)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", port).start()
         session = aiohttp.ClientSession()
