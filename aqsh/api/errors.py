@@ -19,6 +19,7 @@ log = structlog.get_logger("aqsh.api")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 RETRY_AFTER_S = 5
+CLIENT_CLOSED = 499
 
 
 class ApiError(errors.AqshError):
@@ -71,16 +72,12 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
         return error_response(exc.status, code, message, headers=headers)
     except ConnectionResetError:
-        # The client went away mid-response (closed its tab, timed out): nothing to answer and
+        # The client went away mid-request (closed its tab, timed out): nothing to answer and
         # nothing wrong on this side. Checked before the generic handler, which would log it as
-        # an internal error.
+        # an internal error; 499 (nginx's "client closed request") is what metrics count.
         log.debug("http.client_gone", path=request.path, method=request.method)
-        raise
+        return web.Response(status=CLIENT_CLOSED)
     except Exception as exc:
-        if request.transport is None or request.transport.is_closing():
-            log.debug("http.client_gone", path=request.path, method=request.method,
-                      error=type(exc).__name__)
-            raise
         return internal_error(request, exc)
 
 

@@ -216,6 +216,8 @@ def _schedule(request: web.Request) -> datetime | None:
     if process_in is not None and process_at is not None:
         raise ApiError(400, "invalid_schedule", "give process_in or process_at, not both")
     for name, value in (("process_in", process_in), ("process_at", process_at)):
+        if len(request.query.getall(name, ())) > 1:
+            raise ApiError(400, "invalid_schedule", f"give {name} once")
         if value is not None and not (0 < len(value.strip()) <= _MAX_SCHEDULE_PARAM_CHARS):
             raise ApiError(400, "invalid_schedule",
                            f"{name} must be 1-{_MAX_SCHEDULE_PARAM_CHARS} characters")

@@ -64,11 +64,11 @@ class QueueFigures:
         self.snapshot = snapshot
         self.refreshes = refreshes
         self.ttl_s = ttl_s
-        self._fresh_until = float("-inf")
+        self._computed_at = float("-inf")
         self._running: asyncio.Future[None] | None = None
 
     async def refresh(self, compute: Callable[[], Awaitable[Sequence[QueueInfo]]]) -> None:
-        if time.monotonic() < self._fresh_until:
+        if time.monotonic() - self._computed_at < self.ttl_s:
             return
         if self._running is None:
             self._running = asyncio.ensure_future(self._compute(compute))
@@ -79,7 +79,7 @@ class QueueFigures:
         try:
             self.refreshes.inc()
             self.snapshot.infos = await compute()
-            self._fresh_until = time.monotonic() + self.ttl_s
+            self._computed_at = time.monotonic()
         finally:
             self._running = None
 

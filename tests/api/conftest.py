@@ -58,7 +58,7 @@ SCRIPTS = {
 }
 
 
-def write_tasks(root: Path) -> tuple[Path, Path]:
+def write_tasks(root: Path, tasks_yaml: str = TASKS_YAML) -> tuple[Path, Path]:
     scripts = root / "scripts"
     scripts.mkdir(parents=True, exist_ok=True)
     for name, body in SCRIPTS.items():
@@ -66,7 +66,7 @@ def write_tasks(root: Path) -> tuple[Path, Path]:
         path.write_text("#!/bin/sh\n" + textwrap.dedent(body))
         path.chmod(0o755)
     config = root / "tasks.yaml"
-    config.write_text(TASKS_YAML)
+    config.write_text(tasks_yaml)
     return config, scripts
 
 
@@ -97,8 +97,8 @@ async def make_service(
     created: list[tuple[web.AppRunner, Service, list[aioredis.Redis]]] = []
 
     async def factory(*, worker: bool = True, url: str | None = None, fast_lane: bool = False,
-                      **overrides: Any) -> Service:
-        config_path, scripts = write_tasks(tmp_path)
+                      tasks_yaml: str = TASKS_YAML, **overrides: Any) -> Service:
+        config_path, scripts = write_tasks(tmp_path, tasks_yaml)
         port = free_port()
         settings = Settings(
             mode="both" if worker else "api", bind=f"127.0.0.1:{port}",
