@@ -69,10 +69,14 @@ def create_app(state: ApiState, *, api: bool = True) -> web.Application:
 
         app.on_cleanup.append(close_hub)
     if api:
-        app.router.add_post("/tasks/{name}", handlers.submit_task)
         app.router.add_get("/tasks", handlers.list_task_types)
-        app.router.add_get("/tasks/{id}", handlers.get_task)
-        app.router.add_delete("/tasks/{id}", handlers.cancel_task)
+        # One resource for POST (a type's name) and GET/DELETE (a task id): OpenAPI counts
+        # /tasks/{name} and /tasks/{id} as the same path, and a 405's Allow header lists the
+        # methods of every resource matching the URL anyway.
+        task = app.router.add_resource("/tasks/{id}")
+        task.add_route("POST", handlers.submit_task)
+        task.add_route("GET", handlers.get_task)
+        task.add_route("DELETE", handlers.cancel_task)
         app.router.add_get("/tasks/{id}/logs", handlers.task_logs)
     app.router.add_get("/health", handlers.health)
     app.router.add_get("/health/live", handlers.live)

@@ -71,7 +71,7 @@ def _iso(unix_s: float | None) -> str | None:
 async def submit_task(request: web.Request) -> web.Response:
     state = _state(request)
     caller = _caller(request)
-    name = request.match_info["name"]
+    name = request.match_info["id"]  # the task type: POST shares the /tasks/{id} resource
     spec = state.config().tasks.get(name)
     if spec is None:
         raise ApiError(404, "task_type_not_found", f"no task named {name!r} is configured")
@@ -380,7 +380,10 @@ async def task_logs(request: web.Request) -> web.StreamResponse:
     info, _, _ = await _find_authorized(request)
     state = _state(request)
     after = start_id(request)
-    if request.query.get("follow", "true").lower() in ("false", "0", "no"):
+    follow = request.query.get("follow", "true")
+    if follow not in ("true", "false"):
+        raise ApiError(400, "invalid_follow", "follow must be true or false")
+    if follow == "false":
         return await plain_logs(state.redis, info.id, after)
 
     async def finished() -> bool:
@@ -501,4 +504,12 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def openapi(request: web.Request) -> web.Response:
-    return web.json_response(document())
+    """Input schemas only of the task types the caller may run, as in GET /tasks."""
+    state = _state(request)
+    config = state.config()
+    try:
+        caller = _caller(request)
+        tasks = [config.tasks[n] for n in sorted(config.tasks) if may_run(caller, config.tasks[n])]
+    except ApiError:  # anonymous where identity is required: the document without inputs
+        tasks = []
+    return web.json_response(document(tasks, max_string_len=state.settings.max_input_length))

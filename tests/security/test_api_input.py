@@ -146,7 +146,7 @@ async def test_a_client_disconnect_is_not_an_error(
 
     def gone() -> float:
         return registry.get_sample_value("aqsh_http_requests_total", {
-            "route": "/tasks/{name}", "method": "POST", "status": "499"}) or 0.0
+            "route": "/tasks/{id}", "method": "POST", "status": "499"}) or 0.0
 
     host, port = service.url.removeprefix("http://").split(":")
     with capture_logs() as logs, caplog.at_level(logging.ERROR):
