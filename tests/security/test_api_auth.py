@@ -266,3 +266,36 @@ async def test_admins_see_and_cancel_everything(make_service: ServiceFactory) ->
     assert (await service.request("GET", f"/tasks/{task_id}", headers=ADMIN))[0] == 200
     status, body, _ = await service.request("DELETE", f"/tasks/{task_id}", headers=ADMIN)
     assert (status, body["state"]) == (200, "canceled")
+
+
+# ---------------------------------------------------------------------------- settings
+def test_trusted_proxies_setting() -> None:
+    from aqsh.errors import ConfigError
+    from aqsh.settings import load_settings
+
+    assert load_settings({}).trusted_proxies == ("127.0.0.0/8", "::1/128")
+    parsed = load_settings({"AQSH_TRUSTED_PROXIES": " 10.1.2.3/8 , fd00::/8,192.168.0.7"})
+    assert parsed.trusted_proxies == ("10.0.0.0/8", "fd00::/8", "192.168.0.7/32")
+    assert load_settings({"AQSH_TRUSTED_PROXIES": ""}).trusted_proxies == ()  # trust no one
+    with pytest.raises(ConfigError, match="AQSH_TRUSTED_PROXIES"):
+        load_settings({"AQSH_TRUSTED_PROXIES": "10.0.0.0/33"})
+    with pytest.raises(ConfigError, match="AQSH_TRUSTED_PROXIES"):
+        load_settings({"AQSH_TRUSTED_PROXIES": "proxy.internal"})
+    admins = load_settings({"AQSH_ADMIN_GROUPS": "platform, sre,,"}).admin_groups
+    assert admins == ("platform", "sre")
+
+
+def test_peer_trust() -> None:
+    from aqsh.api.auth import PeerTrust
+
+    trust = PeerTrust(("127.0.0.0/8", "::1/128", "10.0.0.0/8"))
+    assert trust.trusts("127.0.0.1")
+    assert trust.trusts("10.20.30.40")
+    assert trust.trusts("::1")
+    assert trust.trusts("::ffff:10.0.0.1")  # an IPv4 peer on a dual-stack socket
+    assert not trust.trusts("11.0.0.1")
+    assert not trust.trusts("::ffff:11.0.0.1")
+    assert not trust.trusts("fe80::1%eth0")
+    assert not trust.trusts(None)  # a Unix socket peer has no address to vouch for it
+    assert not trust.trusts("not an address")
+    assert not PeerTrust(()).trusts("127.0.0.1")

@@ -160,6 +160,19 @@ async def test_a_client_disconnect_is_not_an_error(
     assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
+async def test_allow_lists_exactly_the_documented_methods(make_service: ServiceFactory) -> None:
+    from aqsh.api.openapi import document
+
+    service = await make_service(worker=False)
+    paths = document()["paths"]
+    for url, template in (("/tasks/abc", "/tasks/{id}"), ("/tasks/abc/logs", "/tasks/{id}/logs"),
+                          ("/tasks", "/tasks")):
+        status, body, headers = await service.request("OPTIONS", url)
+        assert_json_error(status, body, 405, "method_not_allowed")
+        allowed = {m.strip() for m in headers["Allow"].split(",")} - {"HEAD"}
+        assert allowed == {m.upper() for m in paths[template]}, url
+
+
 # ---------------------------------------------------------------------------- 500 bodies
 async def test_a_500_carries_an_error_id_and_no_redis_text(
     make_service: ServiceFactory, redis: aioredis.Redis, redis_url: str,
