@@ -252,6 +252,16 @@ async def test_the_catalogue_lists_only_what_the_caller_may_run(
     rotate = next(t for t in body["tasks"] if t["name"] == "rotate")
     assert rotate["schedules"][0]["input"] == {"name": "hunter2"}
 
+    async def documented(headers: dict[str, str]) -> set[str]:
+        status, doc, _ = await service.request("GET", "/openapi.json", headers=headers)
+        assert status == 200
+        (name,) = [p for p in doc["paths"]["/tasks/{id}"]["post"]["parameters"]
+                   if p["in"] == "path"]
+        return set(name["schema"]["enum"])
+
+    assert await documented(OUTSIDER) == open_tasks
+    assert await documented(MEMBER) == open_tasks | {"secret", "rotate"}
+
 
 def test_scheduled_runs_carry_the_access_record(tmp_path: Any) -> None:
     config_path, scripts = write_tasks(tmp_path, SCHEDULED_YAML)
