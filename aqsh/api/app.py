@@ -76,6 +76,7 @@ def create_app(state: ApiState, *, api: bool = True) -> web.Application:
         task = app.router.add_resource("/tasks/{id}")
         task.add_route("POST", handlers.submit_task)
         task.add_route("GET", handlers.get_task)
+        task.add_route("HEAD", handlers.get_task)  # as router.add_get would
         task.add_route("DELETE", handlers.cancel_task)
         app.router.add_get("/tasks/{id}/logs", handlers.task_logs)
     app.router.add_get("/health", handlers.health)

@@ -71,7 +71,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         message = exc.reason if exc.status != 404 else f"no route for {request.path}"
         headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
         return error_response(exc.status, code, message, headers=headers)
-    except ConnectionResetError:
+    except ConnectionResetError as exc:
+        if request.transport is not None and not request.transport.is_closing():
+            return internal_error(request, exc)  # some other connection, not the client's
         # The client went away mid-request (closed its tab, timed out): nothing to answer and
         # nothing wrong on this side. Checked before the generic handler, which would log it as
         # an internal error; 499 (nginx's "client closed request") is what metrics count.
