@@ -35,7 +35,7 @@ from aqsh.engine.fastlane import (
     _Protocol,
     _WaitChooser,
 )
-from aqsh.redis_process import RedisProcess, free_port
+from aqsh.redis_process import RedisProcess, free_port, server_version
 from tests.engine.fault_proxy import FaultProxy
 from tests.support import wait_until
 
@@ -549,8 +549,17 @@ async def test_a_reply_cut_mid_frame_fails_the_caller_and_the_lane_reconnects(
 def fault_server() -> Iterator[RedisProcess]:
     """A server of its own: the error cases change its configuration (maxmemory, ACL users,
     replication) and must not leak into other tests."""
-    with RedisProcess(extra_args=("--lua-time-limit", "50")) as server:
+    with RedisProcess(extra_args=("--lua-time-limit", "50"), debug_command=True) as server:
         yield server
+
+
+async def test_a_server_started_with_debug_command_allows_debug_on_any_version(
+    fault_server: RedisProcess,
+) -> None:
+    assert ("--enable-debug-command" in fault_server.command()) == (server_version() >= (7,))
+    redis = aioredis.Redis.from_url(fault_server.url)
+    assert await redis.execute_command("DEBUG", "SLEEP", "0") == b"OK"
+    await redis.aclose()
 
 
 async def _both_fail(
