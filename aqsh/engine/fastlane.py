@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import socket
 import time
 from collections.abc import Sequence
@@ -191,6 +192,7 @@ class _Protocol(asyncio.Protocol):
         self.paused = False  # the transport's buffer is over its high-water mark
         self.outbox_bytes = 0
         self.unsolicited = 0  # replies that arrived while no command was in flight
+        self._last_unsolicited: Any = None  # said when the connection then closes
         self._loop = asyncio.get_running_loop()
         self._watchdog: asyncio.TimerHandle | None = None
         self._outbox: list[bytes] = []
@@ -232,7 +234,9 @@ class _Protocol(asyncio.Protocol):
             await future
         except asyncio.CancelledError:
             if future.cancelled():
-                self._room.remove(future)
+                # _wake_room may have dropped it already (it skips cancelled ones).
+                with contextlib.suppress(ValueError):
+                    self._room.remove(future)
             else:  # woken, then cancelled before its turn: the turn passes on
                 self._wake_room()
             self._update_blocked()
@@ -321,6 +325,7 @@ class _Protocol(asyncio.Protocol):
                 # caller's too), so this reply answers none of ours (an error Redis sends
                 # before closing, say); dropping it keeps later replies in step.
                 self.unsolicited += 1
+                self._last_unsolicited = reply
                 continue
             waiter = waiters.popleft()[0]
             if not waiter.done():  # the caller may have been cancelled; its reply is dropped
@@ -351,7 +356,10 @@ class _Protocol(asyncio.Protocol):
         self.blocked = False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.fail(RedisConnectionError(f"connection to redis lost: {exc or 'closed'}"))
+        said = self._last_unsolicited
+        # Redis refusing a client (max number of clients reached) says why, then closes.
+        why = f" (redis said: {said})" if isinstance(said, Exception) else ""
+        self.fail(RedisConnectionError(f"connection to redis lost: {exc or 'closed'}{why}"))
 
 
 class FastLane:

@@ -644,3 +644,59 @@ async def _is_busy(probe: aioredis.Redis) -> bool:
     except ResponseError as exc:
         return "BUSY" in str(exc)
     return False
+
+
+async def test_a_redis_at_its_client_limit_is_a_connection_error_saying_so(
+    fault_server: RedisProcess, loop_errors: list[dict[str, Any]]
+) -> None:
+    admin = aioredis.Redis.from_url(fault_server.url)
+    await admin.ping()
+    clients = len((await admin.execute_command("CLIENT", "LIST")).splitlines())
+    lane = FastLane("127.0.0.1", fault_server.port)
+    await admin.config_set("maxclients", clients)  # the lane's connection is one too many
+    try:
+        # Redis writes its refusal as soon as it accepts, then closes: the lane sees it as the
+        # reply to its command or, when it comes first, as a reply nobody asked for (below).
+        with pytest.raises(RedisConnectionError, match="max number of clients reached"):
+            await lane.execute("PING")
+    finally:
+        await admin.config_set("maxclients", 10_000)
+    assert await lane.execute("ECHO", "admitted") == b"admitted"
+    assert loop_errors == []
+    await lane.aclose()
+    await admin.aclose()
+
+
+async def test_a_refusal_redis_sends_before_closing_is_named_in_the_connection_error(
+    proxy: FaultProxy,
+) -> None:
+    lane = FastLane("127.0.0.1", proxy.port)
+    await lane.execute("PING")
+    proxy.inject(b"-ERR max number of clients reached\r\n")
+    await wait_until(lambda: protocol_of(lane).unsolicited == 1)
+    proxy.drop_all()
+    await wait_until(lambda: protocol_of(lane).lost is not None)
+    assert "max number of clients reached" in str(protocol_of(lane).lost)
+    await lane.aclose()
+
+
+async def test_a_cancelled_room_waiter_already_dropped_from_the_queue_stays_cancelled(
+    proxy: FaultProxy,
+) -> None:
+    lane = FastLane("127.0.0.1", proxy.port, max_in_flight=1)
+    await lane.execute("PING")
+    proxy.holding = True
+    first = asyncio.create_task(lane.execute("ECHO", "first"))
+    cancelled = asyncio.create_task(lane.execute("ECHO", "cancelled"))
+    last = asyncio.create_task(lane.execute("ECHO", "last"))
+    await wait_until(lambda: protocol_of(lane).room_waiters == 2)
+    cancelled.cancel()
+    # Before the cancelled caller runs again, the connection fails and empties the queue.
+    protocol_of(lane).fail(RedisConnectionError("gone"))
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    with pytest.raises(RedisConnectionError, match="gone"):
+        await first
+    proxy.release()
+    assert await last == b"last"  # woken by the failure, it went out on a new connection
+    await lane.aclose()
