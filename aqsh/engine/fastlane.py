@@ -29,9 +29,9 @@ replies in order from a hiredis reader:
   spin yields to the event loop on every turn (other tasks and I/O keep running) and is bounded.
 
 It only speaks to a plain TCP standalone Redis (what ``from_redis`` can derive from a redis-py
-client); TLS, unix sockets and Sentinel stay on redis-py. It knows nothing of aqsh's scripts:
-``execute_scripts`` hands the NOSCRIPT reload to ``aqsh.engine.scripts``, the one place that
-does it for both transports.
+client); TLS, unix sockets and Sentinel stay on redis-py. ``execute_scripts`` leaves the
+NOSCRIPT reload to ``aqsh.engine.scripts``, the one place that does it for both transports;
+that module does not import this one, so the two form no import cycle.
 """
 
 from __future__ import annotations

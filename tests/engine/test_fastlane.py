@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import (
+    AuthenticationError,
     MasterDownError,
     NoPermissionError,
     NoScriptError,
@@ -20,6 +20,7 @@ from redis.exceptions import (
     RedisError,
     ResponseError,
 )
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from aqsh import errors
@@ -604,6 +605,11 @@ async def test_error_replies_are_redis_pys_exceptions_and_leave_the_lane_running
     assert await limited_lane.execute("GET", "text") == b"v"
     await limited.aclose()
     await limited_lane.aclose()
+    wrong = aioredis.Redis.from_url(fault_server.url, username="limited", password="wrong")
+    wrong_lane = FastLane("127.0.0.1", fault_server.port, username="limited", password="wrong")
+    seen["wrongpass"] = await _both_fail(wrong, wrong_lane, "GET", "text")
+    await wrong.aclose()
+    await wrong_lane.aclose()
     busy = asyncio.create_task(redis.eval(BUSY_SCRIPT, 0, 10_000))
     probe = aioredis.Redis.from_url(fault_server.url)
     try:
@@ -618,10 +624,14 @@ async def test_error_replies_are_redis_pys_exceptions_and_leave_the_lane_running
         "wrongtype": ResponseError, "noscript": NoScriptError, "oom": OutOfMemoryError,
         "readonly": ReadOnlyError, "masterdown": MasterDownError,
         "noperm": NoPermissionError, "busy": ResponseError,
+        "wrongpass": AuthenticationError,
     }
     for case, (via_redis_py, via_lane) in seen.items():
         assert type(via_lane) is type(via_redis_py) is expected[case], case
-        assert str(via_lane) == str(via_redis_py), case
+        if case == "wrongpass":  # the lane says it happened while connecting
+            assert str(via_lane) == f"redis handshake failed: {via_redis_py}"
+        else:
+            assert str(via_lane) == str(via_redis_py), case
     assert await lane.execute("CLIENT", "ID") == lane_id  # one connection through it all
     await lane.aclose()
     await redis.aclose()
