@@ -121,14 +121,15 @@ class Scripts:
     def __init__(self, client: RedisClient, lane: ScriptLane | None = None) -> None:
         self._client = client
         self._lane = lane
+        # How script calls travel, bound once: the hot path does not rebuild them per call.
+        self._scripts_via: tuple[Send, Load] = (
+            (lane.execute_many, lane.load_scripts) if lane is not None
+            else (self._send, self._load_sources))
 
     async def run(self, name: str, keys: Sequence[KeyT], args: Sequence[ArgT]) -> Any:
         """The script's reply; an error reply raises (redis-py's exception classes on both
         transports)."""
-        if self._lane is not None:
-            send, load = self._lane.execute_many, self._lane.load_scripts
-        else:
-            send, load = self._send, self._load_sources
+        send, load = self._scripts_via
         reply = (await execute_reloading(send, load, [evalsha(name, keys, args)], [name]))[0]
         if isinstance(reply, Exception):
             raise reply
@@ -147,9 +148,10 @@ class Scripts:
         one pipeline per node, concurrently.
         """
         if self._lane is not None and all(c[0] == "EVALSHA" for c in batch.commands):
-            return await execute_reloading(
-                self._lane.execute_many, self._lane.load_scripts, batch.commands, names)
-        return await execute_reloading(self._send, self._load_sources, batch.commands, names)
+            send, load = self._scripts_via
+        else:  # other commands expect redis-py's reply parsing
+            send, load = self._send, self._load_sources
+        return await execute_reloading(send, load, batch.commands, names)
 
     async def _send(self, commands: Sequence[Command]) -> list[Any]:
         if len(commands) == 1:
