@@ -204,7 +204,10 @@ class _Protocol(asyncio.Protocol):
         self.transport.set_write_buffer_limits(high=self.max_write_buffer_bytes)
         sock = transport.get_extra_info("socket")
         if self.keepalive is not None and sock is not None:
-            _set_keepalive(sock, self.keepalive)
+            # Best effort: a platform that refuses an option still gets a working connection
+            # (the read deadline then catches a vanished peer, later).
+            with contextlib.suppress(OSError):
+                _set_keepalive(sock, self.keepalive)
 
     # ------------------------------------------------------------ writing, within bounds
     def admits(self, count: int) -> bool:
