@@ -56,6 +56,16 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except (RedisConnectionError, RedisTimeoutError, ConnectionRefusedError) as exc:
         log.warning("redis.unavailable", path=request.path, error=str(exc))
         return _unavailable()
+    except errors.BrokerFault as exc:
+        # Redis refuses the command (NOPERM, WRONGTYPE): the service cannot work until an
+        # operator acts. 503 like an outage, since nothing was stored, but the detail (which
+        # may quote Redis) goes to the log under an id, not to the caller.
+        error_id = uuid.uuid4().hex
+        log.error("redis.refused", error_id=error_id, path=request.path, error=exc.message)
+        return error_response(
+            503, exc.code, f"the task store refused the operation (error id {error_id})",
+            details={"error_id": error_id},
+            headers={"X-Error-Id": error_id, "Retry-After": str(RETRY_AFTER_S)})
     except errors.AqshError as exc:
         if exc.http_status >= 500:  # its message may quote Redis or a Lua script
             return internal_error(request, exc)
