@@ -11,7 +11,17 @@
 -- ARGV[3] -> completed-set score = completed_at + retention (Unix seconds)
 -- ARGV[4] -> encoded TaskMessage with completed_at set
 -- ARGV[5] -> max int64
+-- ARGV[6] -> the handler's result bytes (optional; aqsh's addition)
 -- Returns OK; error NOT FOUND when not active, INTERNAL when already in completed.
+-- The result is the script's first write, so a Redis that refuses writes (OOM) refuses the
+-- whole transition: under maxmemory Redis lets a script that has written go on writing, and a
+-- separate result write could fail while the completion succeeded, losing the result.
+if ARGV[6] then
+  if not redis.call("LPOS", KEYS[1], ARGV[1]) then
+    return redis.error_reply("NOT FOUND")
+  end
+  redis.call("HSET", KEYS[4], "result", ARGV[6])
+end
 if redis.call("LREM", KEYS[1], 0, ARGV[1]) == 0 then
   return redis.error_reply("NOT FOUND")
 end

@@ -231,21 +231,22 @@ class RedisBroker:
     ) -> list[errors.AqshError | None]:
         """Acknowledge many successes in one round trip (pipelined done/mark_complete).
 
-        ``results`` (one per message, or None) are written to the task hash in the same
-        pipeline, just before the success transition. Returns one entry per message: None on
-        success, else the error for that task.
+        ``results`` (one per message, or None) are stored by the success transition itself
+        (a retained task's), so a result is never lost while its completion is recorded.
+        Returns one entry per message: None on success, else the error for that task.
         """
         if not msgs:
             return []
         batch = Batch()
-        names = {"write_result"}
+        names: set[str] = set()
         slots: list[int] = []  # index of each message's transition reply
         for i, msg in enumerate(msgs):
             result = results[i] if results is not None else None
-            if result is not None:
-                q = keys.queue_keys(msg.queue)
-                batch.script("write_result", [q.task(msg.id)], [result])
+            # A result travels inside mark_complete, atomic with it; a task without
+            # retention is deleted by ``done``, result and all, so it is not written.
             name, key_list, args = self.success_call(msg, int(now_s))
+            if result is not None and name == "mark_complete":
+                args.append(result)
             names.add(name)
             slots.append(len(batch))
             batch.script(name, key_list, args)

@@ -241,6 +241,29 @@ async def test_finish_successes_pipelines_done_and_complete(
     assert await redis.get(Q.processed_total) == b"2"
 
 
+async def test_a_result_is_stored_with_its_completion_or_not_at_all(
+    redis: aioredis.Redis, broker: RedisBroker
+) -> None:
+    """Under maxmemory, Redis lets a script that has already written go on writing: a result
+    written apart from the completion was refused while the completion went through."""
+    b = msg("b", retention_s=60)
+    await seed_active(redis, b, 100)
+    await redis.config_set("maxmemory-policy", "noeviction")
+    await redis.config_set("maxmemory", 1)
+    try:
+        refused = await broker.finish_successes([b], now_s=10, results=[b"the result"])
+    finally:
+        await redis.config_set("maxmemory", 0)
+    assert isinstance(refused[0], errors.BrokerUnavailable)
+    assert await redis.hget(Q.task("b"), "state") == b"active"  # nothing happened: retried
+    assert await broker.finish_successes([b], now_s=10, results=[b"the result"]) == [None]
+    assert await redis.hmget(Q.task("b"), "state", "result") == [b"completed", b"the result"]
+    missing = await broker.finish_successes([msg("gone", retention_s=60)], now_s=10,
+                                            results=[b"x"])
+    assert isinstance(missing[0], errors.TaskNotFound)
+    assert await redis.exists(Q.task("gone")) == 0  # no stray hash for a task not active
+
+
 async def test_requeue_puts_task_next_in_line(redis: aioredis.Redis, broker: RedisBroker) -> None:
     await seed_pending(redis, msg("older"))
     await seed_active(redis, msg(), 100)
