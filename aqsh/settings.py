@@ -15,8 +15,8 @@ from typing import Any, Literal
 
 import msgspec
 
+from aqsh.durations import parse_duration
 from aqsh.errors import ConfigError
-from aqsh.runner.spec import parse_duration
 
 Mode = Literal["api", "worker", "both"]
 

@@ -24,19 +24,20 @@ from aqsh.api.errors import ApiError
 from aqsh.api.openapi import document
 from aqsh.api.sse import follow_logs, plain_logs, start_id
 from aqsh.api.state import STATE_KEY, ApiState
+from aqsh.durations import parse_duration
+from aqsh.engine import keys
 from aqsh.engine.client import new_task_id
 from aqsh.engine.cron import CronSpec
 from aqsh.engine.inspect import QueueInfo
+from aqsh.engine.keys import log_key
 from aqsh.engine.models import TaskInfo, TaskState
 from aqsh.engine.rdb import guarded
-from aqsh.runner.logs import log_key
 from aqsh.runner.result import ScriptResult, decode_result, encode_result
 from aqsh.runner.spec import (
     HEADER_SUBMITTED_AT,
     HEADER_SUBMITTED_BY,
     TaskSpec,
     access_headers,
-    parse_duration,
 )
 from aqsh.runner.validate import json_schema, validate_input
 
@@ -44,7 +45,6 @@ log = structlog.get_logger("aqsh.api")
 T = TypeVar("T")
 
 CANCELED = "canceled"
-IDEMPOTENCY_PREFIX = "aqsh:idem:"
 _FINISHED = {TaskState.COMPLETED, TaskState.ARCHIVED}
 
 
@@ -278,7 +278,7 @@ async def _idempotent_id(state: ApiState, caller: Caller, name: str, key: str, p
     fingerprint = hashlib.sha256(
         payload + b"\0" + (process_at.isoformat().encode() if process_at else b"")
     ).hexdigest()
-    fresh = _IdempotencyRecord(IDEMPOTENCY_PREFIX + scope, str(uuid.uuid4()), fingerprint, "")
+    fresh = _IdempotencyRecord(keys.idempotency_key(scope), str(uuid.uuid4()), fingerprint, "")
     created = await state.redis.set(fresh.redis_key, fresh.encode(enqueued=False), nx=True,
                                     ex=max(1, int(state.settings.idempotency_ttl_s)))
     if created:

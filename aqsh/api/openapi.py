@@ -35,7 +35,7 @@ _COMMON_ERRORS = {"400": _error("identity or groups header sent more than once")
                   "503": _error("Redis unreachable; retry after Retry-After seconds")}
 #: A stream entry id, as SSE ``id:`` carries it.
 STREAM_ID_PATTERN = r"^\d+-\d+$"
-#: aqsh.runner.spec.DURATION_RE, for JSON Schema.
+#: aqsh.durations.DURATION_RE, for JSON Schema.
 DURATION_PATTERN = r"^(?:\d+h)?(?:\d+m(?!s))?(?:\d+s)?(?:\d+ms)?$"
 _TASK_LINKS = {
     "GetTask": {"operationId": "getTask", "parameters": {"id": "$response.body#/id"}},

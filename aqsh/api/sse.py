@@ -19,7 +19,7 @@ from aiohttp_sse import sse_response
 from aqsh.api.errors import ApiError
 from aqsh.api.loghub import LogHub
 from aqsh.engine.connection import RedisClient
-from aqsh.runner.logs import log_key
+from aqsh.engine.keys import log_key
 
 #: How long one XREAD blocks before the follower checks whether the task is still alive.
 BLOCK_MS = 10_000

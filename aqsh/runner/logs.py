@@ -29,20 +29,16 @@ import structlog
 
 from aqsh.engine.connection import RedisClient
 from aqsh.engine.fastlane import FastLane
+from aqsh.engine.keys import log_key
 from aqsh.engine.rdb import REDIS_DOWN
 from aqsh.engine.scripts import Scripts, script_sha
 
 log = structlog.get_logger("aqsh.runner")
 
-LOG_KEY_PREFIX = "logs:"
 DEFAULT_MAX_LINE_BYTES = 16 * 1024
 DEFAULT_MAX_STREAM_LEN = 100_000
 DEFAULT_BATCH_LINES = 2000
 DEFAULT_LINGER_S = 0.005
-
-
-def log_key(task_id: str) -> str:
-    return f"{LOG_KEY_PREFIX}{task_id}"
 
 
 class LogWriter:
