@@ -408,8 +408,7 @@ async def cancel_task(request: web.Request) -> web.Response:
     if info.state is TaskState.ACTIVE:
         await state.inspector.cancel_processing(info.id)
         log.info("task.cancel_requested", task_id=info.id, user=caller.user)
-        return web.json_response({"id": info.id, "state": "canceling",
-                                  "links": _links(request, info.id)}, status=202)
+        return await _outcome_of_cancel(request, info)
     # Not running: archive it with a "canceled" result, so it stays readable (and re-runnable
     # from Asynqmon) instead of vanishing into a 404.
     try:
@@ -418,14 +417,45 @@ async def cancel_task(request: web.Request) -> web.Response:
         current = await state.inspector.find_task(info.id, [info.queue])
         if current.state is TaskState.ACTIVE:  # it started meanwhile
             await state.inspector.cancel_processing(info.id)
-            return web.json_response({"id": info.id, "state": "canceling",
-                                      "links": _links(request, info.id)}, status=202)
+            return await _outcome_of_cancel(request, info)
         raise ApiError(409, "task_finished", f"task {info.id} already finished") from None
     await state.broker.write_result(info.queue, info.id,
                                     encode_result(ScriptResult(exit_code=-1, error=CANCELED)))
     log.info("task.canceled", task_id=info.id, user=caller.user)
     return web.json_response({"id": info.id, "state": CANCELED,
                               "links": _links(request, info.id)}, status=200)
+
+
+#: How long DELETE of a running task waits to report what became of it before answering 202.
+CANCEL_SETTLE_S = 2.0
+
+
+async def _outcome_of_cancel(request: web.Request, info: TaskInfo) -> web.Response:
+    """A cancel can lose the race with completion: the script had exited and its ack was on
+    its way when the request came. Answer what really happened — 200 canceled, or 409 with the
+    state it finished in — and 202 only while it is genuinely still stopping."""
+    state = _state(request)
+    loop = asyncio.get_running_loop()
+    give_up_at = loop.time() + CANCEL_SETTLE_S
+    delay_s = 0.02
+    while loop.time() < give_up_at:
+        await asyncio.sleep(delay_s)
+        delay_s = min(delay_s * 2, 0.25)
+        try:
+            current = await state.inspector.find_task(info.id, [info.queue])
+        except errors.TaskNotFound:  # finished and not retained
+            raise ApiError(409, "task_finished",
+                           f"task {info.id} already finished") from None
+        if current.state is TaskState.ACTIVE:
+            continue
+        final = public_state(current)
+        if final == CANCELED:
+            return web.json_response({"id": info.id, "state": CANCELED,
+                                      "links": _links(request, info.id)}, status=200)
+        raise ApiError(409, "task_finished", f"task {info.id} already finished ({final})",
+                       details={"state": final})
+    return web.json_response({"id": info.id, "state": "canceling",
+                              "links": _links(request, info.id)}, status=202)
 
 
 # ---------------------------------------------------------------------------- catalogue
