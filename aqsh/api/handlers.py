@@ -25,6 +25,7 @@ from aqsh.api.sse import follow_logs, plain_logs, start_id
 from aqsh.api.state import STATE_KEY, ApiState
 from aqsh.engine.client import new_task_id
 from aqsh.engine.cron import CronSpec
+from aqsh.engine.keys import log_meta_key
 from aqsh.engine.models import TaskInfo, TaskState
 from aqsh.engine.rdb import guarded
 from aqsh.runner.logs import log_key
@@ -291,11 +292,16 @@ async def get_task(request: web.Request) -> web.Response:
 
 
 async def _attempt_times(state: ApiState, info: TaskInfo) -> tuple[int | None, int | None]:
-    """Start of the first attempt and end of the last, from the log stream's markers."""
+    """Start of the first attempt and end of the last: kept by the log writer in the hash
+    beside the log stream (they outlive markers the stream's cap trimmed); for logs written
+    before that hash existed, from the stream's first and last markers."""
     pipe = state.redis.pipeline(transaction=False)
+    pipe.hmget(log_meta_key(info.id), "started_ms", "finished_ms")
     pipe.xrange(log_key(info.id), count=1)
     pipe.xrevrange(log_key(info.id), count=1)
-    first, last = await pipe.execute()
+    (kept_start, kept_end), first, last = await pipe.execute()
+    if kept_start is not None:
+        return int(kept_start), int(kept_end) if kept_end is not None else None
 
     def ms(entries: Any, marker: bytes) -> int | None:
         if entries and marker in entries[0][1]:
@@ -310,7 +316,7 @@ async def task_logs(request: web.Request) -> web.StreamResponse:
     state = _state(request)
     after = start_id(request)
     if request.query.get("follow", "true").lower() in ("false", "0", "no"):
-        return await plain_logs(state.redis, info.id, after)
+        return await plain_logs(request, state.redis, info.id, after)
 
     async def finished() -> bool:
         try:
@@ -321,7 +327,7 @@ async def task_logs(request: web.Request) -> web.StreamResponse:
 
     return await follow_logs(request, state.blocking_redis, info.id, after, finished,
                              state.metrics.sse_clients.inc, state.metrics.sse_clients.dec,
-                             hub=state.log_hub)
+                             hub=state.log_hub, max_clients=state.settings.max_sse_clients)
 
 
 # ---------------------------------------------------------------------------- cancel
