@@ -27,6 +27,7 @@ from aqsh.api.state import ApiState
 from aqsh.config_holder import ConfigHolder
 from aqsh.engine.client import Client
 from aqsh.engine.connection import RedisSettings, create_client
+from aqsh.engine.faults import Loops
 from aqsh.engine.inspect import Inspector
 from aqsh.engine.rdb import RedisBroker
 from aqsh.engine.scheduler import Scheduler
@@ -90,15 +91,17 @@ async def serve(settings: Settings) -> int:
     metrics = Metrics()
     # The API's enqueues take the fast lane (one multiplexed connection; plain TCP Redis only,
     # otherwise the client falls back to redis-py by itself).
+    loops = Loops()
     state = ApiState(settings=settings, config=config, redis=redis, blocking_redis=blocking,
                      broker=broker, client=Client(broker, fast_lane=True),
-                     inspector=Inspector(redis), metrics=metrics)
+                     inspector=Inspector(redis, known_queues=lambda: config_queues(config)),
+                     metrics=metrics, loops=loops)
     server = None
     scheduler = None
     if settings.mode in ("worker", "both"):
-        server = _worker(settings, config, broker, metrics)
+        server = _worker(settings, config, broker, metrics, loops=loops)
         if settings.scheduler:
-            scheduler = _scheduler(settings, config, broker, metrics)
+            scheduler = _scheduler(settings, config, broker, metrics, loops=loops)
     app = create_app(state, api=settings.mode in ("api", "both"))
     app_runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=5.0)
     await app_runner.setup()
@@ -127,12 +130,14 @@ async def serve(settings: Settings) -> int:
         await scheduler.start()
     await stop.wait()
     log.info("aqsh.stopping")
+    # Not ready from now on, but still answering: the probes must see a drain (live 200,
+    # ready 503), not a refused connection, until the running scripts are done.
     state.draining = True
-    await site.stop()
     if scheduler is not None:
         await scheduler.stop()
     if server is not None:
         await server.stop()
+    await site.stop()
     await app_runner.cleanup()
     await config.stop()
     await state.client.aclose()
@@ -145,8 +150,14 @@ async def serve(settings: Settings) -> int:
     return 0
 
 
+def config_queues(config: ConfigHolder) -> list[str]:
+    """The queues tasks.yaml sends tasks to: a lookup by id searches them even when Redis's
+    own list of queues was lost (a restart without persistence, a flush)."""
+    return sorted({spec.queue for spec in config.current.tasks.values()})
+
+
 def _worker(settings: Settings, config: ConfigHolder, broker: RedisBroker,
-            metrics: Metrics) -> Server:
+            metrics: Metrics, *, loops: Loops | None = None) -> Server:
     install_child_watcher()  # before the first spawn; never uvloop in a process that spawns
     runner = ShellRunner(
         config, broker.client,
@@ -162,18 +173,18 @@ def _worker(settings: Settings, config: ConfigHolder, broker: RedisBroker,
     return Server(broker, runner, concurrency=settings.worker_concurrency, queues=queues,
                   strict_priority=settings.worker_strict_priority,
                   shutdown_timeout_s=settings.shutdown_timeout_s,
-                  retry_delay=shell_retry_delay(config))
+                  retry_delay=shell_retry_delay(config), loops=loops)
 
 
 def _scheduler(settings: Settings, config: ConfigHolder, broker: RedisBroker,
-               metrics: Metrics) -> Scheduler:
+               metrics: Metrics, *, loops: Loops | None = None) -> Scheduler:
     """The schedules of tasks.yaml, re-synced on every reload (unchanged entries keep their
     next fire time)."""
 
     def count(task: str, outcome: str) -> None:
         metrics.schedule_fires.labels(task, outcome).inc()
 
-    scheduler = Scheduler(broker, on_fire=count)
+    scheduler = Scheduler(broker, on_fire=count, loops=loops)
 
     def sync(current: TasksConfig) -> None:
         scheduler.sync(periodic_tasks(current, result_retention_s=settings.result_retention_s))

@@ -77,6 +77,14 @@ class BrokerUnavailable(AqshError):
     http_status = 503
 
 
+class BrokerFault(AqshError):
+    """Redis answered with an error that waiting will not cure (``NOPERM``, ``WRONGTYPE``): the
+    operation did not happen, and an operator must change the deployment."""
+
+    code = "redis_error"
+    http_status = 503
+
+
 class ConfigError(AqshError):
     code = "config_error"
     http_status = 500

@@ -7,7 +7,7 @@ import time
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from aqsh.api import handlers
+from aqsh.api import handlers, health
 from aqsh.api.errors import Handler, error_middleware
 from aqsh.api.loghub import LogHub
 from aqsh.api.state import STATE_KEY, ApiState
@@ -36,6 +36,7 @@ def create_app(state: ApiState, *, api: bool = True) -> web.Application:
         client_max_size=state.settings.max_body_bytes,
     )
     app[STATE_KEY] = state
+    state.metrics.registry.register(health.LoopErrorsCollector(state.loops))
     if api and state.log_hub is None and isinstance(state.blocking_redis, aioredis.Redis):
         hub = state.log_hub = LogHub(state.blocking_redis)
 
@@ -49,9 +50,9 @@ def create_app(state: ApiState, *, api: bool = True) -> web.Application:
         app.router.add_get("/tasks/{id}", handlers.get_task)
         app.router.add_delete("/tasks/{id}", handlers.cancel_task)
         app.router.add_get("/tasks/{id}/logs", handlers.task_logs)
-    app.router.add_get("/health", handlers.health)
-    app.router.add_get("/health/live", handlers.live)
-    app.router.add_get("/health/ready", handlers.ready)
+    app.router.add_get("/health", health.health)
+    app.router.add_get("/health/live", health.live)
+    app.router.add_get("/health/ready", health.ready)
     app.router.add_get("/metrics", handlers.metrics)
     app.router.add_get("/openapi.json", handlers.openapi)
     return app

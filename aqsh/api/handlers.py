@@ -17,7 +17,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 
-from aqsh import __version__, errors
+from aqsh import errors
 from aqsh.api.auth import Caller, authorize, caller_of
 from aqsh.api.errors import ApiError
 from aqsh.api.openapi import document
@@ -381,39 +381,6 @@ async def list_task_types(request: web.Request) -> web.Response:
             ],
         })
     return web.json_response({"tasks": out})
-
-
-# ---------------------------------------------------------------------------- health
-async def _redis_latency_ms(state: ApiState) -> float | None:
-    started = time.perf_counter()
-    try:
-        await state.broker.ping()
-    except errors.BrokerUnavailable:
-        return None
-    return round((time.perf_counter() - started) * 1000, 3)
-
-
-async def health(request: web.Request) -> web.Response:
-    state = _state(request)
-    latency = await _redis_latency_ms(state)
-    body = {"status": "ok" if latency is not None else "unavailable", "version": __version__,
-            "mode": state.settings.mode,
-            "redis": {"reachable": latency is not None, "latency_ms": latency},
-            "tasks": len(state.config().tasks)}
-    return web.json_response(body, status=200 if latency is not None else 503)
-
-
-async def live(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
-
-
-async def ready(request: web.Request) -> web.Response:
-    state = _state(request)
-    if state.draining:
-        return web.json_response({"status": "draining"}, status=503)
-    if await _redis_latency_ms(state) is None:
-        return web.json_response({"status": "redis unavailable"}, status=503)
-    return web.json_response({"status": "ok"})
 
 
 async def metrics(request: web.Request) -> web.Response:

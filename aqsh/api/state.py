@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import web
 
@@ -11,6 +11,7 @@ from aqsh.api.metrics import Metrics
 from aqsh.config_holder import ConfigHolder
 from aqsh.engine.client import Client
 from aqsh.engine.connection import RedisClient
+from aqsh.engine.faults import Loops
 from aqsh.engine.inspect import Inspector
 from aqsh.engine.rdb import RedisBroker
 from aqsh.settings import Settings
@@ -30,6 +31,8 @@ class ApiState:
     draining: bool = False
     #: The shared reader of followed log streams (standalone Redis; None on a Cluster).
     log_hub: LogHub | None = None
+    #: The process's supervised loops (worker, scheduler, log hub): what the probes report.
+    loops: Loops = field(default_factory=Loops)
 
 
 STATE_KEY = web.AppKey("aqsh", ApiState)

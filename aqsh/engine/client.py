@@ -9,6 +9,7 @@ task at once instead of waiting for their next poll.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -22,13 +23,15 @@ from aqsh.engine import keys, wire
 from aqsh.engine.connection import RedisClient
 from aqsh.engine.fastlane import FastLane
 from aqsh.engine.models import TaskInfo, TaskMessage, TaskState
-from aqsh.engine.rdb import REDIS_DOWN, RedisBroker, guarded, raise_for_produce
+from aqsh.engine.rdb import REDIS_DOWN, RedisBroker, broker_error, guarded, raise_for_produce
 from aqsh.engine.scripts import Batch, script_sha
 
 DEFAULT_QUEUE = "default"
 DEFAULT_MAX_RETRY = 25
 DEFAULT_TIMEOUT_S = 30 * 60
 _BATCH_LIMIT = 1000
+#: How long an SADD of a queue to asynq:queues is trusted before the next enqueue repeats it.
+QUEUE_REASSERT_S = 10.0
 
 Duration = timedelta | float | int
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -94,7 +97,17 @@ class Client:
         self.clock = clock or SystemClock()
         self.wake_workers = wake_workers
         self._lane = FastLane.from_redis(self.redis) if fast_lane else None
-        self._registered_queues: set[str] = set()
+        # queue -> monotonic time until which its SADD to asynq:queues is taken as still
+        # standing. Not for ever (as asynq's client caches it): a Redis that restarted empty
+        # has lost the set, and Asynqmon and the asynq CLI list queues from it.
+        self._registered_queues: dict[str, float] = {}
+
+    def _needs_registration(self, qname: str) -> bool:
+        until = self._registered_queues.get(qname)
+        return until is None or time.monotonic() >= until
+
+    def _registered(self, qname: str) -> None:
+        self._registered_queues[qname] = time.monotonic() + QUEUE_REASSERT_S
 
     async def __aenter__(self) -> Client:
         return self
@@ -159,19 +172,20 @@ class Client:
         # always finds the task (a separate PUBLISH would go out before a task whose script
         # had to be reloaded after NOSCRIPT).
         args = [*plan.args, *self._wake_args(plan)]
-        if qname in self._registered_queues:  # the common case: one command
+        if not self._needs_registration(qname):  # the common case: one command
             reply = await self._run_script(plan.script, plan.keys, args)
             raise_for_produce(int(reply), plan.message)
             return _info(plan)
         # asynq SADDs the queue name before the script; caching it per process like asynq
-        # v0.25+ saves a command per enqueue. It is added to the cache only on success.
+        # v0.25+ saves a command per enqueue. It is added to the cache only on success, and
+        # re-asserted every QUEUE_REASSERT_S.
         batch = Batch()
         batch.command("SADD", keys.ALL_QUEUES, qname)
         batch.script(plan.script, plan.keys, args)
         replies = await self._run_batch(batch, [plan.script])
         for reply in replies:
             _raise_reply(reply)
-        self._registered_queues.add(qname)
+        self._registered(qname)
         raise_for_produce(int(replies[-1]), plan.message)
         return _info(plan)
 
@@ -195,7 +209,8 @@ class Client:
         if not plans:
             return []
         batch = Batch()
-        new_queues = {p.message.queue for p in plans} - self._registered_queues
+        new_queues = {p.message.queue for p in plans
+                      if self._needs_registration(p.message.queue)}
         if new_queues:
             batch.command("SADD", keys.ALL_QUEUES, *sorted(new_queues))
         # where[i] = (reply index, position inside a batch reply or -1)
@@ -230,7 +245,8 @@ class Client:
         replies = await self._run_batch(batch, names)
         if new_queues:
             _raise_reply(replies[0])
-            self._registered_queues |= new_queues
+            for qname in new_queues:
+                self._registered(qname)
         results: list[TaskInfo | errors.AqshError] = []
         for plan, (slot, position) in zip(plans, where, strict=True):
             reply = replies[slot]
@@ -355,8 +371,8 @@ def new_task_id() -> str:
 
 
 def _raise_reply(reply: object) -> None:
-    if isinstance(reply, REDIS_DOWN):
-        raise errors.BrokerUnavailable(f"redis unavailable: {reply}") from reply
+    if isinstance(reply, BaseException) and (mapped := broker_error(reply)) is not None:
+        raise mapped from reply
     if isinstance(reply, ResponseError):
         raise errors.AqshError(f"redis error: {reply}") from reply
 

@@ -12,9 +12,9 @@ from collections.abc import Mapping
 
 import structlog
 
-from aqsh import errors
 from aqsh.clock import Clock
 from aqsh.engine.broker import Broker
+from aqsh.engine.faults import Loops, supervise
 from aqsh.engine.models import ServerInfo, WorkerInfo
 from aqsh.engine.processor import Processor, Running
 from aqsh.engine.task import CancelReason
@@ -35,6 +35,7 @@ class Heartbeater:
         queues: Mapping[str, int],
         strict_priority: bool,
         interval_s: float = HEARTBEAT_INTERVAL_S,
+        loops: Loops | None = None,
     ) -> None:
         self.broker = broker
         self.processor = processor
@@ -55,6 +56,10 @@ class Heartbeater:
         # (and hand out leases from a stale list).
         self._beat_lock = asyncio.Lock()
         self.beats_completed = 0
+        # Leases last 30 s and are extended every beat: three missed beats are a real problem.
+        self.monitor = (loops if loops is not None else Loops()).monitor(
+            "heartbeat", ready_after_s=max(15.0, 3 * interval_s),
+            live_after_s=max(90.0, 18 * interval_s))
 
     def server_info(self) -> ServerInfo:
         return ServerInfo(
@@ -81,16 +86,27 @@ class Heartbeater:
     async def _beat(self) -> None:
         running = list(self.processor.running.values())
         now_s = int(self.clock.now_s())
+        failure: BaseException | None = None
         try:
             await self.broker.write_server_state(
                 self.server_info(), [self.worker_info(r) for r in running],
                 ttl_s=int(self.interval_s * 2), now_s=now_s,
             )
-        except errors.AqshError as exc:
-            log.warning("heartbeat.failed", error=str(exc))
-        await self.extend_leases(running, now_s)
+        except Exception as exc:  # the leases below must still be extended
+            failure = exc
+        try:
+            await self.extend_leases(running, now_s)
+        except Exception as exc:  # recorded below; the next beat tries again
+            failure = failure or exc
+        if failure is None:
+            self.monitor.ok()
+        else:
+            self.monitor.failed(failure)
 
     async def extend_leases(self, running: list[Running], now_s: int) -> None:
+        """Raises the first failure after trying every queue (one queue's error must not cost
+        the others their leases)."""
+        failure: Exception | None = None
         by_queue: dict[str, list[Running]] = {}
         for run in running:
             if run.finished.is_set():
@@ -105,8 +121,9 @@ class Heartbeater:
                 expires_s, lost = await self.broker.extend_leases(
                     qname, [r.task_id for r in runs], now_s=now_s
                 )
-            except errors.AqshError as exc:
+            except Exception as exc:  # see the docstring
                 log.warning("lease.extend_failed", queue=qname, error=str(exc))
+                failure = failure or exc
                 continue
             lost_ids = set(lost)
             for run in runs:
@@ -117,11 +134,16 @@ class Heartbeater:
                     # this beat was in flight; only a running handler has really lost it.
                     log.warning("lease.lost", task_id=run.task_id)
                     run.cancel(CancelReason.LEASE_LOST)
+        if failure is not None:
+            raise failure
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="aqsh-heartbeat")
 
     async def _loop(self) -> None:
+        await supervise(self.monitor, self._beats)
+
+    async def _beats(self) -> None:
         while not self._stop.is_set():
             await self.beat()
             with contextlib.suppress(TimeoutError):
@@ -134,5 +156,5 @@ class Heartbeater:
                 await self._task
         try:
             await self.broker.clear_server_state(self.host, self.pid, self.server_id)
-        except errors.AqshError as exc:
+        except Exception as exc:  # the entry expires on its own
             log.warning("heartbeat.clear_failed", error=str(exc))

@@ -9,7 +9,7 @@ so still at most one round trip per queue).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import msgspec
@@ -78,10 +78,15 @@ def _text(value: Any) -> str:
 
 
 class Inspector:
-    def __init__(self, client: RedisClient, *, clock: Clock | None = None) -> None:
+    def __init__(self, client: RedisClient, *, clock: Clock | None = None,
+                 known_queues: Callable[[], Iterable[str]] | None = None) -> None:
+        """``known_queues``: queues to search by id beside those Redis lists in
+        ``asynq:queues`` — that set is lost when Redis restarts empty, while the tasks enqueued
+        since then are not."""
         self.redis = client
         self.clock = clock or SystemClock()
         self.scripts = Scripts(client)
+        self.known_queues = known_queues
 
     # ------------------------------------------------------------------ queues
     async def queues(self) -> list[str]:
@@ -226,7 +231,12 @@ class Inspector:
 
     async def find_task(self, task_id: str, queues: Sequence[str] | None = None) -> TaskInfo:
         """Locate a task by id alone across every queue, in one pipelined round trip."""
-        names = list(queues) if queues is not None else await self.queues()
+        if queues is not None:
+            names = list(queues)
+        else:
+            names = await self.queues()
+            if self.known_queues is not None:
+                names = sorted({*names, *self.known_queues()})
         found = await self._fetch(names, task_id)
         if not found:
             raise errors.TaskNotFound(f"task {task_id} not found")

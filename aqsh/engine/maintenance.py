@@ -14,11 +14,15 @@ import structlog
 
 from aqsh import errors
 from aqsh.clock import Clock
-from aqsh.engine.broker import LEASE_DURATION_S, Broker
+from aqsh.engine.broker import Broker
+from aqsh.engine.faults import Backoff, Loops
 from aqsh.engine.processor import LEASE_EXPIRED_ERROR, RetryDelayFn
 from aqsh.engine.task import Task
 
 log = structlog.get_logger("aqsh.engine")
+
+#: How long past its lease an active task waits before it is recovered (see Recoverer).
+RECOVER_GRACE_S = 1
 
 
 class Periodic:
@@ -26,11 +30,14 @@ class Periodic:
 
     name = "periodic"
 
-    def __init__(self, interval_s: float, *, run_first: bool) -> None:
+    def __init__(self, interval_s: float, *, run_first: bool, loops: Loops | None = None) -> None:
         self.interval_s = interval_s
         self.run_first = run_first
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self.monitor = (loops if loops is not None else Loops()).monitor(
+            self.name, ready_after_s=max(30.0, 3 * interval_s),
+            live_after_s=max(120.0, 10 * interval_s))
 
     async def run_once(self) -> int:
         raise NotImplementedError
@@ -45,20 +52,27 @@ class Periodic:
                 await self._task
 
     async def _loop(self) -> None:
+        """A failed round (an outage, an error reply, a bug) is recorded and retried after a
+        jittered back-off shorter than the interval; the loop itself never ends on one."""
         first = self.run_first
+        backoff = Backoff(first_s=0.1, max_s=min(2.0, self.interval_s))
+        delay_s = self.interval_s
         while not self._stop.is_set():
             if not first:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), timeout=self.interval_s)
+                    await asyncio.wait_for(self._stop.wait(), timeout=delay_s)
                 if self._stop.is_set():
                     return
             first = False
             try:
                 await self.run_once()
-            except errors.AqshError as exc:
-                log.warning(f"{self.name}.failed", error=str(exc))
-            except Exception:
-                log.exception(f"{self.name}.crashed")
+            except Exception as exc:  # see the docstring
+                self.monitor.failed(exc)
+                delay_s = backoff.next_delay_s()
+                continue
+            self.monitor.ok()
+            backoff.reset()
+            delay_s = self.interval_s
 
 
 class Forwarder(Periodic):
@@ -67,8 +81,9 @@ class Forwarder(Periodic):
     name = "forwarder"
 
     def __init__(self, broker: Broker, queues: Sequence[str], clock: Clock,
-                 interval_s: float = 5.0, on_forward: Callable[[], None] | None = None) -> None:
-        super().__init__(interval_s, run_first=False)
+                 interval_s: float = 5.0, on_forward: Callable[[], None] | None = None,
+                 loops: Loops | None = None) -> None:
+        super().__init__(interval_s, run_first=False, loops=loops)
         self.broker, self.queues, self.clock = broker, list(queues), clock
         self.on_forward = on_forward
 
@@ -80,21 +95,25 @@ class Forwarder(Periodic):
 
 
 class Recoverer(Periodic):
-    """Active tasks whose lease ran out 30 s ago were abandoned by a dead worker: retry or
-    archive them with asynq's error text (asynq: every minute, first run at start)."""
+    """Active tasks whose lease ran out were abandoned by a dead worker: retry or archive them
+    with asynq's error text. asynq waits 30 s past the lease and looks every minute, so a dead
+    worker's task waits 60–120 s; aqsh looks every 2 s with a 1 s grace, so it waits at most
+    ~33 s (a lease lasts 30 s). A live worker never runs past its lease: its heartbeat cancels
+    a run whose lease it could not extend in time."""
 
     name = "recoverer"
 
     def __init__(self, broker: Broker, queues: Sequence[str], clock: Clock,
-                 retry_delay: RetryDelayFn, interval_s: float = 60.0) -> None:
-        super().__init__(interval_s, run_first=True)
+                 retry_delay: RetryDelayFn, interval_s: float = 2.0,
+                 loops: Loops | None = None) -> None:
+        super().__init__(interval_s, run_first=True, loops=loops)
         self.broker, self.queues, self.clock = broker, list(queues), clock
         self.retry_delay = retry_delay
 
     async def run_once(self) -> int:
         now_s = int(self.clock.now_s())
         expired = await self.broker.list_lease_expired(
-            self.queues, cutoff_s=now_s - LEASE_DURATION_S
+            self.queues, cutoff_s=now_s - RECOVER_GRACE_S
         )
         recovered = 0
         for msg in expired:
@@ -122,8 +141,9 @@ class Janitor(Periodic):
     name = "janitor"
 
     def __init__(self, broker: Broker, queues: Sequence[str], clock: Clock,
-                 interval_s: float = 8.0, batch_size: int = 100) -> None:
-        super().__init__(interval_s, run_first=False)
+                 interval_s: float = 8.0, batch_size: int = 100,
+                 loops: Loops | None = None) -> None:
+        super().__init__(interval_s, run_first=False, loops=loops)
         self.broker, self.queues, self.clock = broker, list(queues), clock
         self.batch_size = batch_size
 

@@ -23,6 +23,7 @@ import structlog
 from aqsh import errors
 from aqsh.clock import Clock
 from aqsh.engine.broker import Broker, Leased
+from aqsh.engine.faults import Backoff, Loops, pause_after_failure
 from aqsh.engine.models import TaskMessage
 from aqsh.engine.task import CancelReason, Handler, RevokeTask, SkipRetry, Task, TaskError
 
@@ -144,6 +145,7 @@ class Processor:
         on_write_failure: Callable[[Running, Callable[[], object]], None] | None = None,
         poll_interval_s: float = 1.0,
         max_batch: int = 32,
+        loops: Loops | None = None,
     ) -> None:
         self.broker = broker
         self.handler = handler
@@ -168,6 +170,11 @@ class Processor:
             asyncio.Queue()
         )
         self._ack_flusher: asyncio.Task[None] | None = None
+        self.loops = loops if loops is not None else Loops()
+        # A fetcher cycle is at most the idle poll interval (or a parked wait for a slot).
+        self.fetch_monitor = self.loops.monitor("fetcher", ready_after_s=30.0,
+                                                live_after_s=120.0)
+        self.ack_monitor = self.loops.monitor("acks", ready_after_s=30.0, live_after_s=120.0)
 
     # ---------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -187,11 +194,22 @@ class Processor:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._fetcher
 
-    async def drain(self, timeout_s: float) -> list[Running]:
-        """Wait for running handlers up to ``timeout_s``; return the ones still running."""
+    async def drain(self, timeout_s: float, *, ack_grace_s: float = 10.0) -> list[Running]:
+        """Wait for running handlers up to ``timeout_s``; return the ones still executing.
+
+        A run whose handler has returned is finished work even if its acknowledgement is still
+        queued or in flight: requeueing it would run a task that already succeeded a second
+        time. So those are never returned; they get ``ack_grace_s`` more to be acknowledged
+        (a failed ack goes to the syncer, which makes a final attempt at shutdown)."""
         if self._workers:
             await asyncio.wait(set(self._workers), timeout=timeout_s)
-        return [r for r in self.running.values() if not r.finished.is_set()]
+        acking = [r for r in self.running.values()
+                  if r.handler_done and not r.finished.is_set()]
+        if acking:
+            await asyncio.wait([asyncio.ensure_future(r.finished.wait()) for r in acking],
+                               timeout=ack_grace_s)
+        return [r for r in self.running.values()
+                if not r.finished.is_set() and not r.handler_done]
 
     async def abort(self, leftovers: list[Running]) -> None:
         """Shutdown timeout: requeue what still runs, then cancel the handlers (asynq order).
@@ -224,12 +242,17 @@ class Processor:
 
     # ---------------------------------------------------------------- fetching
     async def _fetch_loop(self) -> None:
+        """Never ends on an error: any failure of a dequeue (an outage, an error reply such as
+        OOM or NOPERM, a bug) is recorded, backed off, and the loop goes on."""
         idle_polls = 0
+        backoff = Backoff(first_s=0.1, max_s=2.0)
         while not self._stopping.is_set():
             free = self.concurrency - len(self.running)
             if free <= 0:
+                self.fetch_monitor.ok()
                 self._slot_free.clear()
-                await self._slot_free.wait()
+                with self.fetch_monitor.parking():  # every slot busy: waiting is the job
+                    await self._slot_free.wait()
                 continue
             self._wake.clear()
             try:
@@ -238,10 +261,11 @@ class Processor:
                     limit=min(free, self.max_batch),
                     now_s=int(self.clock.now_s()),
                 )
-            except errors.AqshError as exc:
-                log.warning("processor.dequeue_failed", error=str(exc))
-                batch = []
-                idle_polls = max(idle_polls, 3)
+            except Exception as exc:  # see the docstring
+                await pause_after_failure(self.fetch_monitor, exc, backoff, self._stopping)
+                continue
+            backoff.reset()
+            self.fetch_monitor.ok()
             if batch:
                 idle_polls = 0
                 for leased in batch:
@@ -361,18 +385,26 @@ class Processor:
             log.warning("task.write_failed", task_id=run.task_id, error=str(exc))
 
     async def _flush_acks(self) -> None:
-        """One pipelined round trip acknowledges every success that finished meanwhile."""
+        """One pipelined round trip acknowledges every success that finished meanwhile.
+
+        Nothing may end this loop: a success whose ack is never sent would wait forever and
+        hold its slot. Any failure of the round trip hands each ack to the syncer."""
         while True:
-            batch = [await self._acks.get()]
+            with self.ack_monitor.parking():  # nothing to acknowledge: not a stall
+                batch = [await self._acks.get()]
             while not self._acks.empty() and len(batch) < 256:
                 batch.append(self._acks.get_nowait())
             msgs = [run.message for run, _, _ in batch]
+            outcomes: list[errors.AqshError | None]
             try:
                 outcomes = await self.broker.finish_successes(
                     msgs, now_s=int(self.clock.now_s()), results=[r for _, r, _ in batch]
                 )
-            except errors.AqshError as exc:
-                outcomes = [exc] * len(batch)
+                self.ack_monitor.ok()
+            except Exception as exc:  # see the docstring
+                self.ack_monitor.failed(exc)
+                unavailable = errors.BrokerUnavailable(f"acknowledgement failed: {exc}")
+                outcomes = [unavailable for _ in batch]
             for (run, result, fut), err in zip(batch, outcomes, strict=True):
                 if isinstance(err, errors.BrokerUnavailable) and self.on_write_failure:
                     self.on_write_failure(run, _success_write(self.broker, run, result,

@@ -34,6 +34,7 @@ from aqsh.engine.broker import (
 )
 from aqsh.engine.connection import RedisClient, open_pubsub
 from aqsh.engine.fastlane import FastLane
+from aqsh.engine.faults import classify, is_redis_fault
 from aqsh.engine.models import (
     SchedulerEnqueueEvent,
     SchedulerEntry,
@@ -60,20 +61,39 @@ def _not_found(exc: ResponseError, msg: TaskMessage) -> errors.AqshError:
     return errors.AqshError(f"redis script error for task {msg.id}: {text}")
 
 
-async def guarded(call: Awaitable[T]) -> T:
-    """Await a Redis call, turning connection failures into BrokerUnavailable."""
-    try:
-        return await call
-    except REDIS_DOWN as exc:
+def broker_error(exc: BaseException) -> errors.AqshError | None:
+    """The aqsh error for a Redis failure, or None when ``exc`` is not one (a script's own
+    error reply such as NOT FOUND, a usage error). Connection loss and error replies about
+    Redis's condition that clear by themselves (OOM, READONLY, LOADING...) become
+    BrokerUnavailable: callers retry them like an outage and the API answers 503. Error replies
+    that need an operator (NOPERM, WRONGTYPE) become BrokerFault."""
+    if isinstance(exc, REDIS_DOWN):
         # Some say nothing (a cluster node's pool at its limit): name them then.
-        raise errors.BrokerUnavailable(
-            f"redis unavailable: {str(exc) or type(exc).__name__}") from exc
-    except RedisClusterException as exc:
+        return errors.BrokerUnavailable(
+            f"redis unavailable: {str(exc) or type(exc).__name__}")
+    if isinstance(exc, RedisClusterException):
         # A Cluster client that reaches no seed node says so with this generic class, the
         # connection error as its cause; anything else of that class is a usage error.
         if isinstance(exc.__cause__, REDIS_DOWN):
-            raise errors.BrokerUnavailable(f"redis unavailable: {exc}") from exc
-        raise
+            return errors.BrokerUnavailable(f"redis unavailable: {exc}")
+        return None
+    if isinstance(exc, ResponseError) and is_redis_fault(exc):
+        fault = classify(exc)
+        if fault.transient:
+            return errors.BrokerUnavailable(f"redis unavailable: {fault.kind}: {exc}")
+        return errors.BrokerFault(f"redis refused the command: {fault.kind}: {exc}")
+    return None
+
+
+async def guarded(call: Awaitable[T]) -> T:
+    """Await a Redis call, turning Redis failures into BrokerUnavailable / BrokerFault."""
+    try:
+        return await call
+    except (*REDIS_DOWN, RedisClusterException, ResponseError) as exc:
+        mapped = broker_error(exc)
+        if mapped is None:
+            raise
+        raise mapped from exc
 
 
 class RedisBroker:
@@ -233,8 +253,9 @@ class RedisBroker:
         outcome: list[errors.AqshError | None] = []
         for msg, slot in zip(msgs, slots, strict=True):
             reply = replies[slot]
-            if isinstance(reply, REDIS_DOWN):
-                outcome.append(errors.BrokerUnavailable(f"redis unavailable: {reply}"))
+            mapped = broker_error(reply) if isinstance(reply, BaseException) else None
+            if mapped is not None:
+                outcome.append(mapped)
             elif isinstance(reply, ResponseError):
                 outcome.append(_not_found(reply, msg))
             else:

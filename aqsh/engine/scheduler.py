@@ -38,6 +38,7 @@ from aqsh.clock import Clock, SystemClock
 from aqsh.engine import keys
 from aqsh.engine.client import DEFAULT_MAX_RETRY, DEFAULT_QUEUE, Client
 from aqsh.engine.cron import CronSpec, go_duration
+from aqsh.engine.faults import Loops, supervise
 from aqsh.engine.models import SchedulerEnqueueEvent, SchedulerEntry, TaskInfo
 from aqsh.engine.rdb import RedisBroker
 
@@ -102,6 +103,7 @@ class Scheduler:
         heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S,
         history_limit: int = HISTORY_LIMIT,
         on_fire: Callable[[str, str], None] | None = None,
+        loops: Loops | None = None,
     ) -> None:
         """``on_fire(task_type, outcome)`` hears every fire: ``stored`` (this scheduler stored
         the task), ``elsewhere`` (another replica had), ``failed`` (Redis away; retried) or
@@ -119,6 +121,9 @@ class Scheduler:
         self._retired: list[str] = []  # entry ids whose history is still to be deleted
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self.monitor = (loops if loops is not None else Loops()).monitor(
+            "scheduler", ready_after_s=max(30.0, 3 * heartbeat_interval_s),
+            live_after_s=max(120.0, 18 * heartbeat_interval_s))
 
     # ------------------------------------------------------------------ entries
     def register(self, task: PeriodicTask) -> str:
@@ -186,7 +191,8 @@ class Scheduler:
             except errors.TaskIdConflict:
                 self._heard(task.type, "elsewhere")
                 log.debug("scheduler.fired_elsewhere", entry_id=entry.id, task_id=task_id)
-            except errors.BrokerUnavailable as exc:
+            except (errors.BrokerUnavailable, errors.BrokerFault) as exc:
+                # Redis could not take it (away, full, refusing): try this fire again soon.
                 entry.retry_at_s = now_s + _RETRY_AFTER_FAILURE_S
                 self._heard(task.type, "failed")
                 log.warning("scheduler.enqueue_failed", entry_id=entry.id, error=str(exc))
@@ -215,7 +221,7 @@ class Scheduler:
         event = SchedulerEnqueueEvent(task_id=task_id, enqueue_time_ns=self.clock.now_ns())
         try:
             await self.broker.record_scheduler_event(entry_id, event, limit=self.history_limit)
-        except errors.BrokerUnavailable as exc:
+        except (errors.BrokerUnavailable, errors.BrokerFault) as exc:
             log.warning("scheduler.history_failed", entry_id=entry_id, error=str(exc))
 
     async def heartbeat(self) -> None:
@@ -243,10 +249,13 @@ class Scheduler:
         try:
             await self.broker.clear_scheduler_state(
                 self.scheduler_id, [*self._entries, *self._retired])
-        except errors.BrokerUnavailable as exc:  # the entries expire on their own
+        except Exception as exc:  # the entries expire on their own
             log.warning("scheduler.clear_failed", error=str(exc))
 
     async def _run(self) -> None:
+        await supervise(self.monitor, self._fire_forever)
+
+    async def _fire_forever(self) -> None:
         next_beat_s = 0.0
         while True:
             if self._changed.is_set():  # entries changed: announce them now
@@ -258,8 +267,9 @@ class Scheduler:
             if self.clock.now_s() >= next_beat_s:
                 try:
                     await self.heartbeat()
-                except errors.BrokerUnavailable as exc:
-                    log.warning("scheduler.heartbeat_failed", error=str(exc))
+                    self.monitor.ok()
+                except Exception as exc:  # the entries expire; the next beat writes them
+                    self.monitor.failed(exc)
                 next_beat_s = self.clock.now_s() + self.heartbeat_interval_s
             wake_s = min([max(e.next_s, e.retry_at_s) for e in self._entries.values()]
                          + [next_beat_s])

@@ -18,6 +18,7 @@ import structlog
 from aqsh import errors
 from aqsh.clock import Clock, SystemClock
 from aqsh.engine.broker import Broker
+from aqsh.engine.faults import Backoff, Loops, supervise
 from aqsh.engine.heartbeat import HEARTBEAT_INTERVAL_S, Heartbeater
 from aqsh.engine.maintenance import Forwarder, Janitor, Recoverer
 from aqsh.engine.processor import (
@@ -97,29 +98,34 @@ class Server:
         poll_interval_s: float = IDLE_POLL_INTERVAL_S,
         heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S,
         forward_interval_s: float = 5.0,
-        recover_interval_s: float = 60.0,
+        recover_interval_s: float = 2.0,
         janitor_interval_s: float = 8.0,
+        loops: Loops | None = None,
     ) -> None:
+        """``loops``: where the server's loops report their health (``/health`` reads it);
+        pass the process's one registry when other components report there too."""
         self.broker = broker
         self.clock = clock or SystemClock()
         self.queues = normalise_queues(queues or {"critical": 6, "default": 3})
         self.shutdown_timeout_s = shutdown_timeout_s
-        self.syncer = Syncer(self.clock)
+        self.loops = loops = loops if loops is not None else Loops()
+        self.syncer = Syncer(self.clock, loops=loops)
         self.processor = Processor(
             broker, handler, clock=self.clock, concurrency=concurrency, queues=self.queues,
             strict_priority=strict_priority, retry_delay=retry_delay, is_failure=is_failure,
-            on_write_failure=self._defer_write, poll_interval_s=poll_interval_s,
+            on_write_failure=self._defer_write, poll_interval_s=poll_interval_s, loops=loops,
         )
         names = list(self.queues)
         self.heartbeater = Heartbeater(
             broker, self.processor, self.clock, concurrency=self.processor.concurrency,
             queues=self.queues, strict_priority=strict_priority,
-            interval_s=heartbeat_interval_s,
+            interval_s=heartbeat_interval_s, loops=loops,
         )
         self.forwarder = Forwarder(broker, names, self.clock, forward_interval_s,
-                                   on_forward=self.processor.wake)
-        self.recoverer = Recoverer(broker, names, self.clock, retry_delay, recover_interval_s)
-        self.janitor = Janitor(broker, names, self.clock, janitor_interval_s)
+                                   on_forward=self.processor.wake, loops=loops)
+        self.recoverer = Recoverer(broker, names, self.clock, retry_delay, recover_interval_s,
+                                   loops=loops)
+        self.janitor = Janitor(broker, names, self.clock, janitor_interval_s, loops=loops)
         self._listeners: list[asyncio.Task[None]] = []
         self._started = False
         self._stopped = asyncio.Event()
@@ -138,10 +144,12 @@ class Server:
         self._started = True
         self.heartbeater.start()
         self._listeners = [
-            asyncio.create_task(self._listen(self.broker.cancellations(), self._on_cancel),
-                                name="aqsh-cancel-subscriber"),
-            asyncio.create_task(self._listen(self.broker.wakeups(), self.processor.wake),
-                                name="aqsh-wake-subscriber"),
+            asyncio.create_task(
+                self._listen("cancel-subscriber", self.broker.cancellations, self._on_cancel),
+                name="aqsh-cancel-subscriber"),
+            asyncio.create_task(
+                self._listen("wake-subscriber", self.broker.wakeups, self.processor.wake),
+                name="aqsh-wake-subscriber"),
         ]
         self.syncer.start()
         self.recoverer.start()
@@ -157,10 +165,18 @@ class Server:
             log.info("task.cancel_requested", task_id=task_id)
             run.cancel(CancelReason.CANCELED)
 
-    @staticmethod
-    async def _listen(source: AsyncIterator[str], sink: Callable[[str], None]) -> None:
-        async for item in source:
-            sink(item)
+    async def _listen(self, name: str, subscribe: Callable[[], AsyncIterator[str]],
+                      sink: Callable[[str], None]) -> None:
+        """A subscription resubscribes by itself after connection loss; an error reply (a
+        NOPERM on the channel, say) ends it, and then it is made again after a back-off."""
+        monitor = self.loops.monitor(name, ready_after_s=30.0, live_after_s=120.0)
+
+        async def listen() -> None:
+            with monitor.parking():  # waiting for messages is its job
+                async for item in subscribe():
+                    sink(item)
+
+        await supervise(monitor, listen, backoff=Backoff(first_s=0.5, max_s=5.0))
 
     async def stop(self, *, shutdown_timeout_s: float | None = None) -> None:
         """Graceful stop. Order matters: stop producing work before the components that

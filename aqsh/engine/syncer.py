@@ -12,6 +12,7 @@ import structlog
 
 from aqsh import errors
 from aqsh.clock import Clock
+from aqsh.engine.faults import Loops
 
 log = structlog.get_logger("aqsh.engine")
 
@@ -24,8 +25,11 @@ class _Pending:
 
 
 class Syncer:
-    def __init__(self, clock: Clock, interval_s: float = 1.0) -> None:
+    def __init__(self, clock: Clock, interval_s: float = 1.0,
+                 loops: Loops | None = None) -> None:
         self.clock = clock
+        self.monitor = (loops if loops is not None else Loops()).monitor(
+            "syncer", ready_after_s=30.0, live_after_s=120.0)
         self.interval_s = interval_s
         self.pending: list[_Pending] = []
         self._added = asyncio.Event()
@@ -53,6 +57,7 @@ class Syncer:
         now_s = self.clock.now_s()
         keep: list[_Pending] = []
         synced = 0
+        failure: Exception | None = None
         batch, self.pending = self.pending, []
         for item in batch:
             if now_s > item.lease_expires_s:
@@ -61,11 +66,21 @@ class Syncer:
             try:
                 await item.write()
                 synced += 1
-            except errors.BrokerUnavailable:
+            except (errors.BrokerUnavailable, errors.BrokerFault) as exc:
+                # Redis cannot take it now (away, full, read-only, refusing): keep trying
+                # until the lease ends; after that the recoverer owns the task.
                 keep.append(item)
+                failure = failure or exc
             except errors.AqshError as exc:
                 log.warning("syncer.write_failed", task_id=item.task_id, error=str(exc))
+            except Exception as exc:  # a bug in one write must not cost the others theirs
+                keep.append(item)
+                failure = failure or exc
         self.pending = keep + self.pending  # plus whatever was added meanwhile
+        if failure is not None:
+            self.monitor.failed(failure)
+        else:
+            self.monitor.ok()
         return synced
 
     async def _loop(self) -> None:
@@ -74,7 +89,8 @@ class Syncer:
                 self._added.clear()
                 stop = asyncio.create_task(self._stop.wait())
                 added = asyncio.create_task(self._added.wait())
-                await asyncio.wait({stop, added}, return_when=asyncio.FIRST_COMPLETED)
+                with self.monitor.parking():  # nothing to write: not a stall
+                    await asyncio.wait({stop, added}, return_when=asyncio.FIRST_COMPLETED)
                 stop.cancel()
                 added.cancel()
                 continue

@@ -117,7 +117,7 @@ async def make_service(
                          broker=broker, client=Client(broker, fast_lane=fast_lane),
                          inspector=Inspector(client),
                          metrics=metrics)
-        server = _worker(settings, holder, broker, metrics) if worker else None
+        server = _worker(settings, holder, broker, metrics, loops=state.loops) if worker else None
         if server is not None:
             await server.start()
         runner = web.AppRunner(create_app(state), shutdown_timeout=1)
