@@ -35,17 +35,15 @@ keeps the attempt's start, end and exit code in a hash beside the stream
 from __future__ import annotations
 
 import asyncio
-import random
 import secrets
 
 import structlog
 from redis.crc import key_slot
-from redis.exceptions import ResponseError
 
 from aqsh.engine.connection import RedisClient
 from aqsh.engine.fastlane import FastLane
+from aqsh.engine.faults import Backoff, classify
 from aqsh.engine.keys import log_meta_key
-from aqsh.engine.rdb import REDIS_DOWN
 from aqsh.engine.scripts import Scripts, script_sha
 
 log = structlog.get_logger("aqsh.runner")
@@ -55,28 +53,14 @@ DEFAULT_MAX_LINE_BYTES = 16 * 1024
 DEFAULT_MAX_STREAM_LEN = 100_000
 DEFAULT_BATCH_LINES = 2000
 DEFAULT_LINGER_S = 0.005
-#: The supervised loop's name in logs (and, with aqsh.engine.faults, in its error counters).
+#: The supervised loop's name in logs.
 LOOP_NAME = "log_writer"
 _FIRST_RETRY_S = 0.05
 _LONGEST_RETRY_S = 2.0
-#: Error replies no retry can cure without an operator: still retried, but logged as errors.
-_OPERATOR_KINDS = frozenset({"noperm", "wrongtype", "unexpected"})
 
 
 def log_key(task_id: str) -> str:
     return f"{LOG_KEY_PREFIX}{task_id}"
-
-
-def fault_kind(exc: BaseException) -> str:
-    """A short name for what went wrong: ``connection``, the error reply's code in lower case
-    (``oom``, ``misconf``, ``readonly``, ``busy``, ``loading``, ``noperm``, ``noscript``, ...),
-    ``error`` for a reply without a code, ``unexpected`` for anything else."""
-    if isinstance(exc, REDIS_DOWN):
-        return "connection"
-    if isinstance(exc, ResponseError):
-        code = str(exc).split(" ", 1)[0]
-        return code.lower() if code.isupper() and code.isalpha() else "error"
-    return "unexpected"
 
 
 class LogWriter:
@@ -225,16 +209,15 @@ class LogWriter:
 
     async def _flush_loop(self) -> None:
         """Supervised: anything but cancellation is logged, backed off and resumed."""
-        delay_s = _FIRST_RETRY_S
+        backoff = Backoff(_FIRST_RETRY_S, _LONGEST_RETRY_S)
         while True:
             try:
                 await self._flush_until_done()
                 return
             except Exception as exc:  # a bug or a reply of a shape never seen: keep going
                 log.error("logs.flusher_failed", loop=LOOP_NAME, key=self.key,
-                          kind=fault_kind(exc), error=repr(exc))
-                await asyncio.sleep(_jittered(delay_s))
-                delay_s = min(delay_s * 2, _LONGEST_RETRY_S)
+                          kind=classify(exc).kind, error=repr(exc), exc_info=True)
+                await asyncio.sleep(backoff.next_delay_s())
 
     async def _flush_until_done(self) -> None:
         while True:
@@ -285,25 +268,20 @@ class LogWriter:
         written, else why it could not be (for the lost-lines marker)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.give_up_s
-        delay_s = _FIRST_RETRY_S
+        backoff = Backoff(_FIRST_RETRY_S, _LONGEST_RETRY_S)
         while True:
             try:
                 await self._append(args)
                 return None
-            except Exception as exc:
-                kind = fault_kind(exc)
+            except Exception as exc:  # every failure is retried: a dead writer hangs the task
+                fault = classify(exc)
                 if loop.time() > deadline:
-                    if kind == "connection":
+                    if fault.kind in ("connection", "timeout"):
                         return "Redis unreachable"
                     return f"Redis refused the writes ({str(exc)[:120]})"
                 self.write_retries += 1
-                report = log.error if kind in _OPERATOR_KINDS else log.warning
-                report("logs.write_retry", loop=LOOP_NAME, key=self.key, kind=kind,
+                # Operator faults (NOPERM, WRONGTYPE) are retried too, but loudly.
+                report = log.warning if fault.transient else log.error
+                report("logs.write_retry", loop=LOOP_NAME, key=self.key, kind=fault.kind,
                        error=str(exc) or type(exc).__name__)
-                await asyncio.sleep(_jittered(delay_s))
-                delay_s = min(delay_s * 2, _LONGEST_RETRY_S)
-
-
-def _jittered(delay_s: float) -> float:
-    """Between half and all of ``delay_s``: writers that failed together retry apart."""
-    return delay_s * (0.5 + random.random() / 2)
+                await asyncio.sleep(backoff.next_delay_s())
