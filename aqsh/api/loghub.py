@@ -25,7 +25,6 @@ import asyncio
 import bisect
 import contextlib
 import itertools
-import random
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
@@ -33,6 +32,7 @@ from typing import Any
 import redis.asyncio as aioredis
 import structlog
 
+from aqsh.engine.faults import Backoff, LoopMonitor
 from aqsh.engine.rdb import REDIS_DOWN
 
 log = structlog.get_logger("aqsh.api")
@@ -109,9 +109,14 @@ def entry_size(entry: Entry) -> int:
 
 class LogHub:
     def __init__(self, redis: aioredis.Redis, *, block_ms: int = BLOCK_MS, batch: int = BATCH,
-                 queue_limit: int = QUEUE_LIMIT, follower_max_bytes: int = FOLLOWER_MAX_BYTES
-                 ) -> None:
+                 queue_limit: int = QUEUE_LIMIT, follower_max_bytes: int = FOLLOWER_MAX_BYTES,
+                 monitor: LoopMonitor | None = None) -> None:
+        """``monitor``: where the read loop records its cycles and failures (the health
+        endpoints and ``aqsh_loop_errors_total``); parked while nobody follows."""
         self.redis = redis
+        self.monitor = monitor
+        if monitor is not None:
+            monitor.parked = True
         self.block_ms = block_ms
         self.batch = batch
         self.queue_limit = queue_limit
@@ -159,22 +164,32 @@ class LogHub:
     async def _run(self) -> None:
         """Supervised: a failure of one round is logged and backed off, never the hub's end
         (it ends only when nobody follows; ``join`` starts it again)."""
-        delay_s = _FIRST_RETRY_S
-        while self._followers:
-            try:
-                await self._read_once()
-                delay_s = _FIRST_RETRY_S
-                continue
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # Redis away, an error reply, a bug: never hang followers
-                self.read_failures += 1
-                log.warning("sse.hub_read_failed", loop=LOOP_NAME,
-                            error=str(exc) or type(exc).__name__)
-                for follower in itertools.chain.from_iterable(self._followers.values()):
-                    follower.wake()
-            await asyncio.sleep(delay_s * (0.5 + random.random() / 2))
-            delay_s = min(delay_s * 2, _LONGEST_RETRY_S)
+        backoff = Backoff(_FIRST_RETRY_S, _LONGEST_RETRY_S)
+        if self.monitor is not None:
+            self.monitor.parked = False
+        try:
+            while self._followers:
+                try:
+                    await self._read_once()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # Redis away, an error reply, a bug: never hang anyone
+                    self.read_failures += 1
+                    if self.monitor is not None:
+                        self.monitor.failed(exc)  # logs it with the loop's name and kind
+                    else:
+                        log.warning("sse.hub_read_failed", loop=LOOP_NAME,
+                                    error=str(exc) or type(exc).__name__)
+                    for follower in itertools.chain.from_iterable(self._followers.values()):
+                        follower.wake()
+                    await asyncio.sleep(backoff.next_delay_s())
+                    continue
+                backoff.reset()
+                if self.monitor is not None:
+                    self.monitor.ok()
+        finally:
+            if self.monitor is not None:
+                self.monitor.parked = True  # nobody to read for: waiting is not a stall
 
     async def _read_once(self) -> None:
         """One XREAD for every followed stream, its news handed out; raises what the read
