@@ -195,9 +195,10 @@ class _Follow:
     """One follower: its position, the eof marker that may end its stream, and its patience
     with a failing Redis."""
 
-    def __init__(self, response: EventSourceResponse, redis: RedisClient, key: str,
-                 after: str, task_finished: Callable[[], Awaitable[bool]],
+    def __init__(self, request: web.Request, response: EventSourceResponse, redis: RedisClient,
+                 key: str, after: str, task_finished: Callable[[], Awaitable[bool]],
                  grace_s: float) -> None:
+        self.request = request
         self.response = response
         self.redis = redis
         self.key = key
@@ -207,6 +208,13 @@ class _Follow:
         #: The newest eof marker with nothing after it: the end, unless the task runs again.
         self.pending_eof: tuple[str, str] | None = None
         self._failing_since: float | None = None
+
+    def connected(self) -> bool:
+        """False once the client is gone: the ping task notices only at its next write, the
+        transport as soon as the connection is lost (the follower's slot is freed sooner)."""
+        transport = self.request.transport
+        return (self.response.is_connected() and transport is not None
+                and not transport.is_closing())
 
     async def send(self, entries: Any) -> None:
         for raw_id, fields in entries:
@@ -269,7 +277,7 @@ class _Follow:
                 return
 
     async def alone(self) -> None:
-        while self.response.is_connected():
+        while self.connected():
             reply: Any = await self.patiently(lambda: self.redis.xread(
                 {self.key: format_id(self.last)}, count=BATCH, block=int(self.wait_s() * 1000)))
             if reply:
@@ -279,12 +287,12 @@ class _Follow:
                 return
 
     async def with_hub(self, hub: LogHub) -> None:
-        while self.response.is_connected():
+        while self.connected():
             # Catch up on our own, then let the hub bring what comes next.
             await self.catch_up()
             follower = hub.join(self.key, format_id(self.last))
             try:
-                while self.response.is_connected():
+                while self.connected():
                     if follower.dropped and follower.entries.empty():
                         break  # too slow for the hub: catch up alone, then rejoin
                     try:
@@ -331,7 +339,7 @@ async def follow_logs(
     try:
         await response.prepare(request)
         async with response:
-            follow = _Follow(response, redis, key, after, task_finished, OUTAGE_GRACE_S)
+            follow = _Follow(request, response, redis, key, after, task_finished, OUTAGE_GRACE_S)
             try:
                 if hub is None:
                     await follow.alone()
