@@ -22,6 +22,18 @@ _COMMON_ERRORS = {"401": _error("identity header required and missing"),
                   "403": _error("caller is not in the task's allowed groups"),
                   "404": _error("unknown task id"),
                   "503": _error("Redis unreachable; retry after Retry-After seconds")}
+#: A Redis stream id: <ms>-<seq> (or <ms>), each part at most 2**64-1.
+_STREAM_ID = {"type": "string", "pattern": "^[0-9]{1,20}(-[0-9]{1,20})?$", "maxLength": 41}
+_LOG_EVENTS = (
+    "text/event-stream, one event per log line: `id` = the stream entry id (<ms>-<n>, n "
+    "counting the log's entries), `data` = the line. Named events: `gap` (data "
+    '{"lost": <count>}: entries the log\'s length cap trimmed before this client read them), '
+    "`error` (data {\"code\", \"message\", \"retry_ms\"} and an SSE `retry:` hint: Redis "
+    "stayed unreachable, the stream ends; reconnect with Last-Event-ID to resume with no gap), "
+    "`eof` (data = the exit code: the task's last attempt finished, the stream ends). Comment "
+    "lines (`: ping`) keep idle connections open. With follow=false: text/plain, one line per "
+    "line, `[aqsh] <count> log lines lost: ...` where trimmed lines were."
+)
 _STATES = ["pending", "scheduled", "active", "retry", "completed", "archived", "canceled",
            "aggregating"]
 
@@ -86,16 +98,21 @@ def document() -> dict[str, Any]:
                     _TASK_ID,
                     {"name": "follow", "in": "query", "schema": {"type": "boolean"},
                      "description": "false: return what exists as text/plain"},
-                    {"name": "Last-Event-ID", "in": "header", "schema": {"type": "string"}},
-                    {"name": "last_event_id", "in": "query", "schema": {"type": "string"}},
+                    {"name": "Last-Event-ID", "in": "header", "schema": _STREAM_ID,
+                     "description": "resume after this entry (an SSE id this stream sent)"},
+                    {"name": "last_event_id", "in": "query", "schema": _STREAM_ID,
+                     "description": "the same, for clients that cannot set headers"},
                 ],
                 "responses": {
-                    "200": {"description": "SSE: id = stream entry id, data = one line; "
-                                           "event eof (data = exit code) at the end",
+                    "200": {"description": _LOG_EVENTS,
                             "content": {"text/event-stream": {"schema": {"type": "string"}},
                                         "text/plain": {"schema": {"type": "string"}}}},
-                    "400": _error("malformed Last-Event-ID"),
+                    "400": _error("Last-Event-ID / last_event_id is not a stream id "
+                                  "(code bad_last_event_id)"),
                     **_COMMON_ERRORS,
+                    "503": _error("Redis unreachable, or this server already streams "
+                                  "AQSH_MAX_SSE_CLIENTS logs (code too_many_followers); retry "
+                                  "after Retry-After seconds"),
                 },
             }},
             "/health": {"get": {"summary": "Version, mode and Redis reachability",
