@@ -64,7 +64,7 @@ DEFAULT_MAX_CLIENTS = 1000
 MAX_ID_PART = 2**64 - 1
 _STREAM_ID = re.compile(r"(\d{1,20})(?:-(\d{1,20}))?")
 #: What a failing Redis call raises here (redis-py directly, or the engine's wrappers).
-_REDIS_FAULTS = (RedisError, OSError, errors.BrokerUnavailable)
+_REDIS_FAULTS = (RedisError, OSError, errors.BrokerUnavailable, errors.BrokerFault)
 _CLIENT_GONE = (ConnectionResetError, ConnectionAbortedError, BrokenPipeError)
 
 

@@ -42,7 +42,7 @@ from redis.crc import key_slot
 
 from aqsh.engine.connection import RedisClient
 from aqsh.engine.fastlane import FastLane
-from aqsh.engine.faults import Backoff, classify
+from aqsh.engine.faults import Backoff, classify, redis_error_code
 from aqsh.engine.keys import log_meta_key
 from aqsh.engine.scripts import Scripts, script_sha
 
@@ -278,7 +278,8 @@ class LogWriter:
                 if loop.time() > deadline:
                     if fault.kind in ("connection", "timeout"):
                         return "Redis unreachable"
-                    return f"Redis refused the writes ({str(exc)[:120]})"
+                    code = redis_error_code(exc)
+                    return f"Redis refused the writes ({code or str(exc)[:120]})"
                 self.write_retries += 1
                 # Operator faults (NOPERM, WRONGTYPE) are retried too, but loudly.
                 report = log.warning if fault.transient else log.error

@@ -173,7 +173,7 @@ async def test_an_error_reply_for_longer_than_give_up_costs_lines_not_the_task(
     await asyncio.wait_for(writer.close(0), 60)
     entries = await _entries(admin, "t")
     first_line = entries[0][1][b"line"]
-    assert first_line.startswith(b"[aqsh] 11 log lines lost: Redis refused the writes (")
+    assert first_line == b"[aqsh] 11 log lines lost: Redis refused the writes (OOM)"
     assert entries[-1][1] == {b"eof": b"1", b"exit_code": b"0"}
 
 
