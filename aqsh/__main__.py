@@ -21,7 +21,7 @@ import structlog
 from aiohttp import web
 
 from aqsh import __version__
-from aqsh.api.app import create_app
+from aqsh.api.app import ApiRunner, create_app
 from aqsh.api.metrics import Metrics
 from aqsh.api.state import ApiState
 from aqsh.config_holder import ConfigHolder
@@ -103,7 +103,7 @@ async def serve(settings: Settings) -> int:
         if settings.scheduler:
             scheduler = _scheduler(settings, config, broker, metrics, loops=loops)
     app = create_app(state, api=settings.mode in ("api", "both"))
-    app_runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=5.0)
+    app_runner = ApiRunner(app, handle_signals=False, shutdown_timeout=5.0)
     await app_runner.setup()
     host, port = settings.host_port
     site = web.TCPSite(app_runner, host, port)

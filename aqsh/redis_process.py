@@ -7,8 +7,10 @@ machine with only Python and pip can run aqsh and its tests.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -41,6 +43,17 @@ def find_redis_server() -> str:
     return str(candidate)
 
 
+@functools.cache
+def server_version(binary: str | None = None) -> tuple[int, ...]:
+    """``redis-server --version`` as numbers, e.g. (6, 2, 14)."""
+    out = subprocess.run([binary or find_redis_server(), "--version"],
+                         capture_output=True, text=True, check=True).stdout
+    found = re.search(r"v=(\d+(?:\.\d+)*)", out)
+    if found is None:
+        raise RuntimeError(f"cannot read the redis-server version from {out!r}")
+    return tuple(int(part) for part in found.group(1).split("."))
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -58,12 +71,16 @@ class RedisProcess:
         data_dir: str | None = None,
         persistent: bool = False,
         extra_args: tuple[str, ...] = (),
+        debug_command: bool = False,
     ) -> None:
+        """``debug_command``: allow DEBUG (SLEEP, ...) from loopback, for tests; Redis 7 refuses
+        it by default, 6.2 always allows it and would refuse the option."""
         self.port = port or free_port()
         self._own_dir = data_dir is None
         self.data_dir = data_dir or tempfile.mkdtemp(prefix="aqsh-redis-")
         self.persistent = persistent
         self.extra_args = extra_args
+        self.debug_command = debug_command
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -84,6 +101,8 @@ class RedisProcess:
             args += ["--appendonly", "yes", "--appendfsync", "everysec"]
         else:
             args += ["--appendonly", "no"]
+        if self.debug_command and server_version(args[0]) >= (7,):
+            args += ["--enable-debug-command", "local"]
         return args + list(self.extra_args)
 
     def start(self, timeout_s: float = 10.0) -> RedisProcess:

@@ -6,6 +6,7 @@ connection is made.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import sys
 import tempfile
@@ -40,12 +41,24 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     identity_header: str = "X-Forwarded-User"
     require_identity: bool = False
     groups_header: str = "X-Forwarded-Groups"
+    #: Peers (CIDRs) whose identity and groups headers are believed: the authenticating proxy.
+    #: From any other peer those headers are ignored, so a caller reaching the port directly
+    #: cannot claim to be someone. Default: loopback (a sidecar proxy in the same pod).
+    trusted_proxies: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    #: Callers in any of these groups see and cancel every task, including those submitted
+    #: without an access record (by a Go service, or by an older aqsh).
+    admin_groups: tuple[str, ...] = ()
     log_retention_s: float = 24 * 3600
     result_retention_s: float = 72 * 3600
     idempotency_ttl_s: float = 24 * 3600
     shutdown_timeout_s: float = 30.0
     kill_grace_s: float = 10.0
     max_body_bytes: int = 1024 * 1024
+    #: A connection with no request (or with a request's headers still trickling in) for this
+    #: long is closed; longer than common proxies' upstream keep-alive (60 s).
+    http_idle_timeout_s: float = 75.0
+    #: A request body must arrive within this (slow-client protection; 408 otherwise).
+    http_body_timeout_s: float = 30.0
     max_input_length: int = 4096
     env_allowlist: tuple[str, ...] = ("PATH", "LANG", "HOME", "TZ")
     keep_work_dirs: bool = False
@@ -95,6 +108,14 @@ def _duration(text: str) -> float:
 
 def _csv(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _cidrs(text: str) -> tuple[str, ...]:
+    """Normalised CIDRs; an empty value trusts no peer at all."""
+    try:
+        return tuple(str(ipaddress.ip_network(part, strict=False)) for part in _csv(text))
+    except ValueError:
+        raise ValueError("CIDRs, comma separated") from None
 
 
 def _queues(text: str) -> tuple[tuple[str, int], ...]:
@@ -161,12 +182,17 @@ _FIELDS: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "IDENTITY_HEADER": ("identity_header", _text, "a header name"),
     "REQUIRE_IDENTITY": ("require_identity", _bool, "true or false"),
     "GROUPS_HEADER": ("groups_header", _text, "a header name"),
+    "TRUSTED_PROXIES": ("trusted_proxies", _cidrs,
+                        "CIDRs, comma separated, e.g. 127.0.0.0/8,::1/128,10.0.0.0/8"),
+    "ADMIN_GROUPS": ("admin_groups", _csv, "group names, comma separated"),
     "LOG_RETENTION": ("log_retention_s", _duration, "a duration like 24h"),
     "RESULT_RETENTION": ("result_retention_s", _duration, "a duration like 72h"),
     "IDEMPOTENCY_TTL": ("idempotency_ttl_s", _duration, "a duration like 24h"),
     "SHUTDOWN_TIMEOUT": ("shutdown_timeout_s", _duration, "a duration like 30s"),
     "KILL_GRACE": ("kill_grace_s", _duration, "a duration like 10s"),
     "MAX_BODY_BYTES": ("max_body_bytes", _positive_int, "a positive integer (bytes)"),
+    "HTTP_IDLE_TIMEOUT": ("http_idle_timeout_s", _duration, "a duration like 75s"),
+    "HTTP_BODY_TIMEOUT": ("http_body_timeout_s", _duration, "a duration like 30s"),
     "MAX_INPUT_LENGTH": ("max_input_length", _positive_int, "a positive integer"),
     "ENV_ALLOWLIST": ("env_allowlist", _csv, "variable names, comma separated"),
     "KEEP_WORK_DIRS": ("keep_work_dirs", _bool, "true or false"),

@@ -1,16 +1,40 @@
-"""The aiohttp application: routes, middleware, body limit."""
+"""The aiohttp application: routes, middleware, and the HTTP limits it enforces.
+
+Limits, chosen rather than inherited from aiohttp's defaults (SECURITY.md lists them):
+
+* request line (method, URL, version) and each header at most ``MAX_LINE_BYTES``; at most
+  ``MAX_HEADERS`` headers. An authenticating proxy adds a handful; browsers send ~20.
+* body at most ``AQSH_MAX_BODY_BYTES`` (1 MiB), read within ``AQSH_HTTP_BODY_TIMEOUT`` (30 s).
+* a connection idle (no request, or a request's headers still arriving) for longer than
+  ``AQSH_HTTP_IDLE_TIMEOUT`` (75 s: longer than common proxies' upstream keep-alive of 60 s,
+  so the proxy, not aqsh, closes an idle pooled connection and never reuses a dying one) is
+  closed.
+
+Errors found by aiohttp's HTTP parser before any route runs (a line too long, too many
+headers, a malformed request) are answered in the same JSON envelope as every other error.
+"""
 
 from __future__ import annotations
 
 import time
+import uuid
+from typing import Any
 
 import redis.asyncio as aioredis
+import structlog
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
+from aiohttp.web_protocol import RequestHandler
 
 from aqsh.api import handlers, health
-from aqsh.api.errors import Handler, error_middleware
+from aqsh.api.errors import Handler, error_middleware, error_response
 from aqsh.api.loghub import LogHub
 from aqsh.api.state import STATE_KEY, ApiState
+
+log = structlog.get_logger("aqsh.api")
+
+MAX_LINE_BYTES = 8190
+MAX_HEADERS = 64
 
 
 @web.middleware
@@ -34,6 +58,7 @@ def create_app(state: ApiState, *, api: bool = True) -> web.Application:
     app = web.Application(
         middlewares=[metrics_middleware, error_middleware],
         client_max_size=state.settings.max_body_bytes,
+        handler_args=handler_args(state),
     )
     app[STATE_KEY] = state
     state.metrics.registry.register(health.LoopErrorsCollector(state.loops))
@@ -46,10 +71,15 @@ def create_app(state: ApiState, *, api: bool = True) -> web.Application:
 
         app.on_cleanup.append(close_hub)
     if api:
-        app.router.add_post("/tasks/{name}", handlers.submit_task)
         app.router.add_get("/tasks", handlers.list_task_types)
-        app.router.add_get("/tasks/{id}", handlers.get_task)
-        app.router.add_delete("/tasks/{id}", handlers.cancel_task)
+        # One resource for POST (a type's name) and GET/DELETE (a task id): OpenAPI counts
+        # /tasks/{name} and /tasks/{id} as the same path, and a 405's Allow header lists the
+        # methods of every resource matching the URL anyway.
+        task = app.router.add_resource("/tasks/{id}")
+        task.add_route("POST", handlers.submit_task)
+        task.add_route("GET", handlers.get_task)
+        task.add_route("HEAD", handlers.get_task)  # as router.add_get would
+        task.add_route("DELETE", handlers.cancel_task)
         app.router.add_get("/tasks/{id}/logs", handlers.task_logs)
     app.router.add_get("/health", health.health)
     app.router.add_get("/health/live", health.live)
@@ -57,3 +87,60 @@ def create_app(state: ApiState, *, api: bool = True) -> web.Application:
     app.router.add_get("/metrics", handlers.metrics)
     app.router.add_get("/openapi.json", handlers.openapi)
     return app
+
+
+def handler_args(state: ApiState) -> dict[str, Any]:
+    return {"max_line_size": MAX_LINE_BYTES, "max_field_size": MAX_LINE_BYTES,
+            "max_headers": MAX_HEADERS,
+            "keepalive_timeout": state.settings.http_idle_timeout_s}
+
+
+class _JsonErrorProtocol(RequestHandler):
+    """aiohttp's connection handler, answering its own errors (parser refusals, a handler
+    timeout, an exception past every middleware) in the JSON envelope instead of text/plain.
+    A malformed request is the client's fault: it is logged at debug level, not as an error."""
+
+    def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        if request.writer.output_size > 0:  # the response has begun: only closing is left
+            raise ConnectionError("response already started; cannot send an error")
+        if status >= 500:
+            error_id = uuid.uuid4().hex
+            log.error("http.internal_error", error_id=error_id, status=status, exc_info=exc)
+            response = error_response(status, "internal",
+                                      f"internal server error (error id {error_id})",
+                                      details={"error_id": error_id},
+                                      headers={"X-Error-Id": error_id})
+        else:
+            code, text = _protocol_error(exc)
+            log.debug("http.bad_request", peer=request.remote, code=code,
+                      error=str(exc) if exc is not None else message)
+            response = error_response(status, code, text)
+        response.force_close()
+        return response
+
+
+def _protocol_error(exc: BaseException | None) -> tuple[str, str]:
+    if isinstance(exc, LineTooLong):
+        return ("request_too_large",
+                f"the request line or a header is longer than {MAX_LINE_BYTES} bytes")
+    if isinstance(exc, BadHttpMessage) and "Too many headers" in exc.message:
+        return "request_too_large", f"more than {MAX_HEADERS} headers"
+    return "bad_request", "malformed HTTP request"
+
+
+class _JsonErrorServer(web.Server):
+    def __call__(self) -> RequestHandler:
+        return _JsonErrorProtocol(self, loop=self._loop, **self._kwargs)
+
+
+class ApiRunner(web.AppRunner):
+    """``web.AppRunner`` whose connections answer protocol errors in JSON; use it wherever an
+    app from ``create_app`` is served (``aqsh serve``, the tests)."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        # Same state and arguments; only the protocol factory differs. aiohttp offers no
+        # public hook for the connection handler class.
+        server.__class__ = _JsonErrorServer
+        return server

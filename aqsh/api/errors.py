@@ -1,8 +1,10 @@
 """Every HTTP error is JSON ``{"error": {"code", "message", "details"?}}``, router 404/405 and
-oversized bodies included; no traceback ever reaches a client."""
+oversized bodies included; no traceback, Redis or Lua text ever reaches a client: a 500 carries
+only an error id, and the log has the detail under that id."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -17,6 +19,7 @@ log = structlog.get_logger("aqsh.api")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 RETRY_AFTER_S = 5
+CLIENT_CLOSED = 499
 
 
 class ApiError(errors.AqshError):
@@ -53,7 +56,19 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except (RedisConnectionError, RedisTimeoutError, ConnectionRefusedError) as exc:
         log.warning("redis.unavailable", path=request.path, error=str(exc))
         return _unavailable()
+    except errors.BrokerFault as exc:
+        # Redis refuses the command (NOPERM, WRONGTYPE): the service cannot work until an
+        # operator acts. 503 like an outage, since nothing was stored, but the detail (which
+        # may quote Redis) goes to the log under an id, not to the caller.
+        error_id = uuid.uuid4().hex
+        log.error("redis.refused", error_id=error_id, path=request.path, error=exc.message)
+        return error_response(
+            503, exc.code, f"the task store refused the operation (error id {error_id})",
+            details={"error_id": error_id},
+            headers={"X-Error-Id": error_id, "Retry-After": str(RETRY_AFTER_S)})
     except errors.AqshError as exc:
+        if exc.http_status >= 500:  # its message may quote Redis or a Lua script
+            return internal_error(request, exc)
         return error_response(exc.http_status, exc.code, exc.message, exc.details)
     except web.HTTPRequestEntityTooLarge:
         return error_response(413, "payload_too_large",
@@ -66,9 +81,24 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         message = exc.reason if exc.status != 404 else f"no route for {request.path}"
         headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
         return error_response(exc.status, code, message, headers=headers)
-    except Exception:
-        log.exception("http.internal_error", path=request.path, method=request.method)
-        return error_response(500, "internal", "internal server error")
+    except ConnectionResetError as exc:
+        if request.transport is not None and not request.transport.is_closing():
+            return internal_error(request, exc)  # some other connection, not the client's
+        # The client went away mid-request (closed its tab, timed out): nothing to answer and
+        # nothing wrong on this side. Checked before the generic handler, which would log it as
+        # an internal error; 499 (nginx's "client closed request") is what metrics count.
+        log.debug("http.client_gone", path=request.path, method=request.method)
+        return web.Response(status=CLIENT_CLOSED)
+    except Exception as exc:
+        return internal_error(request, exc)
+
+
+def internal_error(request: web.Request, exc: BaseException) -> web.Response:
+    error_id = uuid.uuid4().hex
+    log.error("http.internal_error", error_id=error_id, path=request.path,
+              method=request.method, exc_info=exc)
+    return error_response(500, "internal", f"internal server error (error id {error_id})",
+                          details={"error_id": error_id}, headers={"X-Error-Id": error_id})
 
 
 def _unavailable() -> web.Response:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -18,13 +19,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 
 from aqsh import errors
-from aqsh.api.auth import Caller, authorize, caller_of
+from aqsh.api.auth import Caller, authorize_submit, authorize_task, caller_of, may_run
 from aqsh.api.errors import ApiError
 from aqsh.api.openapi import document
 from aqsh.api.sse import follow_logs, plain_logs, start_id
 from aqsh.api.state import STATE_KEY, ApiState
 from aqsh.engine.client import new_task_id
 from aqsh.engine.cron import CronSpec
+from aqsh.engine.inspect import QueueInfo
 from aqsh.engine.keys import log_meta_key
 from aqsh.engine.models import TaskInfo, TaskState
 from aqsh.engine.rdb import guarded
@@ -34,6 +36,7 @@ from aqsh.runner.spec import (
     HEADER_SUBMITTED_AT,
     HEADER_SUBMITTED_BY,
     TaskSpec,
+    access_headers,
     parse_duration,
 )
 from aqsh.runner.validate import json_schema, validate_input
@@ -50,6 +53,11 @@ def _state(request: web.Request) -> ApiState:
     return request.app[STATE_KEY]
 
 
+def _caller(request: web.Request) -> Caller:
+    state = _state(request)
+    return caller_of(request, state.settings, state.trust)
+
+
 def _links(request: web.Request, task_id: str) -> dict[str, str]:
     return {"self": f"/tasks/{task_id}", "logs": f"/tasks/{task_id}/logs"}
 
@@ -63,12 +71,12 @@ def _iso(unix_s: float | None) -> str | None:
 # ---------------------------------------------------------------------------- submit
 async def submit_task(request: web.Request) -> web.Response:
     state = _state(request)
-    caller = caller_of(request, state.settings)
-    name = request.match_info["name"]
+    caller = _caller(request)
+    name = request.match_info["id"]  # the task type: POST shares the /tasks/{id} resource
     spec = state.config().tasks.get(name)
     if spec is None:
         raise ApiError(404, "task_type_not_found", f"no task named {name!r} is configured")
-    authorize(caller, spec, name)
+    authorize_submit(caller, spec, name)
     body = await _json_body(request)
     values = validate_input(spec, body, max_string_len=state.settings.max_input_length)
     process_at = _schedule(request)
@@ -94,7 +102,9 @@ async def submit_task(request: web.Request) -> web.Response:
                         details={"id": task_id}) from None
                 # An earlier attempt stored the key but not its task (it was answered with an
                 # error, e.g. 503 in a Redis blip): this retry enqueues it under the same id.
-    headers = {HEADER_SUBMITTED_AT: str(time.time_ns())}
+    # The access record travels with the task (asynq headers), so who may read or cancel it
+    # is fixed now, whatever tasks.yaml says later.
+    headers = {HEADER_SUBMITTED_AT: str(time.time_ns()), **access_headers(spec.allowed_groups)}
     if caller.user:
         headers[HEADER_SUBMITTED_BY] = caller.user
     # The id is fixed before the first attempt: when an attempt's answer is lost (Redis went
@@ -149,26 +159,80 @@ async def _json_body(request: web.Request) -> Any:
         return {}
     if request.content_type not in ("application/json", ""):
         raise ApiError(415, "unsupported_media_type", "send the input as application/json")
-    raw = await request.read()
+    timeout_s = _state(request).settings.http_body_timeout_s
+    try:
+        async with asyncio.timeout(timeout_s):
+            raw = await request.read()
+    except TimeoutError:
+        raise ApiError(408, "request_timeout",
+                       f"the request body did not arrive within {timeout_s:g} s") from None
     if not raw.strip():
         return {}
+    check_json_shape(raw)
     try:
         return msgspec.json.decode(raw)
     except msgspec.DecodeError as exc:
         raise ApiError(400, "invalid_json", f"request body is not valid JSON: {exc}") from None
 
 
+#: Task inputs are one flat object of scalars; these bounds leave room for anything sensible
+#: while keeping a hostile body from reaching the decoder (deep nesting: RecursionError; a
+#: 100,000-digit number: seconds of CPU converting it).
+MAX_JSON_DEPTH = 32
+MAX_JSON_NUMBER_CHARS = 64
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*+"', re.DOTALL)
+_JSON_LONG_NUMBER = re.compile(rb"[-+0-9.eE]{%d,}" % (MAX_JSON_NUMBER_CHARS + 1))
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def check_json_shape(raw: bytes) -> None:
+    """Reject, before decoding, a body nested deeper than MAX_JSON_DEPTH or holding a number
+    literal longer than MAX_JSON_NUMBER_CHARS. Strings are blanked first (brackets and digits
+    inside them are text); a linear scan, so the check costs less than the decode it guards."""
+    outside = _JSON_STRING.sub(b'""', raw)
+    if _JSON_LONG_NUMBER.search(outside):
+        raise ApiError(400, "invalid_json", "request body has a number longer than "
+                       f"{MAX_JSON_NUMBER_CHARS} characters")
+    brackets = outside.translate(None, _NOT_BRACKETS)
+    if len(brackets) <= MAX_JSON_DEPTH:
+        return
+    depth = 0
+    for byte in brackets:
+        depth += 1 if byte in b"[{" else -1
+        if depth > MAX_JSON_DEPTH:
+            raise ApiError(400, "invalid_json",
+                           f"request body is nested deeper than {MAX_JSON_DEPTH} levels")
+
+
+#: How far ahead a task may be scheduled: further is far more likely a unit mistake than a plan.
+MAX_SCHEDULE_AHEAD_S = 366 * 24 * 3600.0
+#: process_at may lie in the past (the task runs now), but not absurdly far.
+MAX_SCHEDULE_BEHIND_S = 366 * 24 * 3600.0
+_MAX_SCHEDULE_PARAM_CHARS = 64
+
+
 def _schedule(request: web.Request) -> datetime | None:
     process_in = request.query.get("process_in")
     process_at = request.query.get("process_at")
-    if process_in and process_at:
+    if process_in is not None and process_at is not None:
         raise ApiError(400, "invalid_schedule", "give process_in or process_at, not both")
-    if process_in:
+    for name, value in (("process_in", process_in), ("process_at", process_at)):
+        if len(request.query.getall(name, ())) > 1:
+            raise ApiError(400, "invalid_schedule", f"give {name} once")
+        if value is not None and not (0 < len(value.strip()) <= _MAX_SCHEDULE_PARAM_CHARS):
+            raise ApiError(400, "invalid_schedule",
+                           f"{name} must be 1-{_MAX_SCHEDULE_PARAM_CHARS} characters")
+    now_s = time.time()
+    if process_in is not None:
         try:
-            return datetime.fromtimestamp(time.time() + parse_duration(process_in), UTC)
+            delay_s = parse_duration(process_in)
         except ValueError as exc:
             raise ApiError(400, "invalid_schedule", f"process_in: expected {exc}") from None
-    if process_at:
+        if delay_s > MAX_SCHEDULE_AHEAD_S:
+            raise ApiError(400, "invalid_schedule",
+                           f"process_in is more than {MAX_SCHEDULE_AHEAD_S / 86400:g} days")
+        return datetime.fromtimestamp(now_s + delay_s, UTC)
+    if process_at is not None:
         try:
             when = datetime.fromisoformat(process_at.replace("Z", "+00:00"))
         except ValueError:
@@ -176,7 +240,14 @@ def _schedule(request: web.Request) -> datetime | None:
                            "process_at must be an RFC 3339 time with a zone") from None
         if when.tzinfo is None:
             raise ApiError(400, "invalid_schedule", "process_at needs a time zone (e.g. Z)")
-        return when
+        try:
+            when_s = when.timestamp()  # year 1 at +14:00 is before the epoch's range
+        except (OverflowError, ValueError):
+            when_s = float("-inf")
+        if not now_s - MAX_SCHEDULE_BEHIND_S <= when_s <= now_s + MAX_SCHEDULE_AHEAD_S:
+            raise ApiError(400, "invalid_schedule", "process_at must be within "
+                           f"{MAX_SCHEDULE_AHEAD_S / 86400:g} days of now")
+        return when.astimezone(UTC)
     return None
 
 
@@ -235,11 +306,11 @@ async def _mark_enqueued(state: ApiState, record: _IdempotencyRecord) -> None:
 # ---------------------------------------------------------------------------- read
 async def _find_authorized(request: web.Request) -> tuple[TaskInfo, TaskSpec | None, Caller]:
     state = _state(request)
-    caller = caller_of(request, state.settings)
+    caller = _caller(request)
     task_id = request.match_info["id"]
     info = await state.inspector.find_task(task_id)
     spec = state.config().tasks.get(info.type)
-    authorize(caller, spec, info.type)
+    authorize_task(caller, task_id, info.message.headers, spec)
     return info, spec, caller
 
 
@@ -315,7 +386,10 @@ async def task_logs(request: web.Request) -> web.StreamResponse:
     info, _, _ = await _find_authorized(request)
     state = _state(request)
     after = start_id(request)
-    if request.query.get("follow", "true").lower() in ("false", "0", "no"):
+    follow = request.query.get("follow", "true")
+    if follow not in ("true", "false"):
+        raise ApiError(400, "invalid_follow", "follow must be true or false")
+    if follow == "false":
         return await plain_logs(request, state.redis, info.id, after)
 
     async def finished() -> bool:
@@ -363,12 +437,14 @@ async def cancel_task(request: web.Request) -> web.Response:
 # ---------------------------------------------------------------------------- catalogue
 async def list_task_types(request: web.Request) -> web.Response:
     state = _state(request)
-    caller_of(request, state.settings)
+    caller = _caller(request)
     config = state.config()
     now_s = time.time()
     out = []
     for name in sorted(config.tasks):
         spec = config.tasks[name]
+        if not may_run(caller, spec):
+            continue  # neither its inputs nor its schedules' inputs are this caller's business
         out.append({
             "name": name, "description": spec.description, "queue": spec.queue,
             "timeout_s": spec.timeout_s, "max_retry": spec.max_retry,
@@ -385,16 +461,28 @@ async def list_task_types(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     state = _state(request)
-    infos = []
-    for qname in await state.inspector.queues():
-        try:
-            infos.append(await state.inspector.queue_info(qname))
-        except errors.QueueNotFound:
-            continue
-    state.metrics.queues.infos = infos
+
+    async def compute() -> list[QueueInfo]:
+        infos = []
+        for qname in await state.inspector.queues():
+            try:
+                infos.append(await state.inspector.queue_info(qname))
+            except errors.QueueNotFound:
+                continue
+        return infos
+
+    await state.metrics.queue_figures.refresh(compute)
     body = generate_latest(state.metrics.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 async def openapi(request: web.Request) -> web.Response:
-    return web.json_response(document())
+    """Input schemas only of the task types the caller may run, as in GET /tasks."""
+    state = _state(request)
+    config = state.config()
+    try:
+        caller = _caller(request)
+        tasks = [config.tasks[n] for n in sorted(config.tasks) if may_run(caller, config.tasks[n])]
+    except ApiError:  # anonymous where identity is required: the document without inputs
+        tasks = []
+    return web.json_response(document(tasks, max_string_len=state.settings.max_input_length))

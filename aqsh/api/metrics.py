@@ -3,7 +3,9 @@ dashboards and Asynqmon's charts work), plus aqsh's own HTTP, task, script and S
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -47,11 +49,51 @@ class QueueSnapshot:
         yield from (enqueued, size, latency, memory, processed, failed, paused)
 
 
+#: How old the queue figures /metrics serves may be. Computing them runs a script per queue
+#: (memory sampling included), so a scraper polling every 100 ms — or many scrapers, or an
+#: unauthenticated caller in a loop — must not turn into Redis load.
+QUEUE_FIGURES_TTL_S = 5.0
+
+
+class QueueFigures:
+    """The queue figures, recomputed at most once per ``ttl_s``; scrapes that arrive while a
+    computation runs wait for that one instead of starting their own."""
+
+    def __init__(self, snapshot: QueueSnapshot, refreshes: Counter,
+                 ttl_s: float = QUEUE_FIGURES_TTL_S) -> None:
+        self.snapshot = snapshot
+        self.refreshes = refreshes
+        self.ttl_s = ttl_s
+        self._computed_at = float("-inf")
+        self._running: asyncio.Future[None] | None = None
+
+    async def refresh(self, compute: Callable[[], Awaitable[Sequence[QueueInfo]]]) -> None:
+        if time.monotonic() - self._computed_at < self.ttl_s:
+            return
+        if self._running is None:
+            self._running = asyncio.ensure_future(self._compute(compute))
+        # Shielded: a scraper that disconnects must not cancel the others' computation.
+        await asyncio.shield(self._running)
+
+    async def _compute(self, compute: Callable[[], Awaitable[Sequence[QueueInfo]]]) -> None:
+        try:
+            self.refreshes.inc()
+            self.snapshot.infos = await compute()
+            self._computed_at = time.monotonic()
+        finally:
+            self._running = None
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.queues = QueueSnapshot()
         self.registry.register(self.queues)
+        self.queue_refreshes = Counter(
+            "aqsh_queue_figures_refreshes", "Computations of the asynq_* queue figures "
+            "(at most one per few seconds, however often /metrics is scraped)",
+            registry=self.registry)
+        self.queue_figures = QueueFigures(self.queues, self.queue_refreshes)
         self.http_requests = Counter("aqsh_http_requests", "HTTP requests",
                                      ["route", "method", "status"], registry=self.registry)
         self.http_latency = Histogram("aqsh_http_request_duration_seconds",

@@ -1,10 +1,21 @@
-"""The OpenAPI 3.1 document of the HTTP API (served at /openapi.json; a test keeps it true)."""
+"""The OpenAPI 3.1 document of the HTTP API (served at /openapi.json; a test keeps it true, and
+tests/security/test_schemathesis.py fuzzes a live service against it).
+
+What OpenAPI cannot say, the descriptions do: a submission's body is the *named* task's input
+object (the body schema is any configured task's inputs; a body valid for another task is
+answered 422), ``process_in`` and ``process_at`` exclude each other (400 when both are given),
+and ``process_at`` must lie within a year of now.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from aqsh import __version__
+from aqsh.api.sse import STREAM_ID_PATTERN
+from aqsh.runner.spec import TaskSpec
+from aqsh.runner.validate import json_schema
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
 
@@ -17,13 +28,14 @@ def _json(description: str, schema: dict[str, Any]) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
-_TASK_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
-_COMMON_ERRORS = {"401": _error("identity header required and missing"),
-                  "403": _error("caller is not in the task's allowed groups"),
-                  "404": _error("unknown task id"),
+_TASK_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"},
+            "description": "a task id (or, for POST, a task type's name)"}
+_COMMON_ERRORS = {"400": _error("identity or groups header sent more than once"),
+                  "401": _error("identity header required and missing"),
+                  "404": _error("no task with this id that the caller may see"),
                   "503": _error("Redis unreachable; retry after Retry-After seconds")}
-#: A Redis stream id: <ms>-<seq> (or <ms>), each part at most 2**64-1.
-_STREAM_ID = {"type": "string", "pattern": "^[0-9]{1,20}(-[0-9]{1,20})?$", "maxLength": 41}
+#: A Redis stream id: <ms>-<seq> (or <ms>), each part at most 2**64-1 (aqsh.api.sse).
+_STREAM_ID = {"type": "string", "pattern": STREAM_ID_PATTERN}
 _LOG_EVENTS = (
     "text/event-stream, one event per log line: `id` = the stream entry id (<ms>-<n>, n "
     "counting the log's entries), `data` = the line. Named events: `gap` (data "
@@ -34,11 +46,38 @@ _LOG_EVENTS = (
     "lines (`: ping`) keep idle connections open. With follow=false: text/plain, one line per "
     "line, `[aqsh] <count> log lines lost: ...` where trimmed lines were."
 )
+#: aqsh.runner.spec.DURATION_RE, for JSON Schema.
+DURATION_PATTERN = r"^(?:\d+h)?(?:\d+m(?!s))?(?:\d+s)?(?:\d+ms)?$"
+_TASK_LINKS = {
+    "GetTask": {"operationId": "getTask", "parameters": {"id": "$response.body#/id"}},
+    "CancelTask": {"operationId": "cancelTask", "parameters": {"id": "$response.body#/id"}},
+}
 _STATES = ["pending", "scheduled", "active", "retry", "completed", "archived", "canceled",
            "aggregating"]
 
 
-def document() -> dict[str, Any]:
+def _body_schema(tasks: Sequence[TaskSpec], max_string_len: int) -> dict[str, Any]:
+    schemas = []
+    for task in tasks:
+        schema = json_schema(task, max_string_len=max_string_len)
+        schema.pop("$schema", None)
+        schemas.append(schema)
+    if not schemas:
+        return {"type": "object", "additionalProperties": False}
+    return {"anyOf": schemas,
+            "description": "the named task's inputs: its input_schema in GET /tasks"}
+
+
+def _task_type(tasks: Sequence[TaskSpec]) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "string"}
+    if tasks:
+        schema["enum"] = [task.name for task in tasks]
+    return {**_TASK_ID, "schema": schema,
+            "description": "the task type's name (GET /tasks); any other answers 404"}
+
+
+def document(tasks: Sequence[TaskSpec] = (), *, max_string_len: int = 4096) -> dict[str, Any]:
+    """``tasks``: the task types whose input schemas the caller may read (those it may run)."""
     return {
         "openapi": "3.1.0",
         "info": {"title": "aqsh", "version": __version__,
@@ -50,40 +89,54 @@ def document() -> dict[str, Any]:
                     "type": "object", "required": ["tasks"],
                     "properties": {"tasks": {"type": "array",
                                              "items": {"$ref": "#/components/schemas/TaskType"}}},
-                }), "401": _COMMON_ERRORS["401"]},
-            }},
-            "/tasks/{name}": {"post": {
-                "summary": "Submit a task",
-                "parameters": [
-                    {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}},
-                    {"name": "process_in", "in": "query", "schema": {"type": "string"},
-                     "description": "run later, e.g. 90s, 10m, 1h30m"},
-                    {"name": "process_at", "in": "query",
-                     "schema": {"type": "string", "format": "date-time"}},
-                    {"name": "Idempotency-Key", "in": "header", "schema": {"type": "string"}},
-                ],
-                "requestBody": {"required": False, "content": {"application/json": {
-                    "schema": {"type": "object",
-                               "description": "the task's inputs (see GET /tasks)"}}}},
-                "responses": {
-                    "202": _json("accepted", {"$ref": "#/components/schemas/Accepted"}),
-                    "400": _error("malformed JSON, schedule or Idempotency-Key"),
-                    "401": _COMMON_ERRORS["401"], "403": _COMMON_ERRORS["403"],
-                    "404": _error("no such task type"),
-                    "409": _error("Idempotency-Key reused with a different body"),
-                    "410": _error("the Idempotency-Key's task ran and is no longer retained"),
-                    "413": _error("body over the size limit"),
-                    "415": _error("body is not application/json"),
-                    "422": _error("input failed validation; details lists every field"),
-                    "503": _COMMON_ERRORS["503"],
-                },
+                }), "400": _COMMON_ERRORS["400"], "401": _COMMON_ERRORS["401"]},
             }},
             "/tasks/{id}": {
-                "get": {"summary": "Task state and result", "parameters": [_TASK_ID],
+                "post": {
+                    "summary": "Submit a task", "operationId": "submitTask",
+                    "parameters": [
+                        _task_type(tasks),
+                        {"name": "process_in", "in": "query",
+                         "schema": {"type": "string", "minLength": 1, "maxLength": 64,
+                                    "pattern": DURATION_PATTERN},
+                         "description": "run later, e.g. 90s, 10m, 1h30m (at most 366 days); "
+                                        "not with process_at"},
+                        {"name": "process_at", "in": "query",
+                         "schema": {"type": "string", "format": "date-time", "minLength": 1,
+                                    "maxLength": 64},
+                         "description": "run at this RFC 3339 time, within 366 days of now; "
+                                        "not with process_in"},
+                        {"name": "Idempotency-Key", "in": "header",
+                         "schema": {"type": "string", "minLength": 1, "maxLength": 255,
+                                    "pattern": r"\S"}},
+                    ],
+                    "requestBody": {"required": False, "content": {"application/json": {
+                        "schema": _body_schema(tasks, max_string_len)}}},
+                    "responses": {
+                        "202": {**_json("accepted", {"$ref": "#/components/schemas/Accepted"}),
+                                "links": _TASK_LINKS},
+                        "400": _error("malformed JSON, schedule or Idempotency-Key, or both "
+                                      "process_in and process_at"),
+                        "401": _COMMON_ERRORS["401"],
+                        "403": _error("caller is not in the task's allowed groups"),
+                        "404": _error("no such task type"),
+                        "408": _error("the body did not arrive in time"),
+                        "409": _error("Idempotency-Key reused with a different body"),
+                        "410": _error("the Idempotency-Key's task ran and is no longer retained"),
+                        "413": _error("body over the size limit"),
+                        "415": _error("body is not application/json"),
+                        "422": _error("input failed the named task's validation; details "
+                                      "lists every field"),
+                        "503": _COMMON_ERRORS["503"],
+                    },
+                },
+                "get": {"summary": "Task state and result", "operationId": "getTask",
+                        "parameters": [_TASK_ID],
                         "responses": {"200": _json("the task",
                                                    {"$ref": "#/components/schemas/Task"}),
                                       **_COMMON_ERRORS}},
-                "delete": {"summary": "Cancel a task", "parameters": [_TASK_ID],
+                "delete": {"summary": "Cancel a task", "operationId": "cancelTask",
+                           "parameters": [_TASK_ID],
                            "responses": {
                                "200": _json("removed before it ran (state canceled)",
                                             {"$ref": "#/components/schemas/CancelAccepted"}),
@@ -99,7 +152,7 @@ def document() -> dict[str, Any]:
                     {"name": "follow", "in": "query", "schema": {"type": "boolean"},
                      "description": "false: return what exists as text/plain"},
                     {"name": "Last-Event-ID", "in": "header", "schema": _STREAM_ID,
-                     "description": "resume after this entry (an SSE id this stream sent)"},
+                     "description": "resume after this event id (what EventSource sends)"},
                     {"name": "last_event_id", "in": "query", "schema": _STREAM_ID,
                      "description": "the same, for clients that cannot set headers"},
                 ],

@@ -62,7 +62,26 @@ PING_INTERVAL_S = 15.0
 SEND_TIMEOUT_S = 60.0
 DEFAULT_MAX_CLIENTS = 1000
 MAX_ID_PART = 2**64 - 1
-_STREAM_ID = re.compile(r"(\d{1,20})(?:-(\d{1,20}))?")
+
+
+def _at_most(limit: int) -> str:
+    """A regex of the decimal numbers 0..limit (leading zeros allowed, no more digits than
+    limit has): any shorter digit string, or one as long that is not above it, digit by digit."""
+    digits = str(limit)
+    options = [digits] + ([f"[0-9]{{1,{len(digits) - 1}}}"] if len(digits) > 1 else [])
+    for i, digit in enumerate(digits):
+        if digit != "0":
+            below = "0" if digit == "1" else f"[0-{int(digit) - 1}]"
+            rest = len(digits) - i - 1
+            options.append(digits[:i] + below + (f"[0-9]{{{rest}}}" if rest else ""))
+    return "(?:" + "|".join(options) + ")"
+
+
+_PART = _at_most(MAX_ID_PART)
+#: What a cursor may be, exactly (the OpenAPI document publishes it): <ms>-<seq>, or <ms> as
+#: Redis reads it (<ms>-0), each part at most 2**64-1.
+STREAM_ID_PATTERN = f"^{_PART}(?:-{_PART})?$"
+_STREAM_ID = re.compile(f"({_PART})(?:-({_PART}))?")
 #: What a failing Redis call raises here (redis-py directly, or the engine's wrappers).
 _REDIS_FAULTS = (RedisError, OSError, errors.BrokerUnavailable, errors.BrokerFault)
 _CLIENT_GONE = (ConnectionResetError, ConnectionAbortedError, BrokenPipeError)
@@ -78,17 +97,15 @@ def parse_stream_id(text: str) -> tuple[int, int] | None:
     match = _STREAM_ID.fullmatch(text)
     if match is None:
         return None
-    ms, seq = int(match[1]), int(match[2] or 0)
-    if ms > MAX_ID_PART or seq > MAX_ID_PART:
-        return None
-    return ms, seq
+    return int(match[1]), int(match[2] or 0)
 
 
 def start_id(request: web.Request) -> str:
     """Last-Event-ID header (browser reconnects) or ``?last_event_id=``; else the start.
-    Anything but a stream id is a 400, before any stream starts."""
-    raw = (request.headers.get("Last-Event-ID", "").strip()
-           or request.query.get("last_event_id", "").strip() or "0-0")
+    Anything but a stream id (an empty value too) is a 400, before any stream starts."""
+    raw = request.headers.get("Last-Event-ID")
+    if raw is None:
+        raw = request.query.get("last_event_id", "0-0")
     parsed = parse_stream_id(raw)
     if parsed is None:
         raise ApiError(400, "bad_last_event_id",

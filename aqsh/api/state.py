@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from aqsh.api.auth import PeerTrust
 from aqsh.api.loghub import LogHub
 from aqsh.api.metrics import Metrics
 from aqsh.config_holder import ConfigHolder
@@ -33,6 +34,11 @@ class ApiState:
     log_hub: LogHub | None = None
     #: The process's supervised loops (worker, scheduler, log hub): what the probes report.
     loops: Loops = field(default_factory=Loops)
+    #: Which peers' identity headers are believed (from settings.trusted_proxies).
+    trust: PeerTrust = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.trust = PeerTrust(self.settings.trusted_proxies)
 
 
 STATE_KEY = web.AppKey("aqsh", ApiState)

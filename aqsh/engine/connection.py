@@ -18,7 +18,9 @@ import msgspec
 import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
+from redis.backoff import ExponentialWithJitterBackoff
 
 #: What ``create_client`` returns. Both speak the same commands; a Cluster client routes each
 #: one by its keys' slot, splits pipelines per node and has no DB selection.
@@ -50,6 +52,14 @@ def _host_port(addr: str, default_port: int = 26379) -> tuple[str, int]:
 
 def is_cluster(client: RedisClient) -> bool:
     return isinstance(client, RedisCluster)
+
+
+def quick_retry() -> Retry:
+    """redis-py's own retry covers a dropped connection (one quick reconnect), nothing longer:
+    redis-py 6+ would otherwise retry a LOADING or a refused connect for seconds inside one
+    call, invisible to the supervised loops (and so to /health), which back off and retry an
+    outage themselves."""
+    return Retry(ExponentialWithJitterBackoff(base=0.02, cap=0.2), 2)
 
 
 def create_client(
@@ -87,6 +97,7 @@ def create_client(
             socket_connect_timeout=settings.socket_timeout_s,
             password=settings.password,
             decode_responses=False,
+            retry=quick_retry(),
         )
         return client
     # A blocking pool makes a burst beyond max_connections wait for a free connection (up
@@ -101,6 +112,7 @@ def create_client(
         socket_timeout=timeout,
         socket_connect_timeout=settings.socket_timeout_s,
         health_check_interval=30,
+        retry=quick_retry(),
     )
     # from_pool: the client owns its pool, so closing the client disconnects every connection.
     return aioredis.Redis.from_pool(pool)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import socket
 import uuid
@@ -90,7 +91,7 @@ class Heartbeater:
         try:
             await self.broker.write_server_state(
                 self.server_info(), [self.worker_info(r) for r in running],
-                ttl_s=int(self.interval_s * 2), now_s=now_s,
+                ttl_s=max(1, math.ceil(self.interval_s * 2)), now_s=now_s,
             )
         except Exception as exc:  # the leases below must still be extended
             failure = exc

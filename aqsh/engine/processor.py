@@ -377,7 +377,7 @@ class Processor:
     async def _write(self, run: Running, write: Callable[[], object]) -> None:
         try:
             await write()  # type: ignore[misc]
-        except errors.BrokerUnavailable as exc:
+        except _RETRIABLE_WRITE as exc:
             log.warning("task.write_deferred", task_id=run.task_id, error=str(exc))
             if self.on_write_failure is not None:
                 self.on_write_failure(run, write)
@@ -400,19 +400,30 @@ class Processor:
                 outcomes = await self.broker.finish_successes(
                     msgs, now_s=int(self.clock.now_s()), results=[r for _, r, _ in batch]
                 )
-                self.ack_monitor.ok()
             except Exception as exc:  # see the docstring
-                self.ack_monitor.failed(exc)
                 unavailable = errors.BrokerUnavailable(f"acknowledgement failed: {exc}")
+                unavailable.__cause__ = exc
                 outcomes = [unavailable for _ in batch]
+            faults = [err for err in outcomes if isinstance(err, _RETRIABLE_WRITE)]
+            if faults:
+                self.ack_monitor.failed(faults[0])
+            else:
+                self.ack_monitor.ok()
             for (run, result, fut), err in zip(batch, outcomes, strict=True):
-                if isinstance(err, errors.BrokerUnavailable) and self.on_write_failure:
+                if isinstance(err, _RETRIABLE_WRITE) and self.on_write_failure:
                     self.on_write_failure(run, _success_write(self.broker, run, result,
                                                               self.clock))
                 elif err is not None:
                     log.warning("task.ack_failed", task_id=run.task_id, error=str(err))
                 if not fut.done():
                     fut.set_result(None)
+
+
+#: A finishing write that failed this way did not happen and may succeed later: the syncer
+#: retries it until the lease ends. An outage, an error reply about Redis's condition, and one
+#: that needs an operator (NOPERM) alike — dropping it would leave the task active until the
+#: recoverer runs it a second time.
+_RETRIABLE_WRITE = (errors.BrokerUnavailable, errors.BrokerFault)
 
 
 def _success_write(

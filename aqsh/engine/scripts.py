@@ -8,25 +8,31 @@ enqueue/dequeue/ack hot paths.
 On a Redis Cluster the client routes each EVALSHA to the node owning its keys' slot (every
 script's KEYS share one), and SCRIPT LOAD goes to every primary, so a NOSCRIPT from whichever
 node owns the slot — a fresh node after a failover included — is healed by the same reload.
+
+This module is the one place that builds an EVALSHA call (``evalsha``) and the one place that
+heals a NOSCRIPT (``execute_reloading``), for redis-py and for the fast lane alike; it imports
+nothing of the lane (the lane imports it), so the two stay free of a cycle.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
 from aqsh.engine.connection import RedisClient
 
-if TYPE_CHECKING:  # fastlane imports this module for script sources
-    from aqsh.engine.fastlane import FastLane
-
 KeyT = str | bytes
 ArgT = str | bytes | int | float
+Command = tuple[Any, ...]
+#: Sends commands in one round trip; replies in order, Redis error replies as exception objects.
+Send = Callable[[Sequence[Command]], Awaitable[list[Any]]]
+#: Loads script sources (SCRIPT LOAD), raising when Redis refuses.
+Load = Callable[[Sequence[str]], Awaitable[None]]
 
 
 def lua_dir() -> Path:
@@ -47,6 +53,38 @@ def script_sha(name: str) -> str:
     return hashlib.sha1(script_source(name).encode()).hexdigest()
 
 
+def evalsha(name: str, keys: Sequence[KeyT], args: Sequence[ArgT]) -> Command:
+    """The EVALSHA call of script ``name``, as both transports send it."""
+    return ("EVALSHA", script_sha(name), len(keys), *keys, *args)
+
+
+async def execute_reloading(
+    send: Send, load: Load, commands: Sequence[Command], names: Sequence[str]
+) -> list[Any]:
+    """Send ``commands`` and return every reply; after a NOSCRIPT (a restarted or flushed
+    Redis) load the scripts ``names`` and send again only the commands that failed with it.
+
+    A command that failed with NOSCRIPT had no effect, so a restarted Redis costs one extra
+    round trip and never runs a transition twice.
+    """
+    replies = await send(commands)
+    missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+    if missing:
+        await load([script_source(name) for name in names])
+        again = await send([commands[i] for i in missing])
+        for i, reply in zip(missing, again, strict=True):
+            replies[i] = reply
+    return replies
+
+
+class ScriptLane(Protocol):
+    """What ``Scripts`` needs of a fast lane (aqsh.engine.fastlane.FastLane)."""
+
+    async def execute_many(self, commands: Sequence[Command]) -> list[Any]: ...
+
+    async def load_scripts(self, sources: Sequence[str]) -> None: ...
+
+
 class Batch:
     """Commands for one pipelined round trip, kept as plain argument tuples.
 
@@ -65,7 +103,7 @@ class Batch:
         return len(self.commands)
 
     def script(self, name: str, keys: Sequence[KeyT], args: Sequence[ArgT]) -> None:
-        self.commands.append(("EVALSHA", script_sha(name), len(keys), *keys, *args))
+        self.commands.append(evalsha(name, keys, args))
 
     def command(self, *args: Any) -> None:
         self.commands.append(args)
@@ -80,52 +118,48 @@ class Scripts:
     stay on redis-py, whose reply parsing their callers expect.
     """
 
-    def __init__(self, client: RedisClient, lane: FastLane | None = None) -> None:
+    def __init__(self, client: RedisClient, lane: ScriptLane | None = None) -> None:
         self._client = client
         self._lane = lane
+        # How script calls travel, bound once: the hot path does not rebuild them per call.
+        self._scripts_via: tuple[Send, Load] = (
+            (lane.execute_many, lane.load_scripts) if lane is not None
+            else (self._send, self._load_sources))
 
     async def run(self, name: str, keys: Sequence[KeyT], args: Sequence[ArgT]) -> Any:
-        sha = script_sha(name)
-        if self._lane is not None:
-            reply = (await self._lane.execute_scripts(
-                [("EVALSHA", sha, len(keys), *keys, *args)], [name]))[0]
-            if isinstance(reply, Exception):
-                raise reply
-            return reply
-        try:
-            return await self._client.execute_command(
-                "EVALSHA", sha, len(keys), *keys, *args
-            )
-        except NoScriptError:
-            await self._client.script_load(script_source(name))
-            return await self._client.execute_command(
-                "EVALSHA", sha, len(keys), *keys, *args
-            )
+        """The script's reply; an error reply raises (redis-py's exception classes on both
+        transports)."""
+        send, load = self._scripts_via
+        reply = (await execute_reloading(send, load, [evalsha(name, keys, args)], [name]))[0]
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
 
     async def load(self, names: Sequence[str]) -> None:
-        for name in names:
-            await self._client.script_load(script_source(name))
+        await self._load_sources([script_source(name) for name in names])
+
+    async def _load_sources(self, sources: Sequence[str]) -> None:
+        for source in sources:  # on a Cluster, to every primary
+            await self._client.script_load(source)
 
     async def execute(self, batch: Batch, names: Sequence[str]) -> list[Any]:
-        """Run a batch in one pipeline and return every reply (errors as exception objects).
-
-        A command that failed with NOSCRIPT had no effect, so after loading the scripts only
-        those commands are sent again: a restarted or flushed Redis costs one extra round trip
-        and never runs a transition twice. On a Cluster the pipeline goes out as one pipeline
-        per node, concurrently.
+        """Run a batch in one pipeline and return every reply (errors as exception objects),
+        NOSCRIPT healed as ``execute_reloading`` says. On a Cluster the pipeline goes out as
+        one pipeline per node, concurrently.
         """
         if self._lane is not None and all(c[0] == "EVALSHA" for c in batch.commands):
-            return await self._lane.execute_scripts(batch.commands, names)
-        replies = await self._send(batch.commands)
-        missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
-        if missing:
-            await self.load(names)
-            again = await self._send([batch.commands[i] for i in missing])
-            for i, reply in zip(missing, again, strict=True):
-                replies[i] = reply
-        return replies
+            send, load = self._scripts_via
+        else:  # other commands expect redis-py's reply parsing
+            send, load = self._send, self._load_sources
+        return await execute_reloading(send, load, batch.commands, names)
 
-    async def _send(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+    async def _send(self, commands: Sequence[Command]) -> list[Any]:
+        if len(commands) == 1:
+            # A lone command skips the pipeline (several times redis-py's CPU per call).
+            try:
+                return [await self._client.execute_command(*commands[0])]
+            except ResponseError as exc:
+                return [exc]
         pipe = self._client.pipeline(transaction=False)
         for command in commands:
             pipe.execute_command(*command)

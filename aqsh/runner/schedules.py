@@ -15,6 +15,7 @@ from aqsh.runner.spec import (
     HEADER_SUBMITTED_BY,
     SCHEDULER_USER,
     TasksConfig,
+    access_headers,
 )
 
 
@@ -23,7 +24,8 @@ def periodic_tasks(config: TasksConfig, *, result_retention_s: float) -> list[Pe
         PeriodicTask(
             spec=schedule.cron, type=task.name, payload=msgspec.json.encode(schedule.input),
             queue=task.queue, max_retry=task.max_retry, timeout_s=task.timeout_s,
-            retention_s=result_retention_s, headers={HEADER_SUBMITTED_BY: SCHEDULER_USER},
+            retention_s=result_retention_s, headers={HEADER_SUBMITTED_BY: SCHEDULER_USER,
+                                                  **access_headers(task.allowed_groups)},
             fire_time_header=HEADER_SUBMITTED_AT,
         )
         for task in config.tasks.values()

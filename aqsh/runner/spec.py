@@ -35,8 +35,18 @@ RESERVED_PREFIXES = ("AQSH_", "LD_", "DYLD_", "BASH_FUNC_")
 #: and when (Unix ns). asynq headers, so they travel with the task message.
 HEADER_SUBMITTED_BY = "aqsh-submitted-by"
 HEADER_SUBMITTED_AT = "aqsh-submitted-at"
+#: The task's ``allowed_groups`` when it was submitted, as a JSON list (``[]``: open to anyone).
+#: Reads and cancels check this record, so a later tasks.yaml change (a group removed, the task
+#: renamed or deleted) never opens a stored task to more callers. A task without it (enqueued
+#: by a Go service, or by an older aqsh) is for admins only.
+HEADER_ALLOWED_GROUPS = "aqsh-allowed-groups"
 #: ``submitted_by`` of the tasks the scheduler submits.
 SCHEDULER_USER = "aqsh-scheduler"
+
+
+def access_headers(allowed_groups: tuple[str, ...]) -> dict[str, str]:
+    """The access record a submission stores with its task (see HEADER_ALLOWED_GROUPS)."""
+    return {HEADER_ALLOWED_GROUPS: msgspec.json.encode(sorted(set(allowed_groups))).decode()}
 
 
 class InputType(enum.StrEnum):

@@ -14,8 +14,8 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from aqsh.__main__ import _worker
-from aqsh.api.app import create_app
+from aqsh.__main__ import _worker, config_queues
+from aqsh.api.app import ApiRunner, create_app
 from aqsh.api.metrics import Metrics
 from aqsh.api.state import ApiState
 from aqsh.config_holder import ConfigHolder
@@ -58,7 +58,7 @@ SCRIPTS = {
 }
 
 
-def write_tasks(root: Path) -> tuple[Path, Path]:
+def write_tasks(root: Path, tasks_yaml: str = TASKS_YAML) -> tuple[Path, Path]:
     scripts = root / "scripts"
     scripts.mkdir(parents=True, exist_ok=True)
     for name, body in SCRIPTS.items():
@@ -66,7 +66,7 @@ def write_tasks(root: Path) -> tuple[Path, Path]:
         path.write_text("#!/bin/sh\n" + textwrap.dedent(body))
         path.chmod(0o755)
     config = root / "tasks.yaml"
-    config.write_text(TASKS_YAML)
+    config.write_text(tasks_yaml)
     return config, scripts
 
 
@@ -97,8 +97,8 @@ async def make_service(
     created: list[tuple[web.AppRunner, Service, list[aioredis.Redis]]] = []
 
     async def factory(*, worker: bool = True, url: str | None = None, fast_lane: bool = False,
-                      **overrides: Any) -> Service:
-        config_path, scripts = write_tasks(tmp_path)
+                      tasks_yaml: str = TASKS_YAML, **overrides: Any) -> Service:
+        config_path, scripts = write_tasks(tmp_path, tasks_yaml)
         port = free_port()
         settings = Settings(
             mode="both" if worker else "api", bind=f"127.0.0.1:{port}",
@@ -115,12 +115,13 @@ async def make_service(
         metrics = Metrics()
         state = ApiState(settings=settings, config=holder, redis=client, blocking_redis=blocking,
                          broker=broker, client=Client(broker, fast_lane=fast_lane),
-                         inspector=Inspector(client),
+                         inspector=Inspector(client,
+                                             known_queues=lambda: config_queues(holder)),
                          metrics=metrics)
         server = _worker(settings, holder, broker, metrics, loops=state.loops) if worker else None
         if server is not None:
             await server.start()
-        runner = web.AppRunner(create_app(state), shutdown_timeout=1)
+        runner = ApiRunner(create_app(state), shutdown_timeout=1)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", port).start()
         session = aiohttp.ClientSession()

@@ -39,7 +39,7 @@ async def _write(redis: aioredis.Redis, writer: LogWriter, task_id: str,
 
 
 @pytest.mark.parametrize("bad", ["-1", "1-", "-", "18446744073709551616-0",
-                                 "0-18446744073709551616", "1-2-3", "abc", "1 -2"])
+                                 "0-18446744073709551616", "1-2-3", "abc", "1 -2", ""])
 async def test_a_bad_last_event_id_is_a_400_before_any_stream(
     make_service: ServiceFactory, bad: str
 ) -> None:
