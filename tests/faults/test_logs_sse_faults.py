@@ -233,6 +233,23 @@ async def test_a_black_holed_redis_costs_lines_after_give_up_not_a_hung_task(
     assert lines == [b"[aqsh] 3 log lines lost: Redis unreachable"]
 
 
+@pytest.mark.parametrize("writing", TRANSPORTS, indirect=True)
+async def test_slow_replies_slow_the_writer_and_nothing_else(
+    writing: Callable[..., Writing], admin: aioredis.Redis, proxy: FaultProxy,
+) -> None:
+    """Replies held 0.1 s each (a congested link): the batches queue up behind the one in
+    flight and still arrive whole, in order, once."""
+    proxy.delay_s = 0.1
+    writer = writing(proxy.url).writer("t", batch_lines=10)
+    writer.mark_start(0)
+    for start in range(0, 100, 10):
+        writer.put_lines("stdout", [f"n {i}" for i in range(start, start + 10)])
+        await asyncio.sleep(0.05)  # pacing the output, as a script would
+    await asyncio.wait_for(writer.close(0), 60)
+    assert writer.write_retries == 0
+    _assert_exactly_once(await _entries(admin, "t"), [f"n {i}" for i in range(100)])
+
+
 def _unused_port() -> int:
     from aqsh.redis_process import free_port
 
