@@ -29,7 +29,7 @@ from aqsh.engine import keys
 from aqsh.engine.client import new_task_id
 from aqsh.engine.cron import CronSpec
 from aqsh.engine.inspect import QueueInfo
-from aqsh.engine.keys import log_key
+from aqsh.engine.keys import log_key, log_meta_key
 from aqsh.engine.models import TaskInfo, TaskState
 from aqsh.engine.rdb import guarded
 from aqsh.runner.result import ScriptResult, decode_result, encode_result
@@ -362,11 +362,16 @@ async def get_task(request: web.Request) -> web.Response:
 
 
 async def _attempt_times(state: ApiState, info: TaskInfo) -> tuple[int | None, int | None]:
-    """Start of the first attempt and end of the last, from the log stream's markers."""
+    """Start of the first attempt and end of the last: kept by the log writer in the hash
+    beside the log stream (they outlive markers the stream's cap trimmed); for logs written
+    before that hash existed, from the stream's first and last markers."""
     pipe = state.redis.pipeline(transaction=False)
+    pipe.hmget(log_meta_key(info.id), "started_ms", "finished_ms")
     pipe.xrange(log_key(info.id), count=1)
     pipe.xrevrange(log_key(info.id), count=1)
-    first, last = await pipe.execute()
+    (kept_start, kept_end), first, last = await pipe.execute()
+    if kept_start is not None:
+        return int(kept_start), int(kept_end) if kept_end is not None else None
 
     def ms(entries: Any, marker: bytes) -> int | None:
         if entries and marker in entries[0][1]:
@@ -384,7 +389,7 @@ async def task_logs(request: web.Request) -> web.StreamResponse:
     if follow not in ("true", "false"):
         raise ApiError(400, "invalid_follow", "follow must be true or false")
     if follow == "false":
-        return await plain_logs(state.redis, info.id, after)
+        return await plain_logs(request, state.redis, info.id, after)
 
     async def finished() -> bool:
         try:
@@ -395,7 +400,7 @@ async def task_logs(request: web.Request) -> web.StreamResponse:
 
     return await follow_logs(request, state.blocking_redis, info.id, after, finished,
                              state.metrics.sse_clients.inc, state.metrics.sse_clients.dec,
-                             hub=state.log_hub)
+                             hub=state.log_hub, max_clients=state.settings.max_sse_clients)
 
 
 # ---------------------------------------------------------------------------- cancel

@@ -123,3 +123,19 @@ def queue_keys(qname: str) -> QueueKeys:
         group_prefix=base + "g:",
         aggregation_sets=base + "aggregation_sets",
     )
+
+
+def log_meta_key(task_id: str) -> str:
+    """The hash kept beside the log stream ``logs:<task_id>`` (aqsh-only): attempt times, exit
+    code and the log writers' batch numbers, which must outlive the stream's trimmed markers.
+
+    The append script writes both keys, so on a Redis Cluster they must share a slot: the
+    stream's own hash tag when its name has one, else the whole stream name as the tag. An id
+    with a ``}`` but no tag leaves no name that shares the stream's slot; the writer checks the
+    slots and leaves this key out then.
+    """
+    stream = f"logs:{task_id}"
+    opening = stream.find("{")
+    if opening != -1 and stream.find("}", opening + 1) > opening + 1:
+        return stream + ":meta"  # the stream's tag (first "{", first "}" after it) is kept
+    return "{" + stream + "}:meta"
