@@ -74,7 +74,9 @@ def go_quote(text: str) -> str:
 
 
 class RunnerSettings(msgspec.Struct, frozen=True, kw_only=True):
-    work_root: str = tempfile.gettempdir()
+    #: Must be private to the worker (see aqsh.runner.workdirs.check_work_root), so never the
+    #: shared temporary directory itself.
+    work_root: str = os.path.join(tempfile.gettempdir(), f"aqsh-{os.geteuid()}")
     keep_work_dirs: bool = False
     env_allowlist: tuple[str, ...] = DEFAULT_ENV_ALLOWLIST
     #: Values for allowlisted variables; defaults to the worker's own values for those names.
@@ -118,7 +120,9 @@ class ShellRunner:
         self.work_dirs = WorkDirs(self.settings.work_root, keep=self.settings.keep_work_dirs)
 
     async def aclose(self) -> None:
-        """Closes the fast lane, if any; the redis client stays the caller's to close."""
+        """Closes the fast lane, if any, and removes the spare work directories; the redis
+        client stays the caller's to close."""
+        self.work_dirs.close()
         if self._lane is not None:
             await self._lane.aclose()
 

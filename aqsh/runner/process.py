@@ -173,6 +173,7 @@ class GroupKeeper:
             self._proc = subprocess.Popen(
                 [sys.executable, "-I", "-S", "-c", _KEEPER_CODE], stdin=read_fd,
                 stdout=subprocess.DEVNULL, cwd="/", start_new_session=True, close_fds=True,
+                env={},  # it needs nothing, and is dumpable: it must hold no secret
             )
         except BaseException:
             os.close(write_fd)

@@ -46,6 +46,14 @@ def read_result_file(
     not the path, which the script could swap — decides that it is a regular file of an
     acceptable size. It blocks on disk reads all the same: call it off the event loop
     (``read_result_file_async``)."""
+    try:
+        seen = os.lstat(path)  # not a regular file: say so without opening it (a device)
+    except FileNotFoundError:
+        return None, None
+    if stat.S_ISLNK(seen.st_mode):
+        return None, "result file is a symbolic link; write a regular file"
+    if not stat.S_ISREG(seen.st_mode):
+        return None, f"result file is a {_kind(seen.st_mode)}, not a regular file"
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
     try:
         fd = os.open(path, flags)
