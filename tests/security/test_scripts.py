@@ -1,0 +1,252 @@
+"""Attacks by the scripts themselves, run through a real worker process: reading the worker's
+secrets through /proc, smuggling shell syntax or control characters through inputs, shadowing
+the variables that steer the shell or the loader, and processes that try to outlive their task.
+
+The /proc tests run the worker as ``nobody`` when the suite runs as root: a root script holds
+CAP_SYS_PTRACE, which reads any process's /proc files whatever the worker does (one test shows
+exactly that, and that the password is gone from the environment all the same)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from aqsh.engine.task import SkipRetry
+from aqsh.errors import ConfigError
+from aqsh.runner.handler import RunnerSettings, ShellRunner
+from aqsh.runner.spec import InputSpec, TaskSpec, load_tasks
+from aqsh.settings import load_settings
+from tests.runner.test_runner import Ctx, make_script, runner_for, task
+from tests.security.conftest import PASSWORD, WorkerFactory, setpriv, unprivileged
+from tests.support import wait_until
+
+CANARY = "canary-9f1c2e-worker-only"
+
+#: Walks from the worker ($PPID) up to pid 1 and tries, for each process, to open environ and
+#: mem, to list fd/ and to resolve fd/0..31; prints one line per attempt: "<what> <pid> open"
+#: or "<what> <pid> denied", plus "secret-in-cmdline <pid>" should the password be there.
+PROBE = r"""
+pid=$PPID
+while [ "$pid" -gt 0 ]; do
+  for what in environ mem; do
+    if (exec 3< "/proc/$pid/$what") 2>/dev/null; then echo "$what $pid open"
+    else echo "$what $pid denied"; fi
+  done
+  if ls "/proc/$pid/fd/" >/dev/null 2>&1; then echo "fd-list $pid open"
+  else echo "fd-list $pid denied"; fi
+  n=0; opened=""
+  while [ $n -lt 32 ]; do
+    if readlink "/proc/$pid/fd/$n" >/dev/null 2>&1; then opened="$opened $n"; fi
+    n=$((n+1))
+  done
+  if [ -n "$opened" ]; then echo "fd-links $pid open"; else echo "fd-links $pid denied"; fi
+  if tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -q "$SECRET_PATTERN"; then
+    echo "secret-in-cmdline $pid"; fi
+  if tr '\0' '\n' < "/proc/$pid/environ" 2>/dev/null | grep -q "$SECRET_PATTERN"; then
+    echo "secret-in-environ $pid"; fi
+  stat=$(cat "/proc/$pid/stat"); stat=${stat##*) }; set -- $stat; pid=$2
+done
+echo walked
+"""
+
+
+def _probe_lines(result: dict[str, object]) -> list[str]:
+    data = result.get("data")
+    assert isinstance(data, str), result
+    return data.splitlines()
+
+
+PROBE_SCRIPT = PROBE.replace("echo ", 'echo >> "$AQSH_RESULT_FILE" ')
+
+
+async def test_scripts_cannot_read_the_workers_or_any_ancestors_proc_files(
+    start_worker: WorkerFactory,
+) -> None:
+    user = unprivileged()
+    worker = await start_worker({"probe": PROBE_SCRIPT}, user=user,
+                                env={"CANARY": CANARY,
+                                     "SECRET_PATTERN": "s3cre[t]-redis\\|canary-9f1[c]"})
+    result = await worker.run("probe")
+    lines = _probe_lines(result)
+    assert lines[-1] == "walked"
+    pids = {int(line.split()[1]) for line in lines[:-1]}
+    assert worker.pid in pids  # the worker itself was tried ...
+    assert len(pids) >= 2  # ... and what started it, up to pid 1
+    assert [line for line in lines[:-1] if not line.endswith(" denied")] == []
+
+
+async def test_the_password_is_gone_from_the_environment_even_for_root(
+    start_worker: WorkerFactory,
+) -> None:
+    """What holds under root: a root script (CAP_SYS_PTRACE, as on a host without a container
+    runtime dropping it) can open the worker's /proc files. Non-dumpable cannot stop that, but
+    the password it was given is wiped from the environment block /proc shows once read."""
+    if os.geteuid() != 0:
+        pytest.skip("shows what a root script can do; the suite is not running as root")
+    worker = await start_worker({"probe": PROBE_SCRIPT}, user=None,
+                                env={"CANARY": CANARY, "SECRET_PATTERN": "s3cre[t]-redis"})
+    lines = _probe_lines(await worker.run("probe"))
+    assert f"environ {worker.pid} open" in lines  # documented: root reads it
+    assert not any(line.startswith("secret-in-") for line in lines), lines
+    environ = Path(f"/proc/{worker.pid}/environ").read_bytes()
+    assert CANARY.encode() in environ  # the read works: other variables are still there
+    assert PASSWORD.encode() not in environ
+    assert b"AQSH_REDIS_PASSWORD=" in environ  # the name remains, its value is zeroed
+
+
+async def test_a_root_worker_without_cap_sys_ptrace_keeps_its_memory_and_fds(
+    start_worker: WorkerFactory,
+) -> None:
+    """The container default (Docker and Kubernetes drop CAP_SYS_PTRACE): a root script cannot
+    open the non-dumpable worker's memory or its file descriptors. It can still read environ
+    (root's DAC override opens the root-owned file, and the kernel lets that read through), and
+    list the fd numbers — which is why the password is wiped from the environment as well."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to drop a capability from a root worker")
+    drop = [*setpriv((0, 0))[:1], "--bounding-set=-sys_ptrace", "--inh-caps=-sys_ptrace", "--"]
+    worker = await start_worker({"probe": PROBE_SCRIPT}, user=None, wrapper=drop,
+                                env={"SECRET_PATTERN": "s3cre[t]-redis"})
+    lines = _probe_lines(await worker.run("probe"))
+    assert f"mem {worker.pid} denied" in lines
+    assert f"fd-links {worker.pid} denied" in lines
+    assert f"secret-in-environ {worker.pid}" not in lines
+
+
+async def test_the_password_file_is_read_and_never_in_the_environment(
+    start_worker: WorkerFactory,
+) -> None:
+    worker = await start_worker({"ok": 'echo ok > "$AQSH_RESULT_FILE"\n'}, user=unprivileged(),
+                                password_file=True)
+    assert await worker.run("ok") == {"exit_code": 0, "data": "ok\n"}  # it authenticated
+    if os.geteuid() == 0:
+        assert PASSWORD.encode() not in Path(f"/proc/{worker.pid}/environ").read_bytes()
+
+
+def test_password_file_settings(tmp_path: Path) -> None:
+    secret = tmp_path / "pw"
+    secret.write_text("pa ss\n")
+    assert load_settings({"AQSH_REDIS_PASSWORD_FILE": str(secret)}).redis_password == "pa ss"
+    with pytest.raises(ConfigError, match="mutually exclusive"):
+        load_settings({"AQSH_REDIS_PASSWORD_FILE": str(secret), "AQSH_REDIS_PASSWORD": "x"})
+    with pytest.raises(ConfigError, match="cannot be read: No such file"):
+        load_settings({"AQSH_REDIS_PASSWORD_FILE": str(tmp_path / "missing")})
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(ConfigError, match="is empty"):
+        load_settings({"AQSH_REDIS_PASSWORD_FILE": str(tmp_path / "empty")})
+
+
+# --- inputs -----------------------------------------------------------------------------------
+
+HOSTILE_VALUES = [
+    "$(touch {out}/pwned-subst)",
+    "`touch {out}/pwned-backtick`",
+    "x; touch {out}/pwned-semicolon",
+    "x && touch {out}/pwned-and | cat",
+    "x\ntouch {out}/pwned-newline",
+    "'\"; touch {out}/pwned-quotes; echo \"'",
+    "$HOME ${{PATH}} * ? [a] ~ > {out}/pwned-redirect",
+    "-e --help",
+]
+
+
+@pytest.mark.parametrize("template", HOSTILE_VALUES)
+async def test_shell_syntax_in_inputs_is_data_never_code(
+    redis: aioredis.Redis, tmp_path: Path, template: str
+) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    value = template.format(out=out)
+    config_path = tmp_path / "tasks.yaml"
+    make_script(tmp_path, 'printf "%s" "$VALUE" > "$AQSH_RESULT_FILE"\n', "echo.sh")
+    config_path.write_text(
+        "tasks:\n  echo:\n    script: echo.sh\n"
+        "    input: [{name: value, env: VALUE, required: true}]\n")
+    config = load_tasks(str(config_path), str(tmp_path))
+    runner = ShellRunner(lambda: config, redis, RunnerSettings(work_root=str(tmp_path / "w")))
+    ctx = Ctx("t1")
+    result = await runner(task("echo", {"value": value}), ctx)
+    assert result is not None
+    assert json.loads(result) == {"exit_code": 0, "data": value}  # arrived byte for byte
+    assert os.listdir(out) == []  # and nothing it contained ran
+
+
+async def test_a_nul_in_an_input_is_refused_before_anything_runs(
+    redis: aioredis.Redis, tmp_path: Path
+) -> None:
+    marker = tmp_path / "ran"
+    spec = TaskSpec(name="echo", script=make_script(tmp_path, f'touch "{marker}"\n'),
+                    inputs=(InputSpec(name="value", env="VALUE"),))
+    with pytest.raises(SkipRetry, match="NUL"):
+        await runner_for(redis, tmp_path, spec)(task("echo", {"value": "a\0b"}), Ctx("t1"))
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("env", ["PATH", "LD_PRELOAD", "LD_LIBRARY_PATH", "BASH_ENV", "ENV",
+                                 "IFS", "SHELLOPTS", "AQSH_RESULT_FILE", "BASH_FUNC_x%%"])
+def test_inputs_cannot_set_variables_that_steer_the_shell_or_loader(
+    tmp_path: Path, env: str
+) -> None:
+    make_script(tmp_path, "true\n", "t.sh")
+    config_path = tmp_path / "tasks.yaml"
+    config_path.write_text("tasks:\n  t:\n    script: t.sh\n"
+                           f"    input: [{{name: x, env: '{env}'}}]\n")
+    with pytest.raises(ConfigError):
+        load_tasks(str(config_path), str(tmp_path))
+
+
+# --- processes that try to outlive their task ---------------------------------------------------
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+async def test_a_daemon_the_script_forks_is_killed_with_its_group(
+    start_worker: WorkerFactory,
+) -> None:
+    """The classic double fork (the daemon's parent exits, it is re-parented, it ignores HUP and
+    TERM) still leaves it in the task's process group, which is killed when the script exits."""
+    daemon = r"""
+    ( trap '' HUP TERM; sh -c 'echo $$ > "$OUT/daemon.pid"; sleep 3; touch "$OUT/daemon-ran"' & ) &
+    while [ ! -s "$OUT/daemon.pid" ]; do sleep 0.01; done
+    echo forked > "$AQSH_RESULT_FILE"
+    """
+    worker = await start_worker({"daemon": daemon}, user=unprivileged())
+    assert await worker.run("daemon") == {"exit_code": 0, "data": "forked\n"}
+    pid = int((worker.out / "daemon.pid").read_text())
+    await wait_until(lambda: not _alive(pid), timeout_s=10, message="daemon killed")
+    assert not (worker.out / "daemon-ran").exists()
+
+
+async def test_setsid_escapes_the_group_as_documented(start_worker: WorkerFactory) -> None:
+    """The documented limit: a process that calls setsid() leaves the task's process group, so
+    neither the group kill at the end of the task nor a stop reaches it. aqsh does not pretend
+    otherwise (SECURITY.md: scripts share the worker's uid and are trusted code)."""
+    escape = r"""
+    setsid sh -c 'echo $$ > "$OUT/escaped.pid"; exec sleep 300' < /dev/null > /dev/null 2>&1 &
+    while [ ! -s "$OUT/escaped.pid" ]; do sleep 0.01; done
+    echo escaped > "$AQSH_RESULT_FILE"
+    """
+    worker = await start_worker({"escape": escape}, user=unprivileged())
+    assert await worker.run("escape") == {"exit_code": 0, "data": "escaped\n"}
+    pid = int((worker.out / "escaped.pid").read_text())
+    try:
+        assert os.getsid(pid) == pid  # a session (and group) of its own
+        worker.stop()  # not even the worker's stop reaches it
+        assert worker.proc.returncode == 0
+        assert _alive(pid)
+    finally:
+        os.kill(pid, signal.SIGKILL)
