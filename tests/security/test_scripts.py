@@ -8,6 +8,7 @@ exactly that, and that the password is gone from the environment all the same)."
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -16,9 +17,11 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
+from aqsh.engine.client import Client
 from aqsh.engine.task import SkipRetry
 from aqsh.errors import ConfigError
 from aqsh.runner.handler import RunnerSettings, ShellRunner
+from aqsh.runner.process import group_keeper, run_process
 from aqsh.runner.spec import InputSpec, TaskSpec, load_tasks
 from aqsh.settings import load_settings
 from tests.runner.test_runner import Ctx, make_script, runner_for, task
@@ -250,3 +253,67 @@ async def test_setsid_escapes_the_group_as_documented(start_worker: WorkerFactor
         assert _alive(pid)
     finally:
         os.kill(pid, signal.SIGKILL)
+
+
+async def test_a_script_and_its_children_die_with_their_worker_even_by_sigkill(
+    start_worker: WorkerFactory,
+) -> None:
+    """Before: the script carried on under PID 1 and did its side effect, and the recovered
+    retry did it again. Now the worker's keeper kills the script's group the moment the worker
+    is gone, however it died."""
+    silent = r"""
+    sh -c 'echo $$ > "$OUT/child.pid"; exec sleep 300' &
+    while [ ! -s "$OUT/child.pid" ]; do sleep 0.01; done
+    echo $$ > "$OUT/script.pid"
+    sleep 30
+    touch "$OUT/side-effect"
+    """
+    worker = await start_worker({"silent": silent}, user=unprivileged())
+    await Client(worker.redis).enqueue("silent", b"{}", max_retry=0)
+    await wait_until(lambda: (worker.out / "script.pid").exists(), timeout_s=30,
+                     message="script running")
+    script_pid = int((worker.out / "script.pid").read_text())
+    child_pid = int((worker.out / "child.pid").read_text())
+    assert _alive(script_pid)
+    assert _alive(child_pid)
+    worker.proc.kill()
+    worker.proc.wait()
+    await wait_until(lambda: not _alive(script_pid) and not _alive(child_pid), timeout_s=10,
+                     interval_s=0.05, message="script and child killed after the worker died")
+    assert not (worker.out / "side-effect").exists()
+
+
+async def test_a_killed_keeper_is_restarted_and_told_every_live_group(tmp_path: Path) -> None:
+    """The keeper is a safety net; if it dies alone, the next start or exit of a script starts
+    a new one with every group still running, so a later worker death still kills them."""
+    first = asyncio.create_task(run_process(
+        [make_script(tmp_path, "echo up; exec sleep 300\n", "a.sh")], env={}, cwd=str(tmp_path),
+        sink=_Lines()))
+    await wait_until(lambda: group_keeper().pid is not None, message="keeper started")
+    old = group_keeper().pid
+    assert old is not None
+    os.kill(old, signal.SIGKILL)
+    await wait_until(lambda: not _alive(old), message="keeper gone")
+    second = asyncio.create_task(run_process(
+        [make_script(tmp_path, "exec sleep 300\n", "b.sh")], env={}, cwd=str(tmp_path),
+        sink=_Lines()))
+    await wait_until(lambda: group_keeper().pid not in (None, old), message="keeper restarted")
+    # Closing the keeper is what the worker's death looks like to it: both groups are killed.
+    group_keeper().close()
+    outcomes = await asyncio.wait_for(asyncio.gather(first, second), 30)
+    assert [o.exit_code for o in outcomes] == [-9, -9]
+
+
+class _Lines:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def put_lines(self, stream: str, lines: list[str]) -> None:
+        self.lines.extend(lines)
+
+    @property
+    def full(self) -> bool:
+        return False
+
+    async def wait_for_room(self) -> None:
+        return None
