@@ -33,6 +33,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     #: Seed nodes of a Redis Cluster; set, it replaces redis_addr (and excludes Sentinel).
     redis_cluster_addrs: tuple[str, ...] = ()
     redis_password: str | None = None
+    #: A file holding the password (a mounted Secret): read at start into redis_password, so
+    #: the password never has to be in the environment.
+    redis_password_file: str | None = None
     #: What a worker does with a task whose type is not in tasks.yaml: ``retry`` it with asynq's
     #: back-off and "handler not found", as a Go server would (another server on the queue may
     #: have the handler), or ``archive`` it at once.
@@ -172,6 +175,7 @@ _FIELDS: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "REDIS_CLUSTER_ADDRS": ("redis_cluster_addrs", _addrs,
                             "cluster seed nodes as host:port,host:port"),
     "REDIS_PASSWORD": ("redis_password", str, "a password"),
+    "REDIS_PASSWORD_FILE": ("redis_password_file", _text, "a file path"),
     "UNKNOWN_TASKS": ("unknown_tasks", _choice("retry", "archive"), "retry or archive"),
     "WORKER_CONCURRENCY": ("worker_concurrency", _positive_int, "a positive integer"),
     "WORKER_QUEUES": ("worker_queues", _queues, "name[:weight],name[:weight]"),
@@ -213,12 +217,12 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) ->
             raise ConfigError(
                 f"{name}={env[name]!r} is not valid: expected {accepts}"
             ) from None
-    if "AQSH_REDIS_PASSWORD_FILE" in env:
-        if "AQSH_REDIS_PASSWORD" in env:
+    values.update(overrides)
+    if values.get("redis_password_file") is not None:
+        if values.get("redis_password") is not None:
             raise ConfigError("AQSH_REDIS_PASSWORD and AQSH_REDIS_PASSWORD_FILE are mutually "
                               "exclusive: set one of them")
-        values["redis_password"] = _password_file(env["AQSH_REDIS_PASSWORD_FILE"])
-    values.update(overrides)
+        values["redis_password"] = _password_file(values["redis_password_file"])
     if values.get("redis_cluster_addrs") and values.get("redis_sentinel_addrs"):
         raise ConfigError("AQSH_REDIS_CLUSTER_ADDRS and AQSH_REDIS_SENTINEL_ADDRS are mutually "
                           "exclusive: set one of them")
