@@ -139,6 +139,12 @@ class GroupKeeper:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
+    @property
+    def groups(self) -> frozenset[int]:
+        """The groups registered now (running scripts)."""
+        with self._lock:
+            return frozenset(self._groups)
+
     def close(self) -> None:
         """End the keeper (it kills whatever is still registered, normally nothing)."""
         with self._lock:

@@ -128,6 +128,11 @@ async def test_the_password_file_is_read_and_never_in_the_environment(
     assert await worker.run("ok") == {"exit_code": 0, "data": "ok\n"}  # it authenticated
     if os.geteuid() == 0:
         assert PASSWORD.encode() not in Path(f"/proc/{worker.pid}/environ").read_bytes()
+    work = worker.base / "work"
+    assert len(os.listdir(work)) == 1  # the run's directory, kept as a spare for the next
+    worker.stop()
+    assert worker.proc.returncode == 0
+    assert os.listdir(work) == []  # a graceful stop leaves no spare behind
 
 
 def test_password_file_settings(tmp_path: Path) -> None:
@@ -286,20 +291,22 @@ async def test_a_script_and_its_children_die_with_their_worker_even_by_sigkill(
 async def test_a_killed_keeper_is_restarted_and_told_every_live_group(tmp_path: Path) -> None:
     """The keeper is a safety net; if it dies alone, the next start or exit of a script starts
     a new one with every group still running, so a later worker death still kills them."""
+    keeper = group_keeper()
     first = asyncio.create_task(run_process(
-        [make_script(tmp_path, "echo up; exec sleep 300\n", "a.sh")], env={}, cwd=str(tmp_path),
+        [make_script(tmp_path, "exec sleep 300\n", "a.sh")], env={}, cwd=str(tmp_path),
         sink=_Lines()))
-    await wait_until(lambda: group_keeper().pid is not None, message="keeper started")
-    old = group_keeper().pid
+    await wait_until(lambda: len(keeper.groups) == 1, message="first script registered")
+    old = keeper.pid
     assert old is not None
     os.kill(old, signal.SIGKILL)
     await wait_until(lambda: not _alive(old), message="keeper gone")
     second = asyncio.create_task(run_process(
         [make_script(tmp_path, "exec sleep 300\n", "b.sh")], env={}, cwd=str(tmp_path),
         sink=_Lines()))
-    await wait_until(lambda: group_keeper().pid not in (None, old), message="keeper restarted")
+    await wait_until(lambda: len(keeper.groups) == 2, message="second script registered")
+    assert keeper.pid not in (None, old)  # restarted, and told of both groups
     # Closing the keeper is what the worker's death looks like to it: both groups are killed.
-    group_keeper().close()
+    keeper.close()
     outcomes = await asyncio.wait_for(asyncio.gather(first, second), 30)
     assert [o.exit_code for o in outcomes] == [-9, -9]
 
