@@ -42,6 +42,7 @@ log = structlog.get_logger("aqsh.runner")
 
 DEFAULT_ENV_ALLOWLIST = ("PATH", "LANG", "HOME", "TZ")
 CANCELED_ERROR = "canceled"
+RESULT_NAME = ".aqsh-result"
 
 
 class ScriptFailed(TaskError):
@@ -167,7 +168,7 @@ class ShellRunner:
     async def _run(self, spec: TaskSpec, task: Task, ctx: TaskContext,
                    inputs: Mapping[str, str]) -> bytes:
         work_dir = self.work_dirs.create(task.id)
-        result_file = os.path.join(work_dir, ".aqsh-result")
+        result_file = os.path.join(work_dir, RESULT_NAME)
         env = self.environment(spec, task, inputs, work_dir, result_file)
         logs = LogWriter(self.redis, task.id, retention_s=spec.log_retention_s,
                          max_stream_len=self.settings.max_stream_len, lane=self._lane,
@@ -179,6 +180,9 @@ class ShellRunner:
         started = loop.time()
         timed_out = False
         record = ExitRecord()
+        # Held while the script runs: the result is read through it, whatever the script does
+        # to the path of its directory.
+        work_fd = os.open(work_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             try:
                 async with asyncio.timeout(spec.timeout_s):
@@ -205,11 +209,14 @@ class ShellRunner:
                 timed_out = True
             if not logs.closed:
                 await logs.close(outcome.exit_code)
-            data, file_error = await read_result_file_async(result_file)
+            data, file_error = await read_result_file_async(RESULT_NAME, dir_fd=work_fd)
         finally:
-            if not logs.closed:
-                await logs.abort()
-            await self.work_dirs.release(work_dir, result_file)
+            try:
+                if not logs.closed:
+                    await logs.abort()
+                await self.work_dirs.release(work_dir, result_file, dir_fd=work_fd)
+            finally:
+                os.close(work_fd)
         duration_s = loop.time() - started
         error = _error_text(outcome, file_error, timed_out, spec.timeout_s)
         result = ScriptResult(exit_code=outcome.exit_code)

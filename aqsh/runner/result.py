@@ -36,7 +36,7 @@ def decode_result(raw: bytes) -> ScriptResult:
 
 
 def read_result_file(
-    path: str, *, max_bytes: int = MAX_RESULT_BYTES
+    path: str, *, max_bytes: int = MAX_RESULT_BYTES, dir_fd: int | None = None
 ) -> tuple[str | None, str | None]:
     """(data, error): data None when no file was written; error set when it is unusable.
 
@@ -44,10 +44,14 @@ def read_result_file(
     symlink (``ln -s /etc/shadow`` would otherwise publish the worker's files as the result),
     ``O_NONBLOCK`` keeps a FIFO from blocking the open, and ``fstat`` on the opened descriptor —
     not the path, which the script could swap — decides that it is a regular file of an
-    acceptable size. It blocks on disk reads all the same: call it off the event loop
-    (``read_result_file_async``)."""
+    acceptable size; a file with other hard links is refused too (a link to a file the script
+    could not read itself, where the kernel's protected_hardlinks is off). ``dir_fd``: the work
+    directory, opened before the script ran, with ``path`` relative to it — so a script that
+    swaps its directory for a symlink cannot redirect the read either. It blocks on disk reads
+    all the same: call it off the event loop (``read_result_file_async``)."""
     try:
-        seen = os.lstat(path)  # not a regular file: say so without opening it (a device)
+        # Not a regular file: say so without opening it (a device).
+        seen = os.stat(path, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
         return None, None
     if stat.S_ISLNK(seen.st_mode):
@@ -56,7 +60,7 @@ def read_result_file(
         return None, f"result file is a {_kind(seen.st_mode)}, not a regular file"
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
     try:
-        fd = os.open(path, flags)
+        fd = os.open(path, flags, dir_fd=dir_fd)
     except FileNotFoundError:
         return None, None
     except OSError as exc:
@@ -67,6 +71,8 @@ def read_result_file(
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             return None, f"result file is a {_kind(st.st_mode)}, not a regular file"
+        if st.st_nlink > 1:
+            return None, "result file has other hard links; write a file of its own"
         if st.st_size > max_bytes:
             return None, f"result file is {st.st_size} bytes, over the {max_bytes} byte limit"
         chunks: list[bytes] = []
@@ -87,11 +93,11 @@ def read_result_file(
 
 
 async def read_result_file_async(
-    path: str, *, max_bytes: int = MAX_RESULT_BYTES
+    path: str, *, max_bytes: int = MAX_RESULT_BYTES, dir_fd: int | None = None
 ) -> tuple[str | None, str | None]:
     """``read_result_file`` in a thread: a slow disk (or a file system a script made slow)
     stalls that thread, never the event loop with its heartbeats and other tasks."""
-    return await asyncio.to_thread(read_result_file, path, max_bytes=max_bytes)
+    return await asyncio.to_thread(read_result_file, path, max_bytes=max_bytes, dir_fd=dir_fd)
 
 
 def _kind(mode: int) -> str:

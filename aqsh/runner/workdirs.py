@@ -126,13 +126,19 @@ class WorkDirs:
                 continue
             return path
 
-    async def release(self, work_dir: str, result_file: str) -> None:
+    async def release(self, work_dir: str, result_file: str, *,
+                      dir_fd: int | None = None) -> None:
         """After the run: recycle the directory if the script left it as it got it, else delete
-        it (a small tree inline, anything bigger in a thread so the event loop never stalls)."""
+        it (a small tree inline, anything bigger in a thread so the event loop never stalls).
+
+        ``dir_fd``: the directory as opened before the run; the result file is removed through
+        it, since the path may now lead elsewhere (a script can replace its directory with a
+        symlink, and the worker must not delete files through that). A symlink found at the
+        directory's path is removed itself, never followed."""
         if self.keep:
             return
-        with contextlib.suppress(OSError):  # missing, or a directory the script made there
-            os.unlink(result_file)
+        if not _remove_result(work_dir, result_file, dir_fd):
+            return
         try:
             if len(self._spares) < self.max_spares and self._recyclable(work_dir):
                 spare = os.path.join(self.root, f"{SPARE_PREFIX}{self._pid}-{self._token}"
@@ -168,6 +174,29 @@ class WorkDirs:
             if pid_text.isdigit() and int(pid_text) != self._pid and _alive(int(pid_text)):
                 continue
             shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
+
+
+def _remove_result(work_dir: str, result_file: str, dir_fd: int | None) -> bool:
+    """Remove the result file; False (and the symlink removed) when ``work_dir`` is no longer
+    a directory but a symlink the script put there."""
+    is_link = stat.S_ISLNK(_lstat_mode(work_dir))
+    with contextlib.suppress(OSError):  # missing, or a directory the script made there
+        if dir_fd is not None:
+            os.unlink(os.path.basename(result_file), dir_fd=dir_fd)
+        elif not is_link:
+            os.unlink(result_file)
+    if is_link:
+        with contextlib.suppress(OSError):
+            os.unlink(work_dir)
+        return False
+    return True
+
+
+def _lstat_mode(path: str) -> int:
+    try:
+        return os.lstat(path).st_mode
+    except OSError:
+        return 0
 
 
 def _alive(pid: int) -> bool:

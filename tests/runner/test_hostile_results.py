@@ -19,7 +19,7 @@ from aqsh.engine.server import Server
 from aqsh.runner.handler import RunnerSettings, ShellRunner, shell_retry_delay
 from aqsh.runner.result import decode_result, read_result_file
 from aqsh.runner.spec import TasksConfig, TaskSpec
-from tests.runner.test_runner import make_script
+from tests.runner.test_runner import Ctx, make_script, task
 from tests.support import wait_until
 
 HOSTILE = {
@@ -31,6 +31,8 @@ HOSTILE = {
     "directory": ('mkdir "$AQSH_RESULT_FILE"\n', "result file is a directory, not a regular file"),
     "device": ('mknod "$AQSH_RESULT_FILE" c 1 3 || { echo no-mknod; exit 0; }\n',
                "result file is a device, not a regular file"),
+    "hardlink": ('ln "$SECRET" "$AQSH_RESULT_FILE"\n',
+                 "result file has other hard links; write a file of its own"),
     "oversize": ('head -c 2000000 /dev/zero > "$AQSH_RESULT_FILE"\n',
                  "result file is 2000000 bytes, over the 1048576 byte limit"),
 }
@@ -81,6 +83,28 @@ async def test_a_hostile_result_file_fails_its_task_and_the_worker_carries_on(
     stored = msgspec.json.decode(hostile_hash[b"result"])
     assert stored == {"exit_code": 0, "error": expected}
     assert b"TOPSECRET" not in hostile_hash[b"result"]
+
+
+async def test_a_script_that_swaps_its_directory_for_a_symlink_cannot_redirect_the_read(
+    redis: aioredis.Redis, tmp_path: Path
+) -> None:
+    """The result is read through a descriptor of the directory opened before the script ran,
+    so a directory renamed away and replaced by a symlink to somewhere else leads nowhere."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / ".aqsh-result").write_text("TOPSECRET")
+    swap = TaskSpec(name="swap", script=make_script(tmp_path, f"""\
+        cd /
+        mv "$AQSH_WORK_DIR" "$AQSH_WORK_DIR.moved"
+        ln -s "{elsewhere}" "$AQSH_WORK_DIR"
+        """, "swap.sh"))
+    runner = ShellRunner(lambda: TasksConfig(path="t", tasks={"swap": swap}), redis,
+                         RunnerSettings(work_root=str(tmp_path / "work")))
+    result = await runner(task("swap"), Ctx("t1"))
+    assert result == b'{"exit_code":0}'  # the moved directory has no result; nothing leaked
+    # Cleaning up did not follow the symlink either: the file elsewhere is still there.
+    assert (elsewhere / ".aqsh-result").read_text() == "TOPSECRET"
+    assert not any(p.is_symlink() for p in (tmp_path / "work").iterdir())
 
 
 def test_a_file_swapped_for_a_fifo_after_the_check_cannot_block_the_read(tmp_path: Path) -> None:
