@@ -153,6 +153,9 @@ class GroupKeeper:
     def _send(self, line: bytes) -> None:
         for _ in range(2):
             if self._proc is None or self._proc.poll() is not None:
+                if not self._groups:  # nothing to keep: no keeper needed until the next script
+                    self._stop()
+                    return
                 self._start()
                 line = b"".join(f"+{g}\n".encode() for g in self._groups)
             try:
@@ -353,19 +356,21 @@ class _Child:
         try:
             exited = os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
         except ChildProcessError:
+            group_keeper().discard(self.pgid)
             pid, status = self.pid, 255 << 8  # reaped by someone else: the code is lost
         else:
             if exited is None:
                 return False
             # Children left behind in the group would keep running and hold the pipes open.
             _signal_group(self.pgid, signal.SIGKILL)
+            # Unregistered while the pgid is still ours (the zombie holds it), never after.
+            group_keeper().discard(self.pgid)
             try:
                 pid, status = os.waitpid(self.pid, os.WNOHANG)
             except ChildProcessError:
                 pid, status = self.pid, 255 << 8
             if pid == 0:  # cannot happen after WNOWAIT saw the exit; poll again rather than hang
                 return False
-        group_keeper().discard(self.pgid)
         code = os.waitstatus_to_exitcode(status)
         self._popen.returncode = code  # so Popen never thinks it still runs
         if self._pidfd >= 0:
