@@ -104,8 +104,12 @@ def scrub_environment(names: tuple[str, ...] = SECRET_VARIABLES) -> None:
 
 def harden_process(settings: Settings) -> None:
     """Before anything else runs: secrets out of the environment, and out of reach of the
-    scripts where this process runs them."""
-    scrub_environment()
+    scripts where this process runs them. A Redis URL with credentials in it
+    (``redis://:pw@host``) counts as a secret too; settings have been read, nothing reads the
+    variables again."""
+    url_with_password = tuple(name for name in ("AQSH_REDIS_ADDR",)
+                              if "@" in os.environ.get(name, ""))
+    scrub_environment(SECRET_VARIABLES + url_with_password)
     if settings.mode in ("worker", "both") and not make_non_dumpable():
         print("aqsh: warning: could not make the worker non-dumpable; scripts of this uid can "
               "read its /proc files", file=sys.stderr)

@@ -95,7 +95,7 @@ class Worker:
 class WorkerFactory(Protocol):
     async def __call__(self, scripts: dict[str, str], *, user: tuple[int, int] | None = ...,
                        env: dict[str, str] | None = ..., wrapper: list[str] | None = ...,
-                       password_file: bool = ...) -> Worker: ...
+                       password_file: bool = ..., no_password: bool = ...) -> Worker: ...
 
 
 @dataclass
@@ -133,7 +133,7 @@ async def start_worker(
 
     async def factory(scripts: dict[str, str], *, user: tuple[int, int] | None = None,
                       env: dict[str, str] | None = None, wrapper: list[str] | None = None,
-                      password_file: bool = False) -> Worker:
+                      password_file: bool = False, no_password: bool = False) -> Worker:
         # Under /tmp, not pytest's tmp_path: an unprivileged worker must be able to reach it.
         base = Path(tempfile.mkdtemp(prefix="aqsh-security-"))
         started.dirs.append(base)
@@ -173,7 +173,7 @@ async def start_worker(
             if user is not None:
                 os.chown(secret, *user)
             worker_env["AQSH_REDIS_PASSWORD_FILE"] = str(secret)
-        else:
+        elif not no_password:
             worker_env["AQSH_REDIS_PASSWORD"] = PASSWORD
         worker_env.update(env or {})
         argv = [sys.executable, "-m", "aqsh", "serve", "--mode", "worker"]

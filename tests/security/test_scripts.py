@@ -20,6 +20,7 @@ import redis.asyncio as aioredis
 from aqsh.engine.client import Client
 from aqsh.engine.task import SkipRetry
 from aqsh.errors import ConfigError
+from aqsh.redis_process import RedisProcess
 from aqsh.runner.handler import RunnerSettings, ShellRunner
 from aqsh.runner.process import group_keeper, run_process
 from aqsh.runner.spec import InputSpec, TaskSpec, load_tasks
@@ -100,6 +101,20 @@ async def test_the_password_is_gone_from_the_environment_even_for_root(
     assert CANARY.encode() in environ  # the read works: other variables are still there
     assert PASSWORD.encode() not in environ
     assert b"AQSH_REDIS_PASSWORD=" in environ  # the name remains, its value is zeroed
+
+
+async def test_a_password_in_the_redis_url_is_wiped_too(
+    start_worker: WorkerFactory, password_redis: RedisProcess
+) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("reads the worker's environ as root")
+    url = password_redis.url.replace("redis://", f"redis://:{PASSWORD}@")
+    worker = await start_worker({"ok": 'echo ok > "$AQSH_RESULT_FILE"\n'}, user=None,
+                                env={"AQSH_REDIS_ADDR": url, "CANARY": CANARY}, no_password=True)
+    assert await worker.run("ok") == {"exit_code": 0, "data": "ok\n"}  # it authenticated
+    environ = Path(f"/proc/{worker.pid}/environ").read_bytes()
+    assert CANARY.encode() in environ
+    assert PASSWORD.encode() not in environ
 
 
 async def test_a_root_worker_without_cap_sys_ptrace_keeps_its_memory_and_fds(
