@@ -397,6 +397,7 @@ class KillDrill:
             # Expired by more than the recoverer's interval + grace: someone should have
             # recovered it already.
             "stale_leases": sum(1 for score in lease_by_id.values() if score < now - 10),
+            "orphan_leases": len(set(lease_by_id) - set(active)),
         }
 
     async def _sample(self, redis: aioredis.Redis) -> None:
@@ -471,10 +472,16 @@ class KillDrill:
         waits: list[float] = []
         kill_to_recovered: list[float] = []
         outlived = 0
+        #: script end → worker kill, for runs whose script had ended but whose ack had not
+        #: landed when the worker died: how long a finished run stays unacknowledged.
+        unacked_for: list[float] = []
         unexplained: list[dict[str, Any]] = []
         killed_at = self.workers.killed_at
-        redis_window = None
+        redis_window = redis_down = None
         if self.redis_killed_at is not None:
+            # Down, plus the half second its clients take to reconnect.
+            redis_down = (self.redis_killed_at,
+                          (self.redis_back_at or self.redis_killed_at) + 0.5)
             redis_window = (self.redis_killed_at - 1.0,
                             (self.redis_back_at or self.redis_killed_at) + 2.0)
         for task_id, task_runs in runs.items():
@@ -486,8 +493,13 @@ class KillDrill:
                     elif prev.end > kill_t:
                         reasons["worker_killed_mid_run"] += 1
                         outlived += 1  # the script carried on after its worker died
+                    elif redis_down is not None and (
+                            redis_down[0] <= prev.end <= redis_down[1]):
+                        # The ack had nowhere to go: the worker died before its retry landed.
+                        reasons["script_ended_while_redis_down_worker_killed_before_ack"] += 1
                     else:
                         reasons["worker_killed_after_script_ended_before_ack"] += 1
+                        unacked_for.append(kill_t - prev.end)
                     waits.append(nxt.start - kill_t)
                     after = [t - kill_t for t in recovered_at.get(task_id, []) if t >= kill_t]
                     if after:
@@ -503,6 +515,12 @@ class KillDrill:
                         vars(run) for run in task_runs]})
         wait = summary(waits)
         recovered = summary(kill_to_recovered)
+        # A recovered task whose script never started before its recovery was dequeued by a
+        # worker that died before the spawn: recovered all the same, but no run ties it to a
+        # kill time.
+        recovered_without_run = sum(
+            1 for task_id, times in recovered_at.items()
+            if not any(run.start < min(times) for run in runs.get(task_id, [])))
         state_counts = Counter(state or "missing" for state in states.values())
         duration = (settled_at or time.time()) - started
         figures: dict[str, Any] = {
@@ -534,16 +552,23 @@ class KillDrill:
             "rerun_reasons": dict(reasons),
             "unexplained_examples": unexplained,
             "scripts_outlived_worker": outlived,
+            "ended_but_unacked_at_kill_s": summary(unacked_for),
             "worker_kills": self.kills,
             "redis_kills": 0 if self.redis_killed_at is None else 1,
             "redis_outage_s": (round(self.redis_back_at - self.redis_killed_at, 3)
                                if self.redis_back_at and self.redis_killed_at else None),
+            "recovered_tasks": len(recovered_at),
+            "recoveries": sum(len(times) for times in recovered_at.values()),
+            "recovered_without_prior_run": recovered_without_run,
             "max_recovery_wait_s": wait["max"],
             "p50_recovery_wait_s": wait["p50"],
             "max_kill_to_recovered_s": recovered["max"],
             "p50_kill_to_recovered_s": recovered["p50"],
             "recovery_wait_over_lease_ratio": (round(wait["max"] / LEASE_S, 3)
                                                if wait["max"] is not None else None),
+            # The bound: lease 30 s + a recoverer every 2 s with a 1 s grace.
+            "recovery_within_35s": wait["max"] is None or wait["max"] <= 35.0,
+            "orphan_leases": snap["orphan_leases"],
             "submit_s": round(submit_end - started, 1),
             "settle_after_last_kill_s": (round(settled_at - last_kill, 1)
                                          if settled_at else None),
