@@ -245,10 +245,12 @@ class KillDrill:
         self.args, self.tmp = args, tmp
         self.rng = random.Random(args.seed)
         extra: tuple[str, ...] = ()
-        if args.appendfsync != "everysec":  # RedisProcess(persistent=True) says everysec
+        if args.appendfsync == "always":  # RedisProcess(persistent=True) says everysec
             extra = ("--appendfsync", args.appendfsync)
-        self.redis_proc = RedisProcess(persistent=True, data_dir=str(tmp / "redis"),
-                                       extra_args=extra)
+        # "off": no persistence at all, so the restart comes back empty. Not a setting to
+        # run aqsh with: it shows that the drill does see lost tasks.
+        self.redis_proc = RedisProcess(persistent=args.appendfsync != "off",
+                                       data_dir=str(tmp / "redis"), extra_args=extra)
         self.submissions: list[Submission] = []
         self.submitted_all = asyncio.Event()
         self.redis_killed_at: float | None = None
@@ -459,7 +461,12 @@ class KillDrill:
         runs = read_runs(self.tmp / "runs.log")
         acked = [s for s in self.submissions if s.acknowledged]
         unacked = [s for s in self.submissions if not s.acknowledged]
-        lost = [s.task_id for s in acked if states.get(s.task_id) != "completed"]
+        not_completed = [s.task_id for s in acked if states.get(s.task_id) != "completed"]
+        # Lost: the work never happened. A task that ran to its end but whose record is gone
+        # (or not completed) lost its state and result instead; both must be 0.
+        lost = [t for t in not_completed if not any(r.end is not None for r in runs[t])]
+        lost_set = set(lost)
+        record_lost = [t for t in not_completed if t not in lost_set]
         completed = sum(1 for state in states.values() if state == "completed")
         # A completion the script never reached its end for would be a false success.
         completed_without_end = [
@@ -542,6 +549,7 @@ class KillDrill:
             "completed": completed,
             "lost": len(lost),
             "lost_ids": lost[:10],
+            "ran_but_not_recorded_completed": len(record_lost),
             "final_states": dict(state_counts),
             "completed_without_script_end": len(completed_without_end),
             "stuck_active": snap["active"] + snap["active_without_lease"],
@@ -581,6 +589,7 @@ class KillDrill:
             "completed_per_s": round(completed / duration, 1),
         }
         figures["ok"] = (figures["lost"] == 0 and figures["stuck_active"] == 0
+                         and figures["ran_but_not_recorded_completed"] == 0
                          and figures["settled_within_deadline"]
                          and figures["completed_without_script_end"] == 0)
         return figures
@@ -666,10 +675,13 @@ class SentinelSetup:
         return None
 
     def stop(self) -> None:
+        """Whatever of the setup got started (a failed start stops the rest too)."""
         for proc in self.sentinels:
             stop_process(proc, timeout_s=10)
-        self.replica.stop()
-        self.master.stop()
+        for name in ("replica", "master"):
+            node: RedisProcess | None = getattr(self, name, None)
+            if node is not None:
+                node.stop()
 
 
 class SentinelDrill:
@@ -683,9 +695,9 @@ class SentinelDrill:
         args = self.args
         write_tasks(self.tmp)
         setup = SentinelSetup(self.tmp)
-        setup.start()
         api: subprocess.Popen[bytes] | None = None
         try:
+            setup.start()
             await asyncio.to_thread(setup.wait_ready)
             old_master = setup.master.port
             api, url = self._start_api(setup)
@@ -863,7 +875,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     kill.add_argument("--redis-down-s", type=float, default=1.0,
                       help="how long Redis stays dead before its restart")
     kill.add_argument("--no-redis-kill", action="store_true")
-    kill.add_argument("--appendfsync", choices=("everysec", "always"), default="everysec")
+    kill.add_argument("--appendfsync", choices=("everysec", "always", "off"),
+                      default="everysec",
+                      help="AOF fsync policy; off: no persistence (the drill's self-check: "
+                           "the restarted Redis is empty, so it must report lost tasks)")
     kill.add_argument("--settle-deadline-s", type=float, default=120.0,
                       help="after the last kill, every task must be finished within this")
     sentinel = parser.add_argument_group("Sentinel drill")
