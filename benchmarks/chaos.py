@@ -258,6 +258,7 @@ class KillDrill:
         self.active_without_lease_max = 0
         self.active_without_lease_samples = 0
         self.stale_lease_max = 0
+        self.pending_max = 0
         self.kills = 0
         self.errors: Counter[str] = Counter()
 
@@ -415,6 +416,7 @@ class KillDrill:
             self.active_without_lease_max = max(self.active_without_lease_max,
                                                 snap["active_without_lease"])
             self.stale_lease_max = max(self.stale_lease_max, snap["stale_leases"])
+            self.pending_max = max(self.pending_max, snap["pending"])
             acked = sum(1 for s in self.submissions if s.acknowledged)
             say(f"submitted {len(self.submissions)} acked {acked} | pending {snap['pending']} "
                 f"active {snap['active']} retry {snap['retry']} completed {snap['completed']} "
@@ -526,6 +528,13 @@ class KillDrill:
         # A recovered task whose script never started before its recovery was dequeued by a
         # worker that died before the spawn: recovered all the same, but no run ties it to a
         # kill time.
+        # Recovered → re-run start: the forwarder's interval (retry → pending, every 5 s) plus
+        # the wait behind whatever is pending (a recovered task joins the back of the queue).
+        to_rerun = []
+        for task_id, times in recovered_at.items():
+            later = [run.start for run in runs.get(task_id, []) if run.start > min(times)]
+            if later:
+                to_rerun.append(min(later) - min(times))
         recovered_without_run = sum(
             1 for task_id, times in recovered_at.items()
             if not any(run.start < min(times) for run in runs.get(task_id, [])))
@@ -569,6 +578,8 @@ class KillDrill:
             "recovered_tasks": len(recovered_at),
             "recoveries": sum(len(times) for times in recovered_at.values()),
             "recovered_without_prior_run": recovered_without_run,
+            "recovered_to_rerun_s": summary(to_rerun),
+            "pending_max_seen": self.pending_max,
             "max_recovery_wait_s": wait["max"],
             "p50_recovery_wait_s": wait["p50"],
             "max_kill_to_recovered_s": recovered["max"],
