@@ -273,8 +273,7 @@ class KillDrill:
         try:
             for _ in range(args.workers):
                 self.workers.start_one()
-            wait_http_workers = [asyncio.to_thread(self._wait_worker_ready)]
-            await asyncio.gather(*wait_http_workers)
+            await asyncio.to_thread(self._wait_worker_ready)
             say(f"kill drill: {args.tasks} tasks at {args.rate:g}/s, {args.workers} workers "
                 f"x {args.concurrency}, appendfsync {args.appendfsync}")
             started = time.time()
@@ -283,7 +282,7 @@ class KillDrill:
             await self._submit(client)
             submit_end = time.time()
             await killer
-            last_kill = time.time()
+            last_kill = max(self.workers.killed_at.values(), default=submit_end)
             settled_at = await self._settle(redis, deadline_s=args.settle_deadline_s)
             sampler.cancel()
             with contextlib.suppress(asyncio.CancelledError):
