@@ -13,6 +13,7 @@ import urllib.parse
 from typing import Any
 
 import click
+from rich.text import Text
 
 from aqsh.cli.http import Api, ApiError, Endpoint, follow
 from aqsh.cli.output import (
@@ -167,7 +168,7 @@ def _wait_finished(api: Api, task_id: str, *, stream: bool, as_json: bool) -> in
             sys.stdout.flush()
 
     def on_notice(message: str) -> None:
-        err.print(f"[yellow]aqsh:[/yellow] {message}", markup=True, highlight=False)
+        err.print(Text.assemble(("aqsh:", "yellow"), " ", message))
 
     if stream:
         eof = follow(api, task_id, on_line, on_notice)

@@ -35,7 +35,8 @@ class CliError(click.ClickException):
         self.exit_code = exit_code  # type: ignore[misc]  # click reads it per instance
 
     def show(self, file: Any = None) -> None:
-        err.print(f"[red]aqsh:[/red] {self.message}", markup=True, highlight=False)
+        # A Text, not markup: a message quoting a pattern like [a-z]+ must print as it is.
+        err.print(Text.assemble(("aqsh:", "red"), " ", self.message))
 
 
 def print_json(value: Any) -> None:
