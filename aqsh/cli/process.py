@@ -37,8 +37,10 @@ def run_service(mode: str | None) -> int:
     except ConfigError as exc:
         return _fail(exc.message, EXIT_BAD_CONFIG)
     # Imported only now: the client and admin commands need none of the service's modules.
-    from aqsh.__main__ import StartupError, serve
+    from aqsh.__main__ import StartupError, harden_process, serve
     from aqsh.logging import configure_logging
+
+    harden_process(settings)  # before anything else runs: secrets out of reach of scripts
 
     embedded = None
     if settings.redis_addr == "embedded":
