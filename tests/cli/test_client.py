@@ -154,3 +154,27 @@ async def test_follow_reconnects_a_dropped_stream_without_losing_or_repeating_li
     assert rest.decode().splitlines() == ["after-1", "after-2"]
     assert "reconnecting" in stderr.decode()
     assert proxy.accepted > accepted_before
+
+
+async def test_follow_of_a_task_canceled_while_running_exits_nonzero(
+    live_service: LiveService,
+) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "aqsh", "run", "slow", "--follow", cwd=ROOT,
+        env=cli_env(live_service.url), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        assert proc.stderr is not None
+        submitted = (await asyncio.wait_for(proc.stderr.readline(), 60)).decode().split()
+        assert submitted[:2] == ["submitted", "slow"]
+        assert await asyncio.wait_for(proc.stdout.readline(), 60) == b"started\n"
+        canceled = await asyncio.to_thread(aqsh, "cancel", submitted[2], url=live_service.url)
+        assert canceled.returncode == 0, canceled.stderr
+        assert canceled.stdout.split()[-1] in ("canceling", "canceled")
+        _, stderr = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    # SIGTERM ended the script: a shell would report 128 + 15.
+    assert proc.returncode == 143, stderr.decode()
