@@ -278,10 +278,43 @@ def queue_unpause(ctx: AdminContext, name: str) -> int:
     return 0
 
 
+@queue.command("remove")
+@click.argument("name")
+@click.option("--force", is_flag=True,
+              help="Remove it with its waiting tasks (never while tasks are active).")
+@pass_admin
+def queue_remove(ctx: AdminContext, name: str, force: bool) -> int:
+    """Remove a queue; refused while it holds tasks, unless --force."""
+    ctx.run(lambda inspector: inspector.delete_queue(name, force=force))
+    out.print(f"queue {name} removed", markup=False)
+    return 0
+
+
 # ---------------------------------------------------------------------------- tasks
 @admin.group("tasks")
 def tasks_group() -> None:
-    """Tasks of a queue in one state."""
+    """Tasks of a queue in one state: list them, or run, archive or delete them all."""
+
+
+def _bulk_op(op: str, past: str, help_text: str) -> None:
+    @click.option("--queue", "qname", required=True, help="Queue name.")
+    @click.option("--state", type=click.Choice([s for s in STATES if s != "active"]),
+                  required=True, help="Task state.")
+    @click.option("--group", default=None, help="Group (for aggregating tasks).")
+    @pass_admin
+    def command(ctx: AdminContext, qname: str, state: str, group: str | None) -> int:
+        count: int = ctx.run(lambda inspector: getattr(inspector, f"{op}_all")(
+            qname, TaskState(state), group=group))
+        out.print(f"{count} {state} task(s) of queue {qname} {past}", markup=False)
+        return 0
+
+    command.__doc__ = help_text
+    tasks_group.command(f"{op}-all")(command)
+
+
+_bulk_op("run", "made pending", "Run every task of a queue in one state now.")
+_bulk_op("archive", "archived", "Archive every waiting task of a queue in one state.")
+_bulk_op("delete", "deleted", "Delete every task of a queue in one state.")
 
 
 @tasks_group.command("ls")

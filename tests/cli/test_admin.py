@@ -129,6 +129,31 @@ async def test_task_and_queue_operations(redis: aioredis.Redis, redis_url: str) 
     await pubsub.aclose()
 
 
+async def test_bulk_operations_and_queue_removal(redis: aioredis.Redis, redis_url: str) -> None:
+    await _tasks_in_every_state(redis)
+    client = Client(RedisBroker(redis))
+    for i in range(3):
+        await client.enqueue("t:later", b"l", queue="bulk", task_id=f"b{i}", process_in=3600)
+    archived = admin_plain(redis_url, "tasks", "archive-all", "--queue", "bulk",
+                           "--state", "scheduled")
+    assert (archived.returncode, archived.stdout.strip()) == (
+        0, "3 scheduled task(s) of queue bulk archived")
+    assert [t["id"] for t in admin(redis_url, "tasks", "ls", "--queue", "bulk", "--state",
+                                   "archived")] == ["b0", "b1", "b2"]
+    ran = admin_plain(redis_url, "tasks", "run-all", "--queue", "bulk", "--state", "archived")
+    assert ran.stdout.strip() == "3 archived task(s) of queue bulk made pending"
+    refused = admin_plain(redis_url, "queue", "remove", "bulk")
+    assert (refused.returncode, refused.stderr.strip()) == (1, 'aqsh: queue "bulk" is not empty')
+    deleted = admin_plain(redis_url, "tasks", "delete-all", "--queue", "bulk", "--state",
+                          "pending")
+    assert deleted.stdout.strip() == "3 pending task(s) of queue bulk deleted"
+    assert admin_plain(redis_url, "queue", "remove", "bulk").returncode == 0
+    assert "bulk" not in {q["queue"] for q in admin(redis_url, "queues")}
+    busy = admin_plain(redis_url, "queue", "remove", "work", "--force")
+    assert (busy.returncode, busy.stderr.strip()) == (
+        1, 'aqsh: cannot remove queue "work" with active tasks')
+
+
 async def test_servers_and_cron(redis: aioredis.Redis, redis_url: str) -> None:
     broker = RedisBroker(redis)
     now = int(time.time())
