@@ -42,6 +42,12 @@ tasks:
       - {name: code, env: CODE, type: int, min: 0, max: 255, default: 0}
   slow:
     script: slow.sh
+  secret:
+    script: echo.sh
+    allowed_groups: [ops]
+    input:
+      - {name: name, env: NAME, required: true}
+      - {name: times, env: TIMES, type: int, default: 1}
 """
 
 SCRIPTS = {
