@@ -21,6 +21,9 @@ from tests.support import wait_until
 COUNTS = ("size", "pending", "active", "scheduled", "retry", "archived", "completed",
           "aggregating", "processed", "failed", "processed_total", "failed_total", "paused")
 
+#: What the v0.24.1 harness reports of a queue.
+OLD_COUNTS = ("size", "pending", "active", "scheduled")
+
 
 def admin(redis_url: str, *args: str) -> Any:
     result = aqsh("admin", "--redis", redis_url, *args, "--json", env=cli_env())
@@ -74,6 +77,10 @@ async def test_admin_figures_equal_the_go_inspectors(
         assert {k: shown[k] for k in COUNTS} == {k: theirs[k] for k in COUNTS}, name
         assert shown["memory_usage_bytes"] == theirs["memory"], name
         assert abs(shown["latency_s"] - theirs["latency_s"]) < 5, name
+        # Asynqmon pins asynq v0.24.1: its Inspector gives the same counts.
+        old = go("queue-info", redis_url, "-queue", name, binary="aqsh-interop-v0241")
+        assert {k: shown[k] for k in OLD_COUNTS} == {k: old[k] for k in OLD_COUNTS}, name
+        assert shown["memory_usage_bytes"] == old["memory"], name
     assert (mine["work"]["archived"], mine["work"]["completed"], mine["work"]["processed"],
             mine["work"]["failed"]) == (1, 1, 3, 1)
 
