@@ -75,6 +75,11 @@ async def test_queue_figures_equal_the_inspectors(redis: aioredis.Redis, redis_u
     assert "ARCHIVED" in human.stdout
     inspected = admin(redis_url, "queue", "inspect", "work", "--days", "2")
     assert [day["processed"] for day in inspected["history"]] == [3, 0]
+    for args, expected in ((("stats",), "Tasks by state"),
+                           (("queue", "inspect", "work"), "Daily (UTC)")):
+        shown = admin_plain(redis_url, *args)
+        assert shown.returncode == 0, shown.stderr
+        assert expected in shown.stdout
 
 
 async def test_tasks_ls_in_each_state(redis: aioredis.Redis, redis_url: str) -> None:
@@ -91,6 +96,10 @@ async def test_tasks_ls_in_each_state(redis: aioredis.Redis, redis_url: str) -> 
     assert (retry["queue"], retry["state"], retry["last_error"], retry["retried"]) == (
         "work", "retry", "boom", 1)
     assert retry["next_process_at"] > time.time()
+    shown = admin_plain(redis_url, "task", "inspect", "r1")
+    assert shown.returncode == 0, shown.stderr
+    assert "boom" in shown.stdout
+    assert "next process at" in shown.stdout
     human = admin_plain(redis_url, "tasks", "ls", "--queue", "work", "--state", "archived")
     assert "x1" in human.stdout
     assert "gave up" in human.stdout
@@ -182,6 +191,7 @@ async def test_servers_and_cron(redis: aioredis.Redis, redis_url: str) -> None:
     entries = admin(redis_url, "cron", "ls")
     assert [(e["id"], e["spec"], e["type"], e["next"], e["prev"]) for e in entries] == [
         ("e-1", "*/5 * * * *", "t:cron", now + 300, None)]
+    assert "*/5 * * * *" in admin_plain(redis_url, "cron", "ls").stdout
     history = admin(redis_url, "cron", "history", "e-1")
     assert [e["task_id"] for e in history["e-1"]] == ["fired-2", "fired-1", "fired-0"]
     assert "fired-2" in admin_plain(redis_url, "cron", "history", "e-1").stdout
