@@ -63,7 +63,8 @@ def test_loads_the_seed_example(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("text", "seconds"), [
-    ("90s", 90), ("10m", 600), ("1h30m", 5400), ("24h", 86400), ("250ms", 0.25), (45, 45), ("0", 0)])
+    ("90s", 90), ("10m", 600), ("1h30m", 5400), ("24h", 86400), ("250ms", 0.25), (45, 45),
+    ("0", 0)])
 def test_durations(text: object, seconds: float) -> None:
     assert parse_duration(text) == seconds
 
