@@ -162,7 +162,9 @@ def json_schema(task: TaskSpec, *, max_string_len: int = DEFAULT_MAX_STRING_LEN)
         if spec.type is InputType.STRING:
             prop.update(type="string", maxLength=max_string_len)
             if spec.pattern is not None:
-                prop["pattern"] = spec.pattern
+                # JSON Schema patterns search; aqsh matches the whole value. Anchored, a
+                # client (a form, a fuzzer) checks what the server will check.
+                prop["pattern"] = f"^(?:{spec.pattern})$"
             if spec.enum is not None:
                 prop["enum"] = list(spec.enum)
             if spec.min is not None:

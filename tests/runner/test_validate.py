@@ -82,7 +82,7 @@ def test_json_schema_describes_inputs() -> None:
     assert schema["required"] == ["version", "environment"]
     assert schema["additionalProperties"] is False
     props = schema["properties"]
-    assert props["version"]["pattern"] == r"^v?\d+\.\d+\.\d+$"
+    assert props["version"]["pattern"] == r"^(?:^v?\d+\.\d+\.\d+$)$"
     assert props["environment"]["enum"] == ["dev", "staging", "prod"]
     assert props["days"] == {"type": "integer", "minimum": 1, "maximum": 365, "x-env": "DAYS"}
     assert props["force"]["type"] == "boolean"
