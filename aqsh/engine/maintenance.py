@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 import structlog
 
 from aqsh import errors
-from aqsh.clock import Clock
+from aqsh.clock import Clock, wait_event
 from aqsh.engine.broker import Broker
 from aqsh.engine.faults import Backoff, Loops
 from aqsh.engine.processor import LEASE_EXPIRED_ERROR, RetryDelayFn
@@ -65,8 +65,7 @@ class Periodic:
         delay_s = self.interval_s
         while not self._stop.is_set():
             if not first:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout=delay_s)
+                await wait_event(self._wake, delay_s)
                 self._wake.clear()
                 if self._stop.is_set():
                     return

@@ -21,7 +21,7 @@ from functools import reduce
 import structlog
 
 from aqsh import errors
-from aqsh.clock import Clock
+from aqsh.clock import Clock, wait_event
 from aqsh.engine.broker import Broker, Leased
 from aqsh.engine.faults import Backoff, Loops, pause_after_failure
 from aqsh.engine.models import TaskMessage
@@ -276,8 +276,7 @@ class Processor:
             delay = min(self.poll_interval_s, 0.05 * (2**min(idle_polls, 10)))
             loop = asyncio.get_running_loop()
             self.next_poll_at = loop.time() + delay
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=delay)
+            await wait_event(self._wake, delay)
             self.next_poll_at = None
 
     def _spawn(self, leased: Leased) -> None:

@@ -8,7 +8,6 @@ longest registered prefix; middleware wraps every handler.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
@@ -198,9 +197,11 @@ class Server:
         await self.syncer.stop()
         for listener in self._listeners:
             listener.cancel()
-        for listener in self._listeners:
-            with contextlib.suppress(asyncio.CancelledError):
-                await listener
+        # Bounded: a subscription blocked in a read whose cancellation a client library
+        # swallowed would otherwise hold the whole stop (its connection closes with the pool).
+        _, stuck = await asyncio.wait(self._listeners, timeout=5.0)
+        if stuck:
+            log.warning("server.subscriber_did_not_stop", count=len(stuck))
         await self.janitor.stop()
         await self.heartbeater.stop()
         self._stopped.set()
