@@ -8,7 +8,8 @@ import pytest
 
 from aqsh.durations import parse_duration
 from aqsh.errors import ConfigError
-from aqsh.runner.spec import InputType, load_tasks
+from aqsh.runner.inputs import InputType
+from aqsh.runner.spec import load_tasks
 
 
 def script(tmp_path: Path, name: str = "deploy.sh", executable: bool = True) -> Path:

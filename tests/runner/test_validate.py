@@ -6,7 +6,8 @@ from typing import Any
 
 import pytest
 
-from aqsh.runner.spec import InputSpec, InputType, TaskSpec
+from aqsh.runner.inputs import InputSpec, InputType
+from aqsh.runner.spec import TaskSpec
 from aqsh.runner.validate import InvalidInput, json_schema, to_env, validate_input
 
 TASK = TaskSpec(
