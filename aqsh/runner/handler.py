@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import os
 import tempfile
+import time
 import unicodedata
 from collections.abc import Callable, Mapping, Sequence
 from typing import Literal
@@ -178,7 +179,11 @@ class ShellRunner:
         bound.info("task.started", retry=task.retried)
         loop = asyncio.get_running_loop()
         started = loop.time()
+        started_wall_s = time.time()
         timed_out = False
+        #: The engine's deadline (the task message's own timeout or deadline, e.g. Go's
+        #: asynq.Timeout) fired rather than tasks.yaml's timeout.
+        enqueuer_deadline = False
         record = ExitRecord()
         # Held while the script runs: the result is read through it, whatever the script does
         # to the path of its directory.
@@ -207,6 +212,10 @@ class ShellRunner:
                 if ctx.cancel_reason is not CancelReason.DEADLINE:
                     raise  # shutdown or lost lease: the engine decides what happens next
                 timed_out = True
+                # aqsh's own submissions carry tasks.yaml's timeout, so the two fire together;
+                # a deadline well before it was set by whoever enqueued the task.
+                enqueuer_deadline = (ctx.deadline_s
+                                     < started_wall_s + spec.timeout_s - _DEADLINE_SLACK_S)
             if not logs.closed:
                 await logs.close(outcome.exit_code)
             data, file_error = await read_result_file_async(RESULT_NAME, dir_fd=work_fd)
@@ -218,7 +227,8 @@ class ShellRunner:
             finally:
                 os.close(work_fd)
         duration_s = loop.time() - started
-        error = _error_text(outcome, file_error, timed_out, spec.timeout_s)
+        error = _error_text(outcome, file_error, timed_out, spec.timeout_s,
+                            loop.time() - started if enqueuer_deadline else None)
         result = ScriptResult(exit_code=outcome.exit_code)
         if data is not None:
             result.data = data
@@ -247,8 +257,19 @@ class ShellRunner:
 _STOPPED = ProcessExit(exit_code=-15, signal_name="SIGTERM")
 
 
+#: How much earlier than tasks.yaml's timeout the engine's deadline must fall to be reported
+#: as the enqueuer's (the engine computes its deadline a moment before the script starts).
+_DEADLINE_SLACK_S = 1.0
+
+
 def _error_text(outcome: ProcessExit, file_error: str | None, timed_out: bool,
-                timeout_s: float) -> str | None:
+                timeout_s: float, deadline_after_s: float | None = None) -> str | None:
+    """``deadline_after_s``: set when the task's own timeout/deadline fired (after that many
+    seconds), which is then named with asynq's words, not tasks.yaml's timeout."""
+    if deadline_after_s is not None:
+        return (f"context deadline exceeded: the task's own timeout or deadline (set when it "
+                f"was enqueued) passed after {deadline_after_s:.1f}s; process group stopped: "
+                f"{outcome.describe()}")
     if timed_out:
         return f"timed out after {timeout_s:g}s; process group stopped: {outcome.describe()}"
     if outcome.signal_name is not None or outcome.exit_code != 0:
