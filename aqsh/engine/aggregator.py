@@ -77,8 +77,15 @@ class Aggregator(Periodic):
     def __init__(self, broker: Broker, client: Client | None, queues: Sequence[str],
                  clock: Clock, aggregate: GroupAggregator | None,
                  settings: GroupSettings | None = None, *, interval_s: float | None = None,
-                 loops: Loops | None = None) -> None:
-        """``client`` enqueues the aggregated tasks; it is needed only with ``aggregate``."""
+                 loops: Loops | None = None,
+                 group_settings: Callable[[str, str], GroupSettings | None] | None = None,
+                 ) -> None:
+        """``client`` enqueues the aggregated tasks; it is needed only with ``aggregate``.
+
+        ``group_settings(queue, group)``: per-group settings instead of ``settings`` for all
+        (asynq has one set per server; aqsh's shell tasks declare their own); None leaves
+        that group to other servers, with the same warning as a server without aggregator.
+        """
         if aggregate is not None and client is None:
             raise ValueError("a group aggregator needs a client to enqueue its tasks")
         self.settings = settings or GroupSettings()
@@ -90,30 +97,40 @@ class Aggregator(Periodic):
         self.broker, self.client, self.clock = broker, client, clock
         self.queues = list(queues)
         self.aggregate = aggregate
+        self.group_settings = group_settings
         self._warned: dict[str, tuple[frozenset[str], float]] = {}
 
     async def run_once(self) -> int:
         """Returns how many aggregated tasks were enqueued."""
-        if self.aggregate is None:
-            await self._warn_unserved()
-            return 0
         enqueued = 0
         first_fault: errors.AqshError | None = None
         for qname in self.queues:
+            unserved: set[str] = set()
             for group in await self.broker.list_groups(qname):
+                settings = self._settings_for(qname, group)
+                if settings is None:
+                    unserved.add(group)
+                    continue
                 try:
-                    enqueued += await self._check(qname, group)
+                    enqueued += await self._check(qname, group, settings)
                 except (errors.BrokerUnavailable, errors.BrokerFault) as exc:
                     log.warning("group.check_failed", queue=qname, group=group, error=str(exc))
                     first_fault = first_fault or exc
+            self._warn_unserved(qname, frozenset(unserved))
         if first_fault is not None:
             raise first_fault
         return enqueued
 
-    async def _check(self, qname: str, group: str) -> int:
+    def _settings_for(self, qname: str, group: str) -> GroupSettings | None:
+        if self.aggregate is None:
+            return None
+        if self.group_settings is None:
+            return self.settings
+        return self.group_settings(qname, group)
+
+    async def _check(self, qname: str, group: str, settings: GroupSettings) -> int:
         assert self.aggregate is not None
         assert self.client is not None
-        settings = self.settings
         set_id = await self.broker.aggregation_check(
             qname, group, now_s=int(self.clock.now_s()),
             grace_period_s=int(settings.grace_period_s), max_delay_s=int(settings.max_delay_s),
@@ -155,18 +172,17 @@ class Aggregator(Periodic):
                    type=outcome.type)
         return 1
 
-    async def _warn_unserved(self) -> None:
+    def _warn_unserved(self, qname: str, groups: frozenset[str]) -> None:
+        """Once per new group, and again every UNSERVED_WARN_EVERY_S while they wait."""
+        if not groups:
+            self._warned.pop(qname, None)
+            return
         now = time.monotonic()
-        for qname in self.queues:
-            groups = frozenset(await self.broker.list_groups(qname))
-            if not groups:
-                self._warned.pop(qname, None)
-                continue
-            previous = self._warned.get(qname)
-            if previous is not None and previous[0] >= groups \
-                    and now - previous[1] < UNSERVED_WARN_EVERY_S:
-                continue
-            self._warned[qname] = (groups, now)
-            log.warning("group.no_aggregator", queue=qname, groups=sorted(groups),
-                        hint="tasks enqueued with a group wait in state aggregating until a "
-                             "server with a group aggregator serves this queue")
+        previous = self._warned.get(qname)
+        if previous is not None and previous[0] >= groups \
+                and now - previous[1] < UNSERVED_WARN_EVERY_S:
+            return
+        self._warned[qname] = (groups, now)
+        log.warning("group.no_aggregator", queue=qname, groups=sorted(groups),
+                    hint="tasks enqueued with a group wait in state aggregating until a "
+                         "server with a group aggregator for them serves this queue")

@@ -109,6 +109,7 @@ class Server:
         group_max_delay_s: float = 0.0,
         group_max_size: int = 0,
         aggregation_interval_s: float | None = None,
+        group_settings: Callable[[str, str], GroupSettings | None] | None = None,
         cancel_retries: bool = False,
     ) -> None:
         """``loops``: where the server's loops report their health (``/health`` reads it);
@@ -117,7 +118,10 @@ class Server:
         ``group_aggregator`` turns the tasks of a due group into one task (see
         aqsh.engine.aggregator; asynq's GroupAggregator); without one, grouped tasks wait and
         the log says so. ``group_grace_period_s`` (≥ 1 s), ``group_max_delay_s`` and
-        ``group_max_size`` (0 = no limit) are asynq's GroupGracePeriod/MaxDelay/MaxSize.
+        ``group_max_size`` (0 = no limit) are asynq's GroupGracePeriod/MaxDelay/MaxSize;
+        ``group_settings(queue, group)`` chooses them per group instead (None: not this
+        server's group), and then ``aggregation_interval_s`` should be at most the shortest
+        grace period.
 
         ``cancel_retries``: a task cancelled while running (``asynq:cancel``) is archived at
         once by default, since someone asked it to stop; True retries it under the usual
@@ -154,7 +158,8 @@ class Server:
             aggregator_client = Client(broker, clock=self.clock)
         self.aggregator = Aggregator(broker, aggregator_client, names, self.clock,
                                      group_aggregator, settings,
-                                     interval_s=aggregation_interval_s, loops=loops)
+                                     interval_s=aggregation_interval_s, loops=loops,
+                                     group_settings=group_settings)
         self.janitor = Janitor(broker, names, self.clock, janitor_interval_s, loops=loops)
         self._listeners: list[asyncio.Task[None]] = []
         self._started = False

@@ -32,6 +32,7 @@ from aqsh.engine.connection import RedisClient
 from aqsh.engine.fastlane import FastLane
 from aqsh.engine.processor import default_retry_delay
 from aqsh.engine.task import CancelReason, SkipRetry, Task, TaskContext, TaskError
+from aqsh.runner.batches import HEADER_BATCH_GROUP, batch_inputs
 from aqsh.runner.logs import DEFAULT_LINGER_S, LogWriter
 from aqsh.runner.process import ExitRecord, ProcessExit, run_process
 from aqsh.runner.result import ScriptResult, encode_result, read_result_file_async
@@ -44,6 +45,8 @@ log = structlog.get_logger("aqsh.runner")
 DEFAULT_ENV_ALLOWLIST = ("PATH", "LANG", "HOME", "TZ")
 CANCELED_ERROR = "canceled"
 RESULT_NAME = ".aqsh-result"
+#: A batch's inputs, one JSON object a line, in the work directory ($AQSH_BATCH_FILE).
+BATCH_NAME = ".aqsh-batch.jsonl"
 
 
 class ScriptFailed(TaskError):
@@ -140,6 +143,8 @@ class ShellRunner:
                 raise HandlerNotFound(f"handler not found for task {go_quote(task.type)}")
             await self._fail_without_running(ctx, f"unknown task type {task.type!r}")
             raise SkipRetry(f"no script is configured for task {task.type!r}")
+        if spec.aggregate is not None:
+            return await self._run_batch(spec, task, ctx)
         try:
             payload = msgspec.json.decode(task.payload) if task.payload else {}
             values = validate_input(spec, payload, max_string_len=self.settings.max_string_len)
@@ -148,6 +153,29 @@ class ShellRunner:
             await self._fail_without_running(ctx, message)
             raise SkipRetry(message) from None
         return await self._run(spec, task, ctx, to_env(spec, values))
+
+    async def _run_batch(self, spec: TaskSpec, task: Task, ctx: TaskContext) -> bytes:
+        """A task that aggregates runs once for its batch, its inputs in $AQSH_BATCH_FILE;
+        one invalid run (from a foreign enqueuer: aqsh checked its own at submit) fails the
+        whole batch before the script starts."""
+        lines = bytearray()
+        problem: str | None = None
+        runs: list[object] = []
+        try:
+            runs = batch_inputs(task)
+        except msgspec.DecodeError as exc:
+            problem = f"invalid payload: {exc}"
+        for number, raw in enumerate(runs, start=1):
+            try:
+                values = validate_input(spec, raw, max_string_len=self.settings.max_string_len)
+            except InvalidInput as exc:
+                problem = f"invalid payload: run {number} of {len(runs)}: {exc}"
+                break
+            lines += msgspec.json.encode(values) + b"\n"
+        if problem is not None:
+            await self._fail_without_running(ctx, problem)
+            raise SkipRetry(problem)
+        return await self._run(spec, task, ctx, {}, batch=(bytes(lines), len(runs)))
 
     async def _fail_without_running(self, ctx: TaskContext, error: str) -> None:
         await ctx.result_writer.write(encode_result(ScriptResult(exit_code=-1, error=error)))
@@ -167,10 +195,15 @@ class ShellRunner:
         return env
 
     async def _run(self, spec: TaskSpec, task: Task, ctx: TaskContext,
-                   inputs: Mapping[str, str]) -> bytes:
+                   inputs: Mapping[str, str], batch: tuple[bytes, int] | None = None) -> bytes:
         work_dir = self.work_dirs.create(task.id)
         result_file = os.path.join(work_dir, RESULT_NAME)
         env = self.environment(spec, task, inputs, work_dir, result_file)
+        if batch is not None:
+            batch_file = os.path.join(work_dir, BATCH_NAME)
+            await asyncio.to_thread(_write_new_file, batch_file, batch[0])
+            env.update({"AQSH_BATCH_FILE": batch_file, "AQSH_BATCH_SIZE": str(batch[1]),
+                        "AQSH_BATCH_GROUP": task.headers.get(HEADER_BATCH_GROUP, "")})
         logs = LogWriter(self.redis, task.id, retention_s=spec.log_retention_s,
                          max_stream_len=self.settings.max_stream_len, lane=self._lane,
                          linger_s=self.settings.log_linger_s)
@@ -250,6 +283,14 @@ class ShellRunner:
 
     async def _store(self, ctx: TaskContext, result: ScriptResult) -> None:
         await ctx.result_writer.write(encode_result(result))
+
+
+def _write_new_file(path: str, data: bytes) -> None:
+    """Into a fresh work directory: never through a link, never over a file."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(data)
 
 
 #: Stands in if run_process was cancelled before it could record an exit (it always records
