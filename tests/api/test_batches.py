@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 
 from aqsh.engine import keys
 from aqsh.errors import ConfigError
+from aqsh.runner.batches import group_name
 from aqsh.runner.spec import AggregateSpec, load_tasks
 from tests.api.conftest import TASKS_YAML, Service, ServiceFactory
 from tests.support import wait_until
@@ -90,6 +91,28 @@ async def test_runs_of_a_group_run_once_with_their_inputs_in_the_batch_file(
     status, _, _ = await service.request("GET", f"/tasks/{first['id']}")
     assert status == 404
     assert await redis.scard(Q.groups) == 0
+
+
+async def test_a_batch_with_an_invalid_run_is_archived_without_running(
+    service: Service, redis: aioredis.Redis
+) -> None:
+    """aqsh checks its own submissions; a foreign enqueuer's bad run fails its whole batch."""
+    group = group_name("notify", "eu")
+    await service.state.client.enqueue("notify", b'{"who": "ada"}', group=group)
+    await service.state.client.enqueue("notify", b'{"who": "BAD; rm -rf /"}', group=group)
+    ids = await wait_until(lambda: _archived(redis), timeout_s=30, message="batch archived")
+    status, body, _ = await service.request("GET", f"/tasks/{ids[0]}")
+    assert status == 200, body
+    assert body["state"] == "archived"
+    assert body["result"]["exit_code"] == -1
+    assert "run 2 of 2" in body["result"]["error"]
+    status, text, _ = await service.request("GET", f"/tasks/{ids[0]}/logs?follow=false")
+    assert not text  # the script never started
+
+
+async def _archived(redis: aioredis.Redis) -> list[str] | None:
+    ids = [i.decode() for i in await redis.zrange(Q.archived, 0, -1)]
+    return ids or None
 
 
 @pytest.mark.parametrize(("path", "problem"), [

@@ -344,6 +344,24 @@ async def test_a_queue_with_groups_and_no_aggregator_is_warned_about(
     assert warnings == [("default", ["g"]), ("default", ["g", "h"])]
 
 
+async def test_per_group_settings_and_groups_left_to_other_servers(
+    redis: aioredis.Redis, broker: RedisBroker, client: Client, clock: ManualClock
+) -> None:
+    def settings(qname: str, group: str) -> GroupSettings | None:
+        return GroupSettings(grace_period_s=1) if group == "mine" else None
+
+    aggregator = Aggregator(broker, client, ["default"], clock, joined, group_settings=settings)
+    await client.enqueue("email", b"a", group="mine")
+    await client.enqueue("email", b"b", group="theirs")
+    clock.advance(1)
+    with structlog.testing.capture_logs() as logs:
+        assert await aggregator.run_once() == 1
+    warnings = [(e["queue"], e["groups"]) for e in logs if e["event"] == "group.no_aggregator"]
+    assert warnings == [("default", ["theirs"])]
+    assert await redis.zcard(Q.group("theirs")) == 1
+    assert await redis.smembers(Q.groups) == {b"theirs"}
+
+
 async def test_server_without_an_aggregator_warns_at_start(
     make_server: ServerFactory, client: Client
 ) -> None:
