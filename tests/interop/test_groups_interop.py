@@ -20,6 +20,7 @@ from aqsh.engine.client import Client, EnqueueRequest
 from aqsh.engine.rdb import RedisBroker
 from aqsh.engine.server import Server
 from aqsh.engine.task import Task
+from aqsh.runner.batches import check_interval_s, shell_aggregator, shell_group_settings
 from aqsh.runner.handler import RunnerSettings, ShellRunner, shell_retry_delay
 from tests.api.conftest import write_tasks
 from tests.interop.harness import InteropHandler, go, go_background, seen
@@ -153,6 +154,43 @@ async def test_a_go_timeout_that_fires_is_reported_as_the_tasks_own(
     assert theirs["last_err"].startswith("context deadline exceeded: the task's own timeout")
     assert "1m" not in theirs["last_err"]
     assert "60s" not in theirs["last_err"]
+
+
+async def test_go_grouped_runs_of_a_shell_batch_task_run_as_one_batch(
+    redis: aioredis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    yaml = ("tasks:\n  notify:\n    script: batch.sh\n    aggregate: {grace: 1s}\n"
+            "    input:\n      - {name: who, env: WHO, required: true}\n")
+    config_path, scripts = write_tasks(tmp_path, yaml)
+    out = tmp_path / "batch.out"
+    (scripts / "batch.sh").write_text(f'#!/bin/sh\ncat "$AQSH_BATCH_FILE" > "{out}"\n')
+    (scripts / "batch.sh").chmod(0o755)
+    config = ConfigHolder(str(config_path), str(scripts))
+    runner = ShellRunner(config, redis, RunnerSettings(work_root=str(tmp_path / "w")))
+    server = Server(RedisBroker(redis), runner, queues={"default": 1},
+                    retry_delay=shell_retry_delay(config),
+                    group_aggregator=shell_aggregator(config, result_retention_s=600),
+                    group_settings=shell_group_settings(config),
+                    aggregation_interval_s=check_interval_s(config.current))
+    specs = [{"type": "notify", "payload": json.dumps({"who": w}), "group": "notify/eu"}
+             for w in ("ann", "bo")]
+    go("enqueue", redis_url, stdin=specs)
+    await server.start()
+    try:
+        await wait_until(lambda: _count(_completed(redis), 1), timeout_s=30,
+                         message="the batch ran")
+    finally:
+        await server.stop()
+    assert sorted(json.loads(line)["who"] for line in out.read_text().splitlines()) == [
+        "ann", "bo"]
+    [batch_id] = await _completed(redis)
+    theirs = go("inspect", redis_url, "-queue", "default", "-id", batch_id)
+    assert (theirs["type"], theirs["state"]) == ("notify", "completed")
+    assert theirs["headers"]["aqsh-batch-group"] == "eu"
+
+
+async def _completed(redis: aioredis.Redis) -> list[str]:
+    return [i.decode() for i in await redis.zrange(Q.completed, 0, -1)]
 
 
 async def _count(records: Any, n: int) -> bool:
