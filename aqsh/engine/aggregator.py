@@ -139,9 +139,12 @@ class Aggregator(Periodic):
             return 0
         msgs, deadline_s = await self.broker.read_aggregation_set(qname, group, set_id)
         bound = log.bind(queue=qname, group=group, set_id=set_id)
-        if not msgs or deadline_s == 0:
+        if deadline_s == 0:
             # Reclaimed meanwhile (a stalled round): the tasks are back in their group.
             bound.warning("group.set_vanished")
+            return 0
+        if not msgs:  # every task of it was deleted meanwhile (an Inspector): nothing to run
+            await self.broker.delete_aggregation_set(qname, group, set_id)
             return 0
         tasks = [Task(id=m.id, type=m.type, payload=m.payload, queue=m.queue,
                       headers=m.headers, retried=m.retried, max_retry=m.retry) for m in msgs]
@@ -152,8 +155,8 @@ class Aggregator(Periodic):
                 raise TypeError(f"the group aggregator returned {type(request).__name__}, "
                                 "not an EnqueueRequest")
             request = msgspec.structs.replace(request, queue=qname)
-            # Enqueued by the set's deadline or not at all: past it the recoverer may give the
-            # tasks back, and a late enqueue would run them twice.
+            # Given up at the set's deadline (asynq's context deadline): past it the recoverer
+            # may give the tasks back to the group, and they would run a second time.
             remaining_s = deadline_s - self.clock.now_s()
             async with asyncio.timeout(max(0.0, remaining_s)):
                 info = await self.client.enqueue_many([request])
