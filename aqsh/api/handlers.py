@@ -88,7 +88,7 @@ async def submit_task(request: web.Request) -> web.Response:
     if idem_key is not None:
         key = idem_key
         idem = await _riding_out_outages(state, lambda: guarded(
-            _idempotent_id(state, caller, name, key, payload, process_at)))
+            _idempotent_id(state, caller, name, key, payload, process_at, group)))
         task_id = idem.task_id
         if idem.previous:
             try:
@@ -286,7 +286,8 @@ class _IdempotencyRecord(msgspec.Struct, frozen=True):
 
 
 async def _idempotent_id(state: ApiState, caller: Caller, name: str, key: str, payload: bytes,
-                         process_at: datetime | None) -> _IdempotencyRecord:
+                         process_at: datetime | None, group: str | None = None
+                         ) -> _IdempotencyRecord:
     """The task id for this Idempotency-Key and what earlier requests with it did.
 
     SET NX makes two concurrent requests with one key agree on one id. The record holds a hash
@@ -299,6 +300,7 @@ async def _idempotent_id(state: ApiState, caller: Caller, name: str, key: str, p
     scope = hashlib.sha256(f"{caller.user or ''}\0{name}\0{key}".encode()).hexdigest()
     fingerprint = hashlib.sha256(
         payload + b"\0" + (process_at.isoformat().encode() if process_at else b"")
+        + (b"\0group=" + group.encode() if group else b"")  # a batch's run: which batch
     ).hexdigest()
     fresh = _IdempotencyRecord(keys.idempotency_key(scope), str(uuid.uuid4()), fingerprint, "")
     created = await state.redis.set(fresh.redis_key, fresh.encode(enqueued=False), nx=True,
