@@ -41,6 +41,7 @@ from aqsh.engine.scheduler import Scheduler
 from aqsh.engine.server import Server
 from aqsh.errors import AqshError, ConfigError
 from aqsh.logging import configure_logging
+from aqsh.runner.batches import check_interval_s, shell_aggregator, shell_group_settings
 from aqsh.runner.handler import RunnerSettings, ShellRunner, shell_retry_delay
 from aqsh.runner.process import install_child_watcher
 from aqsh.runner.schedules import periodic_tasks
@@ -283,10 +284,16 @@ def _worker(settings: Settings, config: ConfigHolder, broker: RedisBroker,
     queues = dict(settings.worker_queues) or {
         spec.queue: 1 for spec in config.current.tasks.values()
     }
+    # Batches (tasks.yaml ``aggregate:``): each group gets its task's settings; groups of other
+    # tasks or of foreign enqueuers are left alone, with a warning in the log.
     return Server(broker, runner, concurrency=settings.worker_concurrency, queues=queues,
                   strict_priority=settings.worker_strict_priority,
                   shutdown_timeout_s=settings.shutdown_timeout_s,
-                  retry_delay=shell_retry_delay(config), loops=loops)
+                  retry_delay=shell_retry_delay(config), loops=loops,
+                  group_aggregator=shell_aggregator(
+                      config, result_retention_s=settings.result_retention_s),
+                  group_settings=shell_group_settings(config),
+                  aggregation_interval_s=check_interval_s(config.current))
 
 
 def _scheduler(settings: Settings, config: ConfigHolder, broker: RedisBroker,

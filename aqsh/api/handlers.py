@@ -32,6 +32,7 @@ from aqsh.engine.inspect import QueueInfo
 from aqsh.engine.keys import log_key, log_meta_key
 from aqsh.engine.models import TaskInfo, TaskState
 from aqsh.engine.rdb import guarded
+from aqsh.runner.batches import DEFAULT_GROUP, GROUP_RE, group_name
 from aqsh.runner.result import ScriptResult, decode_result, encode_result
 from aqsh.runner.spec import (
     HEADER_SUBMITTED_AT,
@@ -79,6 +80,7 @@ async def submit_task(request: web.Request) -> web.Response:
     body = await _json_body(request)
     values = validate_input(spec, body, max_string_len=state.settings.max_input_length)
     process_at = _schedule(request)
+    group = _group(request, spec, process_at)
     payload = msgspec.json.encode(values)
     idem_key = request.headers.get("Idempotency-Key")
     task_id: str | None = None
@@ -86,7 +88,7 @@ async def submit_task(request: web.Request) -> web.Response:
     if idem_key is not None:
         key = idem_key
         idem = await _riding_out_outages(state, lambda: guarded(
-            _idempotent_id(state, caller, name, key, payload, process_at)))
+            _idempotent_id(state, caller, name, key, payload, process_at, group)))
         task_id = idem.task_id
         if idem.previous:
             try:
@@ -114,7 +116,7 @@ async def submit_task(request: web.Request) -> web.Response:
         return await state.client.enqueue(
             name, payload, queue=spec.queue, max_retry=spec.max_retry, timeout=spec.timeout_s,
             retention=state.settings.result_retention_s, headers=headers, task_id=task_id,
-            process_at=process_at,
+            process_at=process_at, group=group,
         )
 
     try:
@@ -145,6 +147,26 @@ async def _riding_out_outages(state: ApiState, attempt: Callable[[], Awaitable[T
         state.metrics.submit_retries.inc()
         await asyncio.sleep(delay_s)
         delay_s = min(delay_s * 2, 1.0)
+
+
+def _group(request: web.Request, spec: TaskSpec, process_at: datetime | None) -> str | None:
+    """``?group=``: the batch a run of a task that aggregates joins (``default`` if none)."""
+    given = request.query.getall("group", ())
+    if spec.aggregate is None:
+        if given:
+            raise ApiError(400, "invalid_group",
+                           f"task {spec.name!r} does not batch its runs (no 'aggregate:')")
+        return None
+    if len(given) > 1:
+        raise ApiError(400, "invalid_group", "give group once")
+    group = given[0] if given else DEFAULT_GROUP
+    if not GROUP_RE.match(group):
+        raise ApiError(400, "invalid_group",
+                       "group must be 1-128 letters, digits or _ . : @ = - "
+                       "(starting with a letter or digit)")
+    if process_at is not None:
+        raise ApiError(400, "invalid_group", "a run that joins a batch cannot be scheduled")
+    return group_name(spec.name, group)
 
 
 def _accepted(request: web.Request, info: TaskInfo, name: str, caller: Caller) -> dict[str, Any]:
@@ -264,7 +286,8 @@ class _IdempotencyRecord(msgspec.Struct, frozen=True):
 
 
 async def _idempotent_id(state: ApiState, caller: Caller, name: str, key: str, payload: bytes,
-                         process_at: datetime | None) -> _IdempotencyRecord:
+                         process_at: datetime | None, group: str | None = None
+                         ) -> _IdempotencyRecord:
     """The task id for this Idempotency-Key and what earlier requests with it did.
 
     SET NX makes two concurrent requests with one key agree on one id. The record holds a hash
@@ -277,6 +300,7 @@ async def _idempotent_id(state: ApiState, caller: Caller, name: str, key: str, p
     scope = hashlib.sha256(f"{caller.user or ''}\0{name}\0{key}".encode()).hexdigest()
     fingerprint = hashlib.sha256(
         payload + b"\0" + (process_at.isoformat().encode() if process_at else b"")
+        + (b"\0group=" + group.encode() if group else b"")  # a batch's run: which batch
     ).hexdigest()
     fresh = _IdempotencyRecord(keys.idempotency_key(scope), str(uuid.uuid4()), fingerprint, "")
     created = await state.redis.set(fresh.redis_key, fresh.encode(enqueued=False), nx=True,

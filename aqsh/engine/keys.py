@@ -92,6 +92,14 @@ class QueueKeys:
     def group(self, group: str) -> str:
         return self.group_prefix + group
 
+    def aggregation_set(self, group: str, set_id: str) -> str:
+        """``asynq:{q}:g:<group>:<set_id>``: tasks taken out of a group for one aggregation.
+
+        The recoverer finds the group again by cutting this name at its last ``:`` (as
+        asynq's script does), so a set id must never contain one.
+        """
+        return f"{self.group_prefix}{group}:{set_id}"
+
     def unique(self, task_type: str, payload: bytes | None) -> str:
         """asynq's lock key: ``asynq:{q}:unique:<type>:<md5 hex of payload>``.
 

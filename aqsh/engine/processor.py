@@ -146,7 +146,9 @@ class Processor:
         poll_interval_s: float = 1.0,
         max_batch: int = 32,
         loops: Loops | None = None,
+        cancel_retries: bool = False,
     ) -> None:
+        """``cancel_retries``: see Server."""
         self.broker = broker
         self.handler = handler
         self.clock = clock
@@ -158,6 +160,7 @@ class Processor:
         self.on_write_failure = on_write_failure
         self.poll_interval_s = poll_interval_s
         self.max_batch = max_batch
+        self.cancel_retries = cancel_retries
         self.running: dict[str, Running] = {}
         self._wake = asyncio.Event()
         #: While idle: the event-loop time of the next poll (what a wake-up cuts short).
@@ -357,7 +360,12 @@ class Processor:
             await self._write(run, lambda: self.broker.done(msg, now_s=now_s))
             return
         error_msg = _error_text(outcome)
-        if isinstance(outcome, SkipRetry) or msg.retried >= msg.retry:
+        # A handler that let a cancellation (asynq:cancel) end it: aqsh ends the task, as
+        # someone asked it to stop; asynq retries it (cancel_retries=True).
+        cancelled = (reason is CancelReason.CANCELED
+                     and isinstance(outcome, asyncio.CancelledError))
+        if (isinstance(outcome, SkipRetry) or msg.retried >= msg.retry
+                or (cancelled and not self.cancel_retries)):
             log.info("task.archived", task_id=msg.id, type=msg.type, error=error_msg)
             await self._write(run, lambda: self.broker.archive(msg, error_msg=error_msg,
                                                                now_s=now_s))

@@ -58,6 +58,16 @@ class ScheduleSpec(msgspec.Struct, frozen=True, kw_only=True):
     input: dict[str, Scalar] = msgspec.field(default_factory=dict)
 
 
+class AggregateSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """``aggregate:`` — runs submitted with the same group wait and the script runs once for
+    the whole group (asynq group aggregation): when no run joined for ``grace_s``, when the
+    oldest waited ``max_delay_s``, or when ``max_size`` are waiting (0 = no limit)."""
+
+    grace_s: float = 60.0
+    max_size: int = 0
+    max_delay_s: float = 0.0
+
+
 class TaskSpec(msgspec.Struct, frozen=True, kw_only=True):
     name: str
     script: str
@@ -70,6 +80,7 @@ class TaskSpec(msgspec.Struct, frozen=True, kw_only=True):
     allowed_groups: tuple[str, ...] = ()
     inputs: tuple[InputSpec, ...] = ()
     schedules: tuple[ScheduleSpec, ...] = ()
+    aggregate: AggregateSpec | None = None
 
 
 class TasksConfig(msgspec.Struct, frozen=True):
@@ -78,7 +89,7 @@ class TasksConfig(msgspec.Struct, frozen=True):
 
 
 _TASK_KEYS = {"script", "description", "timeout", "max_retry", "retry_delay", "queue",
-              "log_retention", "allowed_groups", "input", "schedules"}
+              "log_retention", "allowed_groups", "input", "schedules", "aggregate"}
 _DEFAULT_KEYS = {"timeout", "max_retry", "retry_delay", "queue", "log_retention"}
 _INPUT_KEYS = {"name", "env", "required", "type", "pattern", "enum", "min", "max", "default",
                "description"}
@@ -240,7 +251,7 @@ def _check_task(
                          "must be a list of group names")
             else:
                 fields[key] = tuple(groups)
-        elif key not in ("script", "input", "schedules"):
+        elif key not in ("script", "input", "schedules", "aggregate"):
             checked = _check_task_field(key, value, errs, where)
             if checked is not None:
                 fields[key] = checked
@@ -261,9 +272,48 @@ def _check_task(
         inputs=tuple(inputs),
     )
     schedules = _check_schedules(node.value.get("schedules"), spec, where, errs)
+    aggregate = _check_aggregate(node.value.get("aggregate"), where, errs)
     if len(errs.items) > before:
         return None
-    return msgspec.structs.replace(spec, schedules=tuple(schedules))
+    return msgspec.structs.replace(spec, schedules=tuple(schedules), aggregate=aggregate)
+
+
+def _check_aggregate(node: _Node | None, where: str, errs: _Errors) -> AggregateSpec | None:
+    """``aggregate: {grace: 30s, max_size: 100, max_delay: 5m}``; every key is optional
+    (``aggregate: {}`` batches with asynq's defaults: a 1 min grace period, no limits)."""
+    if node is None:
+        return None
+    here = f"{where}: field 'aggregate"
+    if not isinstance(node.value, dict):
+        errs.add(node.line, here + "'", "must be a mapping of grace, max_size, max_delay")
+        return None
+    fields: dict[str, Any] = {}
+    ok = True
+    for key, value in node.value.items():
+        if key in ("grace", "max_delay"):
+            try:
+                seconds = parse_duration(value.value)
+            except ValueError as exc:
+                errs.add(value.line, f"{here}.{key}'", f"expected {exc}")
+                ok = False
+                continue
+            if key == "grace" and seconds < 1:
+                errs.add(value.line, f"{here}.grace'", "must be at least 1s (as asynq's)")
+                ok = False
+            elif seconds < 0:
+                errs.add(value.line, f"{here}.{key}'", "must not be negative")
+                ok = False
+            fields[f"{key}_s"] = seconds
+        elif key == "max_size":
+            size = value.value
+            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+                errs.add(value.line, f"{here}.max_size'", "must be a non-negative integer")
+                ok = False
+            fields["max_size"] = size
+        else:
+            errs.add(_line(node, key), f"{here}.{key}'", "unknown key")
+            ok = False
+    return AggregateSpec(**fields) if ok else None
 
 
 def _check_schedules(
