@@ -25,6 +25,7 @@ from aqsh.engine.processor import (
     Processor,
     RetryDelayFn,
     Running,
+    TransitionHook,
     default_retry_delay,
     normalise_queues,
 )
@@ -101,9 +102,12 @@ class Server:
         recover_interval_s: float = 2.0,
         janitor_interval_s: float = 8.0,
         loops: Loops | None = None,
+        on_transition: TransitionHook | None = None,
     ) -> None:
         """``loops``: where the server's loops report their health (``/health`` reads it);
-        pass the process's one registry when other components report there too."""
+        pass the process's one registry when other components report there too.
+        ``on_transition``: told after each finishing write this server stores (see
+        ``aqsh.engine.processor.TransitionHook``)."""
         self.broker = broker
         self.clock = clock or SystemClock()
         self.queues = normalise_queues(queues or {"critical": 6, "default": 3})
@@ -114,6 +118,7 @@ class Server:
             broker, handler, clock=self.clock, concurrency=concurrency, queues=self.queues,
             strict_priority=strict_priority, retry_delay=retry_delay, is_failure=is_failure,
             on_write_failure=self._defer_write, poll_interval_s=poll_interval_s, loops=loops,
+            on_transition=on_transition,
         )
         names = list(self.queues)
         self.heartbeater = Heartbeater(

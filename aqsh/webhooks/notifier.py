@@ -1,0 +1,374 @@
+"""From how a task ended to delivery tasks: the durable half of webhooks.
+
+Nothing is lost if a process dies between a task's end and its deliveries:
+
+1. before an attempt of a task with webhook targets runs, its *intent* is stored
+   (``store.INTENTS_KEY``);
+2. after the engine has stored the attempt's end, it tells ``on_transition``; the deliveries
+   are enqueued in the background, with ids derived from (task, event, URL), and only then
+   is the intent removed;
+3. a worker dying between 1 and the end of 2 leaves the intent behind; every worker sweeps
+   intents that are older than a sweep interval, reads the task's stored state and enqueues
+   what its end calls for. Enqueueing twice is harmless: the second meets its own delivery's
+   id (TaskIdConflict). The same holds for an attempt that never ended in this process (the
+   worker died mid-script, the recoverer retried or archived the task later).
+
+Deliveries are retained as long as task results, which keeps a late repeat from enqueueing a
+delivery that already succeeded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, cast
+
+import msgspec
+import structlog
+
+from aqsh import errors
+from aqsh.api.view import CANCELED, attempt_times, iso, task_document
+from aqsh.engine.client import Client, EnqueueRequest
+from aqsh.engine.connection import RedisClient
+from aqsh.engine.inspect import Inspector
+from aqsh.engine.models import TaskInfo, TaskMessage, TaskState
+from aqsh.engine.task import Handler, Task, TaskContext
+from aqsh.runner.spec import HEADER_CALLBACK_URL, TasksConfig
+from aqsh.settings import Settings
+from aqsh.webhooks import WEBHOOK_QUEUE, WEBHOOK_TASK_TYPE
+from aqsh.webhooks.ssrf import redact
+from aqsh.webhooks.store import (
+    INTENTS_KEY,
+    Delivery,
+    DeliveryMeta,
+    deliveries_key,
+    intent_member,
+    parse_intent,
+)
+
+log = structlog.get_logger("aqsh.webhooks")
+
+#: The events a submission's callback_url receives.
+CALLBACK_EVENTS = ("task.completed", "task.failed", "task.canceled")
+#: How many ended tasks the background dispatcher works on at once.
+DISPATCH_CONCURRENCY = 32
+SWEEP_BATCH = 200
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    url: str
+    events: tuple[str, ...]
+    kind: str  # notify | callback
+    secret_env: str | None = None
+    secret_file: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Ended:
+    queue: str
+    task_id: str
+    #: the attempt's retry count when it ran (its intent's)
+    retried: int
+    event: str
+    #: webhook-id discriminator: events that can happen once per attempt carry its number
+    event_key: str
+    remove_intent: bool
+
+
+def event_key(event: str, attempt: int) -> str:
+    if event in ("task.retrying", "task.started"):
+        return f"{event.removeprefix('task.')}.{attempt}"
+    return event.removeprefix("task.")
+
+
+def delivery_id(task_id: str, key: str, url: str) -> str:
+    return f"whk-{task_id}-{key}-{hashlib.sha256(url.encode()).hexdigest()[:12]}"
+
+
+def webhook_id(task_id: str, key: str) -> str:
+    """The same on every attempt and every endpoint of one event (receivers de-duplicate)."""
+    return f"msg_{task_id}_{key}"
+
+
+class Notifier:
+    def __init__(self, *, config: Callable[[], TasksConfig], redis: RedisClient,
+                 client: Client, inspector: Inspector, settings: Settings) -> None:
+        self.config = config
+        self.redis = redis
+        self.client = client
+        self.inspector = inspector
+        self.settings = settings
+        self._ended: asyncio.Queue[_Ended] = asyncio.Queue()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = asyncio.Event()
+        #: for tests and the benchmark: how many ended tasks were dispatched, and failures
+        self.dispatched = 0
+
+    # ------------------------------------------------------------------ who wants what
+    def targets(self, task_type: str, headers: Mapping[str, str]) -> list[Target]:
+        out: list[Target] = []
+        spec = self.config().tasks.get(task_type)
+        if spec is not None:
+            out.extend(Target(url=n.url, events=n.events, kind="notify",
+                              secret_env=n.secret_env, secret_file=n.secret_file)
+                       for n in spec.notify)
+        callback = headers.get(HEADER_CALLBACK_URL)
+        if callback:
+            out.append(Target(url=callback, events=CALLBACK_EVENTS, kind="callback"))
+        return out
+
+    def wants(self, task_type: str, headers: Mapping[str, str], event: str) -> bool:
+        return any(event in t.events for t in self.targets(task_type, headers))
+
+    # ------------------------------------------------------------------ intents
+    def _check_at(self) -> float:
+        return time.time() + self.settings.webhook_sweep_interval_s
+
+    async def register_intent(self, queue: str, task_id: str, retried: int) -> None:
+        await self.redis.zadd(INTENTS_KEY, {intent_member(queue, task_id, retried):
+                                            self._check_at()})
+
+    async def _remove_intent(self, queue: str, task_id: str, retried: int) -> None:
+        await self.redis.zrem(INTENTS_KEY, intent_member(queue, task_id, retried))
+
+    # ------------------------------------------------------------------ the engine's hook
+    def on_transition(self, msg: TaskMessage, transition: str, error_msg: str) -> None:
+        """``aqsh.engine.processor.TransitionHook``: queue the ended attempt for the
+        background dispatcher (never block the processor)."""
+        if transition == "completed":
+            event, attempt = "task.completed", msg.retried
+        elif transition == "archived":
+            event = "task.canceled" if error_msg == CANCELED else "task.failed"
+            attempt = msg.retried
+        elif transition == "retry":
+            event, attempt = "task.retrying", msg.retried + 1
+        else:
+            return
+        targets = self.targets(msg.type, msg.headers)
+        if not targets:
+            return
+        self._ended.put_nowait(_Ended(msg.queue, msg.id, msg.retried, event,
+                                      event_key(event, attempt), remove_intent=True))
+
+    def started(self, task: Task) -> None:
+        self._ended.put_nowait(_Ended(task.queue, task.id, task.retried, "task.started",
+                                      event_key("task.started", task.retried),
+                                      remove_intent=False))
+
+    async def canceled(self, queue: str, task_id: str, retried: int) -> None:
+        """The API archived a task that was not running: deliver task.canceled (a failure is
+        logged, not raised: the intent is stored and a sweep delivers it)."""
+        ended = _Ended(queue, task_id, retried, "task.canceled", event_key("task.canceled", 0),
+                       remove_intent=True)
+        try:
+            await self.dispatch(ended)
+        except Exception as exc:
+            log.warning("webhook.dispatch_failed", task_id=task_id, event=ended.event,
+                        error=str(exc))
+
+    def wrap(self, handler: Handler) -> Handler:
+        """The shell handler, with the intent stored before each attempt of a task that has
+        targets (and task.started told)."""
+        return _IntentHandler(handler, self)
+
+    # ------------------------------------------------------------------ dispatch
+    async def dispatch(self, ended: _Ended, info: TaskInfo | None = None) -> int:
+        """Enqueue the deliveries of one ended attempt; returns how many were new."""
+        if info is None:
+            try:
+                info = await self.inspector.find_task(ended.task_id, [ended.queue])
+            except errors.TaskNotFound:
+                info = None
+        if info is None:
+            log.info("webhook.task_gone", task_id=ended.task_id, event=ended.event)
+            if ended.remove_intent:
+                await self._remove_intent(ended.queue, ended.task_id, ended.retried)
+            return 0
+        msg = info.message
+        targets = [t for t in self.targets(msg.type, msg.headers) if ended.event in t.events]
+        created = 0
+        if targets:
+            body = await self._body(info, ended.event)
+            wid = webhook_id(msg.id, ended.event_key)
+            requests: list[EnqueueRequest] = []
+            metas: dict[str, bytes] = {}
+            now = iso(time.time()) or ""
+            for target in dict((t.url, t) for t in targets).values():
+                did = delivery_id(msg.id, ended.event_key, target.url)
+                payload = Delivery(task_id=msg.id, task_queue=msg.queue, event=ended.event,
+                                   url=target.url, webhook_id=wid, body=body.decode(),
+                                   target=target.kind, secret_env=target.secret_env,
+                                   secret_file=target.secret_file)
+                requests.append(EnqueueRequest(
+                    type=WEBHOOK_TASK_TYPE, payload=msgspec.json.encode(payload),
+                    queue=WEBHOOK_QUEUE, max_retry=len(self.settings.webhook_schedule_s) - 1,
+                    timeout=self.settings.webhook_timeout_s + 30, task_id=did,
+                    retention=self.settings.result_retention_s))
+                metas[did] = msgspec.json.encode(DeliveryMeta(
+                    event=ended.event, url=redact(target.url), webhook_id=wid, created_at=now))
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.hset(deliveries_key(msg.id), mapping=metas)  # type: ignore[arg-type]
+            pipe.expire(deliveries_key(msg.id), max(1, int(self.settings.result_retention_s)))
+            await pipe.execute()
+            for reply in await self.client.enqueue_many(requests):
+                if isinstance(reply, errors.TaskIdConflict):
+                    continue
+                if isinstance(reply, errors.AqshError):
+                    raise reply
+                created += 1
+        if ended.remove_intent:
+            await self._remove_intent(ended.queue, ended.task_id, ended.retried)
+        self.dispatched += 1
+        return created
+
+    async def _body(self, info: TaskInfo, event: str) -> bytes:
+        started_ms, finished_ms = await attempt_times(self.redis, info.id)
+        base = self.settings.public_url or ""
+        doc = task_document(info, started_ms, finished_ms, base_url=base)
+        doc["event"] = event
+        doc["links"]["deliveries"] = f"{base}/tasks/{info.id}/deliveries"
+        body = msgspec.json.encode(doc)
+        limit = self.settings.webhook_max_body_bytes
+        result = doc.get("result")
+        if len(body) > limit and isinstance(result, dict) and "data" in result:
+            size = len(msgspec.json.encode(result.pop("data")))
+            result["data_omitted"] = (
+                f"result.data ({size} bytes) is over the webhook body limit of {limit} bytes; "
+                f"read it from {doc['links']['self']}")
+            body = msgspec.json.encode(doc)
+        return body
+
+    async def _dispatch_loop(self) -> None:
+        pending: set[asyncio.Task[None]] = set()
+        slots = asyncio.Semaphore(DISPATCH_CONCURRENCY)
+
+        async def one(ended: _Ended) -> None:
+            try:
+                await self.dispatch(ended)
+            except Exception as exc:
+                # The intent stays: the sweep enqueues it later.
+                log.warning("webhook.dispatch_failed", task_id=ended.task_id,
+                            event=ended.event, error=str(exc))
+            finally:
+                slots.release()
+                self._ended.task_done()
+
+        while True:
+            ended = await self._ended.get()
+            await slots.acquire()
+            job = asyncio.create_task(one(ended))
+            pending.add(job)
+            job.add_done_callback(pending.discard)
+
+    # ------------------------------------------------------------------ sweep
+    async def sweep_once(self) -> int:
+        """Enqueue what ended attempts left behind; returns how many intents it settled."""
+        settled = 0
+        now = time.time()
+        members = cast(list[bytes], await self.redis.zrangebyscore(
+            INTENTS_KEY, "-inf", now, start=0, num=SWEEP_BATCH))
+        for member in members:
+            parsed = parse_intent(member)
+            if parsed is None:
+                await self.redis.zrem(INTENTS_KEY, member)
+                continue
+            queue, task_id, retried = parsed
+            try:
+                info = await self.inspector.find_task(task_id, [queue])
+            except errors.TaskNotFound:
+                await self.redis.zrem(INTENTS_KEY, member)
+                settled += 1
+                continue
+            ended = _ended_from(info, queue, retried)
+            if ended is None:  # still running or waiting: look again later
+                await self.redis.zadd(INTENTS_KEY, {member: self._check_at()}, xx=True)
+                continue
+            log.info("webhook.swept", task_id=task_id, event=ended.event)
+            await self.dispatch(ended, info)
+            settled += 1
+        return settled
+
+    async def _sweep_loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                await self.sweep_once()
+            except Exception as exc:
+                log.warning("webhook.sweep_failed", error=str(exc))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(),
+                                       self.settings.webhook_sweep_interval_s)
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self, *, sweep: bool) -> None:
+        self._tasks.append(asyncio.create_task(self._dispatch_loop(), name="aqsh-webhooks"))
+        if sweep:
+            self._tasks.append(asyncio.create_task(self._sweep_loop(),
+                                                   name="aqsh-webhook-sweep"))
+
+    async def stop(self, *, drain_s: float = 5.0) -> None:
+        """Lets queued dispatches finish for up to ``drain_s`` (whatever is left, the next
+        sweep of any worker takes over: the intents are still there)."""
+        self._stopping.set()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._ended.join(), drain_s)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+
+
+def _ended_from(info: TaskInfo, queue: str, retried: int) -> _Ended | None:
+    """How the attempt ``retried`` ended, judged from the stored task; None while it has not."""
+    msg = info.message
+    if msg.retried > retried:
+        return _Ended(queue, msg.id, retried, "task.retrying",
+                      event_key("task.retrying", retried + 1), remove_intent=True)
+    if info.state is TaskState.COMPLETED:
+        event = "task.completed"
+    elif info.state is TaskState.ARCHIVED:
+        canceled = msg.error_msg == CANCELED or _result_error(info) == CANCELED
+        event = "task.canceled" if canceled else "task.failed"
+    else:
+        return None
+    return _Ended(queue, msg.id, retried, event, event_key(event, retried), remove_intent=True)
+
+
+def _result_error(info: TaskInfo) -> Any:
+    if not info.result:
+        return None
+    try:
+        decoded = msgspec.json.decode(info.result)
+    except msgspec.DecodeError:
+        return None
+    return decoded.get("error") if isinstance(decoded, dict) else None
+
+
+class _IntentHandler:
+    def __init__(self, inner: Handler, notifier: Notifier) -> None:
+        self.inner = inner
+        self.notifier = notifier
+
+    async def __call__(self, task: Task, ctx: TaskContext) -> bytes | None:
+        targets = self.notifier.targets(task.type, task.headers)
+        if targets:
+            try:
+                await self.notifier.register_intent(task.queue, task.id, task.retried)
+            except Exception as exc:
+                # The script still runs: the worker's own hook delivers as usual; only a
+                # crash in the moment after its end could now go unnoticed.
+                log.warning("webhook.intent_failed", task_id=task.id, error=str(exc))
+            if any("task.started" in t.events for t in targets):
+                self.notifier.started(task)
+        return await self.inner(task, ctx)
+
+    async def aclose(self) -> None:
+        closer = getattr(self.inner, "aclose", None)
+        if closer is not None:
+            await closer()
