@@ -178,16 +178,16 @@ class DeliveryHandler:
             outcome = "retrying"
             delay_s = schedule_delay(self.schedule, task.retried)
             if status in (429, 503) and retry_after_s is not None:
-                # Whole seconds (the engine's retry times are), rounded so never too early.
-                delay_s = max(delay_s, math.ceil(retry_after_s) + 1.0)
-            next_at = time.time() + delay_s
+                delay_s = max(delay_s, retry_after_s)
+            # The engine keeps retry times in whole seconds: round up, never early.
+            next_at = float(math.ceil(time.time() + delay_s))
         record = Attempt(delivery=task.id, attempt=attempt, at=iso(time.time()) or "",
                          duration_ms=round(duration_s * 1000, 1), outcome=outcome,
                          status=status, error=error, next_attempt_at=iso(next_at))
         await self._record(delivery, record)
         if self.on_attempt is not None:
             self.on_attempt(delivery.event, outcome, duration_s)
-        log.info("webhook.attempt", delivery=task.id, event=delivery.event,
+        log.info("webhook.attempt", delivery=task.id, webhook_event=delivery.event,
                  url=redact(delivery.url), attempt=attempt, status=status, outcome=outcome,
                  error=error, duration_ms=record.duration_ms)
         if outcome == "delivered":
@@ -195,7 +195,8 @@ class DeliveryHandler:
         text = error or f"HTTP {status}"
         if outcome in ("refused", "gone"):
             raise SkipRetry(text if outcome == "refused" else "410 Gone: endpoint stopped")
-        raise DeliveryFailed(text, (next_at - time.time()) if next_at else 0.0)
+        # Counted from the whole second the engine counts from (it truncates "now").
+        raise DeliveryFailed(text, (next_at - int(time.time())) if next_at else 0.0)
 
     async def _post(self, delivery: Delivery, keys: list[bytes]
                     ) -> tuple[int, float | None, str | None]:

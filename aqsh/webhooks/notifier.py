@@ -168,7 +168,7 @@ class Notifier:
         try:
             await self.dispatch(ended)
         except Exception as exc:
-            log.warning("webhook.dispatch_failed", task_id=task_id, event=ended.event,
+            log.warning("webhook.dispatch_failed", task_id=task_id, webhook_event=ended.event,
                         error=str(exc))
 
     def wrap(self, handler: Handler) -> Handler:
@@ -185,7 +185,7 @@ class Notifier:
             except errors.TaskNotFound:
                 info = None
         if info is None:
-            log.info("webhook.task_gone", task_id=ended.task_id, event=ended.event)
+            log.info("webhook.task_gone", task_id=ended.task_id, webhook_event=ended.event)
             if ended.remove_intent:
                 await self._remove_intent(ended.queue, ended.task_id, ended.retried)
             return 0
@@ -253,7 +253,7 @@ class Notifier:
             except Exception as exc:
                 # The intent stays: the sweep enqueues it later.
                 log.warning("webhook.dispatch_failed", task_id=ended.task_id,
-                            event=ended.event, error=str(exc))
+                            webhook_event=ended.event, error=str(exc))
             finally:
                 slots.release()
                 self._ended.task_done()
@@ -288,7 +288,7 @@ class Notifier:
             if ended is None:  # still running or waiting: look again later
                 await self.redis.zadd(INTENTS_KEY, {member: self._check_at()}, xx=True)
                 continue
-            log.info("webhook.swept", task_id=task_id, event=ended.event)
+            log.info("webhook.swept", task_id=task_id, webhook_event=ended.event)
             await self.dispatch(ended, info)
             settled += 1
         return settled

@@ -28,7 +28,8 @@ def parse_secrets(text: str) -> list[bytes]:
         if not token.startswith(SECRET_PREFIX):
             raise InvalidSecret("a webhook secret must look like whsec_<base64>")
         try:
-            key = base64.b64decode(token[len(SECRET_PREFIX):], validate=True)
+            encoded = token[len(SECRET_PREFIX):]
+            key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
         except (binascii.Error, ValueError):
             raise InvalidSecret("a webhook secret's part after whsec_ must be base64") from None
         if len(key) < MIN_SECRET_BYTES:
