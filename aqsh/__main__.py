@@ -7,6 +7,11 @@ subprocesses several times faster than uvloop does.
 Shutdown: the first SIGTERM/SIGINT marks the service not-ready, stops accepting connections,
 lets SSE followers end and drains the worker like the engine does (running scripts get the
 shutdown timeout, then are requeued); a second signal forces. SIGHUP reloads tasks.yaml.
+
+Secrets: a process that runs scripts makes itself non-dumpable at start, so a script — same uid,
+not root — cannot read its ``/proc/<pid>/environ``, ``mem`` or ``fd/*``; and the Redis password
+is wiped from the process environment once read (``AQSH_REDIS_PASSWORD_FILE`` keeps it out of the
+environment altogether).
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ctypes
+import os
 import signal
 import sys
 
@@ -38,6 +45,7 @@ from aqsh.runner.handler import RunnerSettings, ShellRunner, shell_retry_delay
 from aqsh.runner.process import install_child_watcher
 from aqsh.runner.schedules import periodic_tasks
 from aqsh.runner.spec import TasksConfig
+from aqsh.runner.workdirs import check_work_root
 from aqsh.settings import Settings, load_settings
 from aqsh.webhooks import WEBHOOK_QUEUE
 from aqsh.webhooks.delivery import DeliveryHandler, delivery_retry_delay
@@ -58,10 +66,65 @@ def check_config(path: str, tasks_dir: str) -> int:
     return 0
 
 
+_PR_SET_DUMPABLE = 4
+#: Variables wiped from the process environment once settings have been read.
+SECRET_VARIABLES = ("AQSH_REDIS_PASSWORD",)
+
+
+def make_non_dumpable() -> bool:
+    """prctl(PR_SET_DUMPABLE, 0): /proc/<pid>/environ, mem, fd/*, maps… of this process become
+    root's, and ptrace is refused, to every process without CAP_SYS_PTRACE — the scripts, which
+    run as this uid, included. (A root script has the capability unless the deployment drops
+    it: see SECURITY.md.) Core dumps are off too. Scripts themselves are dumpable again after
+    their exec. False where the call is unavailable (not Linux)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        done = libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+    return bool(done)
+
+
+def scrub_environment(names: tuple[str, ...] = SECRET_VARIABLES) -> None:
+    """Remove ``names`` from the environment and overwrite their values where the kernel shows
+    them: unsetenv alone leaves the original strings in the block /proc/<pid>/environ reads."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.getenv.restype = ctypes.c_void_p
+        libc.getenv.argtypes = (ctypes.c_char_p,)
+        libc.strlen.restype = ctypes.c_size_t
+        libc.strlen.argtypes = (ctypes.c_void_p,)
+    except (OSError, AttributeError):
+        libc = None
+    for name in names:
+        if name not in os.environ:
+            continue
+        if libc is not None:
+            pointer = libc.getenv(name.encode())
+            if pointer:
+                ctypes.memset(pointer, 0, libc.strlen(pointer))
+        os.environ.pop(name, None)
+
+
+def harden_process(settings: Settings) -> None:
+    """Before anything else runs: secrets out of the environment, and out of reach of the
+    scripts where this process runs them. A Redis URL with credentials in it
+    (``redis://:pw@host``) counts as a secret too; settings have been read, nothing reads the
+    variables again."""
+    url_with_password = tuple(name for name in ("AQSH_REDIS_ADDR",)
+                              if "@" in os.environ.get(name, ""))
+    scrub_environment(SECRET_VARIABLES + url_with_password)
+    if settings.mode in ("worker", "both") and not make_non_dumpable():
+        print("aqsh: warning: could not make the worker non-dumpable; scripts of this uid can "
+              "read its /proc files", file=sys.stderr)
+
+
 async def serve(settings: Settings) -> int:
     configure_logging(settings.log_format, settings.log_level)
     try:
         config = ConfigHolder(settings.tasks_config, settings.tasks_dir)
+        if settings.mode in ("worker", "both"):
+            check_work_root(settings.results_dir)
     except ConfigError as exc:
         print(f"aqsh: {exc.message}", file=sys.stderr)
         return 2
@@ -215,7 +278,8 @@ def _worker(settings: Settings, config: ConfigHolder, broker: RedisBroker,
         config, broker.client,
         RunnerSettings(work_root=settings.results_dir, keep_work_dirs=settings.keep_work_dirs,
                        env_allowlist=settings.env_allowlist, kill_grace_s=settings.kill_grace_s,
-                       max_string_len=settings.max_input_length),
+                       max_string_len=settings.max_input_length,
+                       unknown_tasks=settings.unknown_tasks),
         on_finished=metrics.script_finished,
         fast_lane=True,  # log batches over one connection of its own; closed by server.stop()
     )
@@ -263,8 +327,6 @@ def main(argv: list[str] | None = None) -> int:
                             "file's directory)")
     args = parser.parse_args(argv)
     if args.command == "check-config":
-        import os
-
         tasks_dir = args.tasks_dir or os.environ.get("AQSH_TASKS_DIR") or os.path.dirname(
             os.path.abspath(args.file))
         return check_config(args.file, tasks_dir)
@@ -273,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"aqsh: {exc.message}", file=sys.stderr)
         return 2
+    harden_process(settings)
     loop_factory = None
     if settings.uses_uvloop:
         import uvloop  # only where it runs: a worker process need not load it

@@ -15,8 +15,8 @@ from typing import Any, Literal
 
 import msgspec
 
+from aqsh.durations import parse_duration
 from aqsh.errors import ConfigError
-from aqsh.runner.spec import parse_duration
 
 Mode = Literal["api", "worker", "both"]
 
@@ -34,6 +34,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     #: Seed nodes of a Redis Cluster; set, it replaces redis_addr (and excludes Sentinel).
     redis_cluster_addrs: tuple[str, ...] = ()
     redis_password: str | None = None
+    #: A file holding the password (a mounted Secret): read at start into redis_password, so
+    #: the password never has to be in the environment.
+    redis_password_file: str | None = None
+    #: What a worker does with a task whose type is not in tasks.yaml: ``retry`` it with asynq's
+    #: back-off and "handler not found", as a Go server would (another server on the queue may
+    #: have the handler), or ``archive`` it at once.
+    unknown_tasks: Literal["retry", "archive"] = "retry"
     worker_concurrency: int = 10
     #: Empty: every queue named in tasks.yaml, weight 1.
     worker_queues: tuple[tuple[str, int], ...] = ()
@@ -94,6 +101,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     callback_allow_http: bool = False
     #: Networks a callback may reach although they are loopback/private/link-local.
     callback_allowed_networks: tuple[str, ...] = ()
+    #: Log followers (SSE streams) one process serves at once; more are answered 503.
+    max_sse_clients: int = 1000
 
     @property
     def uses_uvloop(self) -> bool:
@@ -203,6 +212,21 @@ def _text(text: str) -> str:
     return text
 
 
+def _password_file(path: str) -> str:
+    """The password from a mounted Secret: the file's text without its trailing line break
+    (``echo pw > file`` and a Kubernetes Secret key read the same). Nothing of it is logged."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise ConfigError(f"AQSH_REDIS_PASSWORD_FILE={path!r} cannot be read: {reason}") from None
+    password = text.rstrip("\r\n")
+    if not password:
+        raise ConfigError(f"AQSH_REDIS_PASSWORD_FILE={path!r} is empty")
+    return password
+
+
 #: variable suffix → (field, parser, what it accepts)
 _FIELDS: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "MODE": ("mode", _choice("api", "worker", "both"), "api, worker or both"),
@@ -218,6 +242,8 @@ _FIELDS: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "REDIS_CLUSTER_ADDRS": ("redis_cluster_addrs", _addrs,
                             "cluster seed nodes as host:port,host:port"),
     "REDIS_PASSWORD": ("redis_password", str, "a password"),
+    "REDIS_PASSWORD_FILE": ("redis_password_file", _text, "a file path"),
+    "UNKNOWN_TASKS": ("unknown_tasks", _choice("retry", "archive"), "retry or archive"),
     "WORKER_CONCURRENCY": ("worker_concurrency", _positive_int, "a positive integer"),
     "WORKER_QUEUES": ("worker_queues", _queues, "name[:weight],name[:weight]"),
     "WORKER_STRICT_PRIORITY": ("worker_strict_priority", _bool, "true or false"),
@@ -261,6 +287,7 @@ _FIELDS: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "CALLBACK_ALLOW_HTTP": ("callback_allow_http", _bool, "true or false"),
     "CALLBACK_ALLOWED_NETWORKS": ("callback_allowed_networks", _cidrs,
                                   "CIDRs, comma separated, e.g. 10.1.0.0/16"),
+    "MAX_SSE_CLIENTS": ("max_sse_clients", _positive_int, "a positive integer"),
 }
 
 
@@ -281,6 +308,11 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) ->
                 f"{name}={env[name]!r} is not valid: expected {accepts}"
             ) from None
     values.update(overrides)
+    if values.get("redis_password_file") is not None:
+        if values.get("redis_password") is not None:
+            raise ConfigError("AQSH_REDIS_PASSWORD and AQSH_REDIS_PASSWORD_FILE are mutually "
+                              "exclusive: set one of them")
+        values["redis_password"] = _password_file(values["redis_password_file"])
     if values.get("redis_cluster_addrs") and values.get("redis_sentinel_addrs"):
         raise ConfigError("AQSH_REDIS_CLUSTER_ADDRS and AQSH_REDIS_SENTINEL_ADDRS are mutually "
                           "exclusive: set one of them")

@@ -27,6 +27,8 @@ from aqsh.api.state import STATE_KEY, ApiState
 from aqsh.api.view import CANCELED, FINISHED, attempt_times, public_state, task_document
 from aqsh.api.view import iso as _iso
 from aqsh.api.view import links as _view_links
+from aqsh.durations import parse_duration
+from aqsh.engine import keys
 from aqsh.engine.client import new_task_id
 from aqsh.engine.cron import CronSpec
 from aqsh.engine.inspect import QueueInfo
@@ -39,7 +41,6 @@ from aqsh.runner.spec import (
     HEADER_SUBMITTED_BY,
     TaskSpec,
     access_headers,
-    parse_duration,
 )
 from aqsh.runner.validate import json_schema, validate_input
 from aqsh.webhooks.ssrf import CallbackRefused, callback_policy
@@ -47,7 +48,6 @@ from aqsh.webhooks.ssrf import CallbackRefused, callback_policy
 log = structlog.get_logger("aqsh.api")
 T = TypeVar("T")
 
-IDEMPOTENCY_PREFIX = "aqsh:idem:"
 _FINISHED = FINISHED
 
 
@@ -307,7 +307,7 @@ async def _idempotent_id(state: ApiState, caller: Caller, name: str, key: str, p
     fingerprint = hashlib.sha256(
         payload + b"\0" + (process_at.isoformat().encode() if process_at else b"")
     ).hexdigest()
-    fresh = _IdempotencyRecord(IDEMPOTENCY_PREFIX + scope, str(uuid.uuid4()), fingerprint, "")
+    fresh = _IdempotencyRecord(keys.idempotency_key(scope), str(uuid.uuid4()), fingerprint, "")
     created = await state.redis.set(fresh.redis_key, fresh.encode(enqueued=False), nx=True,
                                     ex=max(1, int(state.settings.idempotency_ttl_s)))
     if created:
@@ -357,7 +357,7 @@ async def task_logs(request: web.Request) -> web.StreamResponse:
     if follow not in ("true", "false"):
         raise ApiError(400, "invalid_follow", "follow must be true or false")
     if follow == "false":
-        return await plain_logs(state.redis, info.id, after)
+        return await plain_logs(request, state.redis, info.id, after)
 
     async def finished() -> bool:
         try:
@@ -368,7 +368,7 @@ async def task_logs(request: web.Request) -> web.StreamResponse:
 
     return await follow_logs(request, state.blocking_redis, info.id, after, finished,
                              state.metrics.sse_clients.inc, state.metrics.sse_clients.dec,
-                             hub=state.log_hub)
+                             hub=state.log_hub, max_clients=state.settings.max_sse_clients)
 
 
 # ---------------------------------------------------------------------------- cancel
@@ -381,8 +381,7 @@ async def cancel_task(request: web.Request) -> web.Response:
     if info.state is TaskState.ACTIVE:
         await state.inspector.cancel_processing(info.id)
         log.info("task.cancel_requested", task_id=info.id, user=caller.user)
-        return web.json_response({"id": info.id, "state": "canceling",
-                                  "links": _links(request, info.id)}, status=202)
+        return await _outcome_of_cancel(request, info)
     # Not running: archive it with a "canceled" result, so it stays readable (and re-runnable
     # from Asynqmon) instead of vanishing into a 404. No worker ends it, so the webhook intent
     # is stored here first (a sweep delivers task.canceled if this process dies meanwhile).
@@ -396,8 +395,7 @@ async def cancel_task(request: web.Request) -> web.Response:
         current = await state.inspector.find_task(info.id, [info.queue])
         if current.state is TaskState.ACTIVE:  # it started meanwhile
             await state.inspector.cancel_processing(info.id)
-            return web.json_response({"id": info.id, "state": "canceling",
-                                      "links": _links(request, info.id)}, status=202)
+            return await _outcome_of_cancel(request, info)
         raise ApiError(409, "task_finished", f"task {info.id} already finished") from None
     await state.broker.write_result(info.queue, info.id,
                                     encode_result(ScriptResult(exit_code=-1, error=CANCELED)))
@@ -406,6 +404,38 @@ async def cancel_task(request: web.Request) -> web.Response:
         await notifier.canceled(info.queue, info.id, info.message.retried)
     return web.json_response({"id": info.id, "state": CANCELED,
                               "links": _links(request, info.id)}, status=200)
+
+
+#: How long DELETE of a running task waits to report what became of it before answering 202.
+CANCEL_SETTLE_S = 2.0
+
+
+async def _outcome_of_cancel(request: web.Request, info: TaskInfo) -> web.Response:
+    """A cancel can lose the race with completion: the script had exited and its ack was on
+    its way when the request came. Answer what really happened — 200 canceled, or 409 with the
+    state it finished in — and 202 only while it is genuinely still stopping."""
+    state = _state(request)
+    loop = asyncio.get_running_loop()
+    give_up_at = loop.time() + CANCEL_SETTLE_S
+    delay_s = 0.02
+    while loop.time() < give_up_at:
+        await asyncio.sleep(delay_s)
+        delay_s = min(delay_s * 2, 0.25)
+        try:
+            current = await state.inspector.find_task(info.id, [info.queue])
+        except errors.TaskNotFound:  # finished and not retained
+            raise ApiError(409, "task_finished",
+                           f"task {info.id} already finished") from None
+        if current.state is TaskState.ACTIVE:
+            continue
+        final = public_state(current)
+        if final == CANCELED:
+            return web.json_response({"id": info.id, "state": CANCELED,
+                                      "links": _links(request, info.id)}, status=200)
+        raise ApiError(409, "task_finished", f"task {info.id} already finished ({final})",
+                       details={"state": final})
+    return web.json_response({"id": info.id, "state": "canceling",
+                              "links": _links(request, info.id)}, status=202)
 
 
 # ---------------------------------------------------------------------------- catalogue

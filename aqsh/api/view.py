@@ -8,8 +8,8 @@ from typing import Any
 import msgspec
 
 from aqsh.engine.connection import RedisClient
+from aqsh.engine.keys import log_key, log_meta_key
 from aqsh.engine.models import TaskInfo, TaskState
-from aqsh.runner.logs import log_key
 from aqsh.runner.result import decode_result
 from aqsh.runner.spec import HEADER_SUBMITTED_AT, HEADER_SUBMITTED_BY
 
@@ -38,11 +38,16 @@ def public_state(info: TaskInfo) -> str:
 
 
 async def attempt_times(redis: RedisClient, task_id: str) -> tuple[int | None, int | None]:
-    """Start of the first attempt and end of the last, from the log stream's markers."""
+    """Start of the first attempt and end of the last: kept by the log writer in the hash
+    beside the log stream (they outlive markers the stream's cap trimmed); for logs written
+    before that hash existed, from the stream's first and last markers."""
     pipe = redis.pipeline(transaction=False)
+    pipe.hmget(log_meta_key(task_id), "started_ms", "finished_ms")
     pipe.xrange(log_key(task_id), count=1)
     pipe.xrevrange(log_key(task_id), count=1)
-    first, last = await pipe.execute()
+    (kept_start, kept_end), first, last = await pipe.execute()
+    if kept_start is not None:
+        return int(kept_start), int(kept_end) if kept_end is not None else None
 
     def ms(entries: Any, marker: bytes) -> int | None:
         if entries and marker in entries[0][1]:

@@ -4,7 +4,10 @@ Outcomes, as the engine sees them:
 - exit 0 → success; the result JSON is returned (the processor stores it with the ack);
 - exit ≠ 0 or killed by a signal → ScriptFailed → retried after the task's fixed retry_delay
   until max_retry, then archived (``shell_retry_delay`` gives the engine that delay);
-- payload that fails validation, or an unknown task name → SkipRetry: archived, never run;
+- payload that fails validation → SkipRetry: archived, never run;
+- a task type that is not in tasks.yaml → HandlerNotFound, retried with asynq's back-off, exactly
+  as a Go server without the handler answers: another server on the queue (a Go service) may
+  have it. ``unknown_tasks="archive"`` archives it at once instead (SkipRetry);
 - cancelled through ``asynq:cancel`` (API DELETE, Inspector CancelProcessing) → the group is
   stopped and the task ends for good (SkipRetry "canceled"): a human asked for it to stop;
 - timeout (the task's own or the engine deadline) → group stopped, ScriptFailed → retry rules;
@@ -17,7 +20,9 @@ from __future__ import annotations
 import asyncio
 import os
 import tempfile
+import unicodedata
 from collections.abc import Callable, Mapping, Sequence
+from typing import Literal
 
 import msgspec
 import structlog
@@ -27,8 +32,8 @@ from aqsh.engine.fastlane import FastLane
 from aqsh.engine.processor import default_retry_delay
 from aqsh.engine.task import CancelReason, SkipRetry, Task, TaskContext, TaskError
 from aqsh.runner.logs import DEFAULT_LINGER_S, LogWriter
-from aqsh.runner.process import ProcessExit, run_process
-from aqsh.runner.result import ScriptResult, encode_result, read_result_file
+from aqsh.runner.process import ExitRecord, ProcessExit, run_process
+from aqsh.runner.result import ScriptResult, encode_result, read_result_file_async
 from aqsh.runner.spec import TasksConfig, TaskSpec
 from aqsh.runner.validate import DEFAULT_MAX_STRING_LEN, InvalidInput, to_env, validate_input
 from aqsh.runner.workdirs import WorkDirs
@@ -37,14 +42,42 @@ log = structlog.get_logger("aqsh.runner")
 
 DEFAULT_ENV_ALLOWLIST = ("PATH", "LANG", "HOME", "TZ")
 CANCELED_ERROR = "canceled"
+RESULT_NAME = ".aqsh-result"
 
 
 class ScriptFailed(TaskError):
     """The script exited non-zero or was killed; retried by the task's rules."""
 
 
+class HandlerNotFound(TaskError):
+    """No script for this task type; retried by asynq's default rules, like Go's NotFound."""
+
+
+def go_quote(text: str) -> str:
+    """``text`` as Go's ``%q`` prints it, so the error of an unknown type reads exactly as a Go
+    server's (``handler not found for task "x"``), whatever the type contains."""
+    named = {"\a": "\\a", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r",
+             "\t": "\\t", "\v": "\\v", "\\": "\\\\", '"': '\\"'}
+    out = []
+    for char in text:
+        code = ord(char)
+        if char in named:
+            out.append(named[char])
+        elif 0xDC80 <= code <= 0xDCFF:  # a byte that was not UTF-8 (surrogateescape)
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif code < 0x20 or code == 0x7F:
+            out.append(f"\\x{code:02x}")
+        elif char != " " and unicodedata.category(char)[0] in "CZ":
+            out.append(f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}")
+        else:
+            out.append(char)
+    return '"' + "".join(out) + '"'
+
+
 class RunnerSettings(msgspec.Struct, frozen=True, kw_only=True):
-    work_root: str = tempfile.gettempdir()
+    #: Must be private to the worker (see aqsh.runner.workdirs.check_work_root), so never the
+    #: shared temporary directory itself.
+    work_root: str = os.path.join(tempfile.gettempdir(), f"aqsh-{os.geteuid()}")
     keep_work_dirs: bool = False
     env_allowlist: tuple[str, ...] = DEFAULT_ENV_ALLOWLIST
     #: Values for allowlisted variables; defaults to the worker's own values for those names.
@@ -55,6 +88,8 @@ class RunnerSettings(msgspec.Struct, frozen=True, kw_only=True):
     max_stream_len: int = 100_000
     #: How long the first log batch of an attempt waits for more lines (see LogWriter).
     log_linger_s: float = DEFAULT_LINGER_S
+    #: A type not in tasks.yaml: "retry" (as asynq does) or "archive" at once.
+    unknown_tasks: Literal["retry", "archive"] = "retry"
 
 
 class ShellRunner:
@@ -86,7 +121,9 @@ class ShellRunner:
         self.work_dirs = WorkDirs(self.settings.work_root, keep=self.settings.keep_work_dirs)
 
     async def aclose(self) -> None:
-        """Closes the fast lane, if any; the redis client stays the caller's to close."""
+        """Closes the fast lane, if any, and removes the spare work directories; the redis
+        client stays the caller's to close."""
+        self.work_dirs.close()
         if self._lane is not None:
             await self._lane.aclose()
 
@@ -96,6 +133,10 @@ class ShellRunner:
     async def __call__(self, task: Task, ctx: TaskContext) -> bytes | None:
         spec = self.spec_for(task.type)
         if spec is None:
+            if self.settings.unknown_tasks == "retry":
+                # No result is written: the task may belong to another server on the queue, and
+                # its result is that server's to write.
+                raise HandlerNotFound(f"handler not found for task {go_quote(task.type)}")
             await self._fail_without_running(ctx, f"unknown task type {task.type!r}")
             raise SkipRetry(f"no script is configured for task {task.type!r}")
         try:
@@ -127,7 +168,7 @@ class ShellRunner:
     async def _run(self, spec: TaskSpec, task: Task, ctx: TaskContext,
                    inputs: Mapping[str, str]) -> bytes:
         work_dir = self.work_dirs.create(task.id)
-        result_file = os.path.join(work_dir, ".aqsh-result")
+        result_file = os.path.join(work_dir, RESULT_NAME)
         env = self.environment(spec, task, inputs, work_dir, result_file)
         logs = LogWriter(self.redis, task.id, retention_s=spec.log_retention_s,
                          max_stream_len=self.settings.max_stream_len, lane=self._lane,
@@ -138,38 +179,44 @@ class ShellRunner:
         loop = asyncio.get_running_loop()
         started = loop.time()
         timed_out = False
+        record = ExitRecord()
+        # Held while the script runs: the result is read through it, whatever the script does
+        # to the path of its directory.
+        work_fd = os.open(work_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             try:
                 async with asyncio.timeout(spec.timeout_s):
                     outcome = await run_process(
                         [spec.script], env=env, cwd=work_dir, sink=logs,
                         kill_grace_s=self.settings.kill_grace_s,
-                        max_line_bytes=self.settings.max_line_bytes,
+                        max_line_bytes=self.settings.max_line_bytes, record=record,
                     )
             except TimeoutError:
                 timed_out = True
-                outcome = ProcessExit(exit_code=-15, signal_name="SIGTERM")
+                outcome = record.exit or _STOPPED
             except asyncio.CancelledError:
-                # run_process has already stopped the process group.
-                await logs.close(-15)
+                # run_process has already stopped the process group and noted how it ended.
+                outcome = record.exit or _STOPPED
+                await logs.close(outcome.exit_code)
                 if ctx.cancel_reason is CancelReason.CANCELED:
-                    await self._store(ctx, ScriptResult(exit_code=-15, error=CANCELED_ERROR))
-                    bound.info("task.canceled")
+                    await self._store(ctx, ScriptResult(exit_code=outcome.exit_code,
+                                                        error=CANCELED_ERROR))
+                    bound.info("task.canceled", exit_code=outcome.exit_code)
                     self._report(spec.name, "canceled", loop.time() - started)
                     raise SkipRetry(CANCELED_ERROR) from None
                 if ctx.cancel_reason is not CancelReason.DEADLINE:
                     raise  # shutdown or lost lease: the engine decides what happens next
                 timed_out = True
-                outcome = ProcessExit(exit_code=-15, signal_name="SIGTERM")
-            else:
-                await logs.close(outcome.exit_code)
-            if timed_out and not logs.closed:
-                await logs.close(outcome.exit_code)
-            data, file_error = read_result_file(result_file)
-        finally:
             if not logs.closed:
-                await logs.abort()
-            await self.work_dirs.release(work_dir, result_file)
+                await logs.close(outcome.exit_code)
+            data, file_error = await read_result_file_async(RESULT_NAME, dir_fd=work_fd)
+        finally:
+            try:
+                if not logs.closed:
+                    await logs.abort()
+                await self.work_dirs.release(work_dir, result_file, dir_fd=work_fd)
+            finally:
+                os.close(work_fd)
         duration_s = loop.time() - started
         error = _error_text(outcome, file_error, timed_out, spec.timeout_s)
         result = ScriptResult(exit_code=outcome.exit_code)
@@ -195,14 +242,17 @@ class ShellRunner:
         await ctx.result_writer.write(encode_result(result))
 
 
+#: Stands in if run_process was cancelled before it could record an exit (it always records
+#: one once the script has started).
+_STOPPED = ProcessExit(exit_code=-15, signal_name="SIGTERM")
+
+
 def _error_text(outcome: ProcessExit, file_error: str | None, timed_out: bool,
                 timeout_s: float) -> str | None:
     if timed_out:
-        return f"timed out after {timeout_s:g}s; process group stopped (SIGTERM)"
-    if outcome.signal_name is not None:
-        return f"killed by signal {outcome.signal_name}"
-    if outcome.exit_code != 0:
-        return f"exit code {outcome.exit_code}"
+        return f"timed out after {timeout_s:g}s; process group stopped: {outcome.describe()}"
+    if outcome.signal_name is not None or outcome.exit_code != 0:
+        return outcome.describe()
     return file_error
 
 

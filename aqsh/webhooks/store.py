@@ -9,23 +9,18 @@
 * ``aqsh:webhooks:{<task id>}:attempts`` (list): one record per HTTP attempt.
 
 The per-task keys share a hash tag (one Cluster slot) and expire with the task's result
-retention. These are aqsh's own keys, not asynq's: they are spelt here, beside the feature, as
-``logs:`` is beside the log writer.
+retention. Their names are built in aqsh/engine/keys.py, with every other key's.
 """
 
 from __future__ import annotations
 
 import msgspec
 
-INTENTS_KEY = "aqsh:webhooks:intents"
+from aqsh.engine import keys
 
-
-def deliveries_key(task_id: str) -> str:
-    return f"aqsh:webhooks:{{{task_id}}}:deliveries"
-
-
-def attempts_key(task_id: str) -> str:
-    return f"aqsh:webhooks:{{{task_id}}}:attempts"
+INTENTS_KEY = keys.WEBHOOK_INTENTS
+deliveries_key = keys.webhook_deliveries_key
+attempts_key = keys.webhook_attempts_key
 
 
 def intent_member(queue: str, task_id: str, retried: int) -> bytes:

@@ -17,6 +17,7 @@ from pathlib import Path
 import redis.asyncio as aioredis
 from standardwebhooks.webhooks import Webhook
 
+from aqsh.engine import keys
 from aqsh.engine.client import Client
 from aqsh.engine.inspect import Inspector
 from aqsh.engine.models import TaskState
@@ -74,7 +75,7 @@ async def test_delivery_survives_a_worker_sigkill_after_the_task_ended(
         first.send_signal(signal.SIGKILL)
         assert first.wait(timeout=30) == -signal.SIGKILL
         assert receiver.requests == []
-        assert await redis.exists(f"asynq:{{{WEBHOOK_QUEUE}}}:pending") == 0
+        assert await redis.exists(keys.queue_keys(WEBHOOK_QUEUE).pending) == 0
 
         second = start_worker(redis_url, config, scripts, tmp_path, tmp_path / "second.log")
         await wait_until(lambda: receiver.at("/hook"), timeout_s=60, interval_s=0.1,

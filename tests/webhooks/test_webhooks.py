@@ -132,7 +132,7 @@ async def test_canceled_while_waiting_and_while_running(
 
     await wait_until(is_active, timeout_s=30, message="the slow task running")
     status, _, _ = await service.request("DELETE", f"/tasks/{running}")
-    assert status == 202
+    assert status in (200, 202)  # canceled, or still stopping
     await wait_until(lambda: len(receiver.at("/hook")) >= 2, timeout_s=30,
                      message="canceled (running)")
     body = verified(receiver.at("/hook")[1], secret)
