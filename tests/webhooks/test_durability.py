@@ -33,8 +33,8 @@ ROOT = Path(__file__).resolve().parents[2]
 #: (aqsh/engine/keys.py lists them all; a key added there must be added here).
 CRAMPED_ACL = ["on", ">cramped-pw", "resetkeys", "~asynq:{default}:*", "~asynq:queues",
                "~asynq:servers*", "~asynq:workers*", "~asynq:schedulers*",
-               "~asynq:scheduler_history:*", "~logs:*", "~{logs:*", "~aqsh:*", "resetchannels", "&*",
-               "+@all"]
+               "~asynq:scheduler_history:*", "~logs:*", "~{logs:*", "~aqsh:*",
+               "resetchannels", "&*", "+@all"]
 
 
 def start_worker(redis_url: str, config: Path, scripts: Path, tmp_path: Path,
