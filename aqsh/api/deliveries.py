@@ -19,7 +19,7 @@ from aqsh.api.handlers import _find_authorized, _state
 from aqsh.api.view import iso
 from aqsh.engine.models import TaskState
 from aqsh.webhooks import WEBHOOK_QUEUE, WEBHOOK_TASK_TYPE
-from aqsh.webhooks.store import Attempt, DeliveryMeta, attempts_key, deliveries_key
+from aqsh.webhooks.store import Attempt, Delivery, DeliveryMeta, attempts_key, deliveries_key
 
 _STATE_NAMES = {
     TaskState.PENDING: "pending", TaskState.ACTIVE: "delivering",
@@ -92,10 +92,20 @@ async def retry_delivery(request: web.Request) -> web.Response:
         # The same task id, payload (body, webhook-id) and a fresh schedule.
         await state.inspector.delete_task(WEBHOOK_QUEUE, did)
         settings = state.settings
+        # The body it sent travels in the payload now (its result goes with the old task).
+        payload = delivery.message.payload
+        if delivery.result:
+            try:
+                stored = msgspec.json.decode(payload, type=Delivery)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                raise ApiError(409, "delivery_unreadable",
+                               f"delivery {did} is not a webhook delivery") from None
+            payload = msgspec.json.encode(msgspec.structs.replace(
+                stored, body=delivery.result.decode()))
         # A TaskIdConflict: a concurrent redelivery (or a sweep) queued it first.
         with contextlib.suppress(errors.TaskIdConflict):
             await state.client.enqueue(
-                WEBHOOK_TASK_TYPE, delivery.message.payload, queue=WEBHOOK_QUEUE,
+                WEBHOOK_TASK_TYPE, payload, queue=WEBHOOK_QUEUE,
                 max_retry=len(settings.webhook_schedule_s) - 1,
                 timeout=settings.webhook_timeout_s + 30, task_id=did,
                 retention=settings.result_retention_s)

@@ -401,7 +401,7 @@ async def cancel_task(request: web.Request) -> web.Response:
                                     encode_result(ScriptResult(exit_code=-1, error=CANCELED)))
     log.info("task.canceled", task_id=info.id, user=caller.user)
     if notify and notifier is not None:
-        await notifier.canceled(info.queue, info.id, info.message.retried)
+        await notifier.canceled(info.message)
     return web.json_response({"id": info.id, "state": CANCELED,
                               "links": _links(request, info.id)}, status=200)
 

@@ -41,20 +41,34 @@ async def attempt_times(redis: RedisClient, task_id: str) -> tuple[int | None, i
     """Start of the first attempt and end of the last: kept by the log writer in the hash
     beside the log stream (they outlive markers the stream's cap trimmed); for logs written
     before that hash existed, from the stream's first and last markers."""
+    return (await attempt_times_many(redis, [task_id]))[0]
+
+
+async def attempt_times_many(redis: RedisClient, task_ids: list[str]
+                             ) -> list[tuple[int | None, int | None]]:
+    """``attempt_times`` of several tasks in one round trip."""
+    if not task_ids:
+        return []
     pipe = redis.pipeline(transaction=False)
-    pipe.hmget(log_meta_key(task_id), "started_ms", "finished_ms")
-    pipe.xrange(log_key(task_id), count=1)
-    pipe.xrevrange(log_key(task_id), count=1)
-    (kept_start, kept_end), first, last = await pipe.execute()
-    if kept_start is not None:
-        return int(kept_start), int(kept_end) if kept_end is not None else None
+    for task_id in task_ids:
+        pipe.hmget(log_meta_key(task_id), "started_ms", "finished_ms")
+        pipe.xrange(log_key(task_id), count=1)
+        pipe.xrevrange(log_key(task_id), count=1)
+    replies = await pipe.execute()
 
     def ms(entries: Any, marker: bytes) -> int | None:
         if entries and marker in entries[0][1]:
             return int(entries[0][0].split(b"-")[0])
         return None
 
-    return ms(first, b"start"), ms(last, b"eof")
+    out: list[tuple[int | None, int | None]] = []
+    for i in range(len(task_ids)):
+        (kept_start, kept_end), first, last = replies[3 * i: 3 * i + 3]
+        if kept_start is not None:
+            out.append((int(kept_start), int(kept_end) if kept_end is not None else None))
+        else:
+            out.append((ms(first, b"start"), ms(last, b"eof")))
+    return out
 
 
 def task_document(info: TaskInfo, started_ms: int | None, finished_ms: int | None,

@@ -23,10 +23,14 @@ import msgspec
 import structlog
 
 from aqsh import __version__
-from aqsh.api.view import iso
+from aqsh.api.view import attempt_times, iso
 from aqsh.engine.connection import RedisClient
+from aqsh.engine.inspect import Inspector
 from aqsh.engine.task import SkipRetry, Task, TaskContext, TaskError
 from aqsh.settings import Settings
+from aqsh.webhooks import WEBHOOK_QUEUE
+from aqsh.webhooks.batch import Coalescer
+from aqsh.webhooks.body import webhook_body
 from aqsh.webhooks.signing import InvalidSecret, parse_secrets, signature_header
 from aqsh.webhooks.ssrf import CallbackPolicy, CallbackRefused, GuardedResolver, redact
 from aqsh.webhooks.store import Attempt, Delivery, DeliveryMeta, attempts_key, deliveries_key
@@ -109,6 +113,8 @@ class DeliveryHandler:
                                      allowed_networks=settings.callback_allowed_networks)
         #: (event, outcome, duration_s) after each attempt: the metrics.
         self.on_attempt = on_attempt
+        self.inspector = Inspector(redis)
+        self._records: Coalescer[tuple[Delivery, Attempt]] = Coalescer(self._write_records)
         self._trusted: aiohttp.ClientSession | None = None
         self._guarded: aiohttp.ClientSession | None = None
 
@@ -143,6 +149,7 @@ class DeliveryHandler:
             delivery = msgspec.json.decode(task.payload, type=Delivery)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise SkipRetry(f"not a webhook delivery: {exc}") from None
+        body = await self._body(task, ctx, delivery)
         attempt = task.retried + 1
         started = time.monotonic()
         status: int | None = None
@@ -153,7 +160,7 @@ class DeliveryHandler:
             keys = self._secrets(delivery)
             if delivery.target == "callback":
                 self.policy.check_url(delivery.url)
-            status, retry_after_s, error = await self._post(delivery, keys)
+            status, retry_after_s, error = await self._post(delivery, keys, body)
         except InvalidSecret as exc:
             refused, error = True, str(exc)
         except CallbackRefused as exc:
@@ -191,16 +198,34 @@ class DeliveryHandler:
                  url=redact(delivery.url), attempt=attempt, status=status, outcome=outcome,
                  error=error, duration_ms=record.duration_ms)
         if outcome == "delivered":
-            return None
+            return body
         text = error or f"HTTP {status}"
         if outcome in ("refused", "gone"):
             raise SkipRetry(text if outcome == "refused" else "410 Gone: endpoint stopped")
         # Counted from the whole second the engine counts from (it truncates "now").
         raise DeliveryFailed(text, (next_at - int(time.time())) if next_at else 0.0)
 
-    async def _post(self, delivery: Delivery, keys: list[bytes]
+    async def _body(self, task: Task, ctx: TaskContext, delivery: Delivery) -> bytes:
+        """Built at the first attempt from the task as it is stored then, and kept as this
+        delivery task's result, so that every attempt sends the same bytes."""
+        if delivery.body is not None:
+            return delivery.body.encode()
+        own, info = await self.inspector.find_many(
+            [(WEBHOOK_QUEUE, task.id), (delivery.task_queue, delivery.task_id)])
+        if own is not None and own.result:
+            return own.result
+        started_ms = finished_ms = None
+        if info is not None:
+            started_ms, finished_ms = await attempt_times(self.redis, delivery.task_id)
+        body = webhook_body(info, task_id=delivery.task_id, event=delivery.event,
+                            started_ms=started_ms, finished_ms=finished_ms,
+                            max_bytes=self.settings.webhook_max_body_bytes,
+                            base_url=self.settings.public_url or "")
+        await ctx.result_writer.write(body)
+        return body
+
+    async def _post(self, delivery: Delivery, keys: list[bytes], body: bytes
                     ) -> tuple[int, float | None, str | None]:
-        body = delivery.body.encode()
         timestamp_s = int(time.time())
         headers = {
             "content-type": "application/json",
@@ -223,17 +248,22 @@ class DeliveryHandler:
             return response.status, retry_after, error
 
     async def _record(self, delivery: Delivery, record: Attempt) -> None:
-        """Best effort: a lost record must not turn a delivered webhook into a retried one."""
-        ttl_s = max(1, int(self.settings.result_retention_s))
-        meta = DeliveryMeta(event=delivery.event, url=redact(delivery.url),
-                            webhook_id=delivery.webhook_id, created_at=record.at)
+        """Best effort: a lost record must not turn a delivered webhook into a retried one.
+        Attempts ending together share one pipeline."""
         try:
-            pipe = self.redis.pipeline(transaction=False)
+            await self._records.add((delivery, record))
+        except Exception as exc:
+            log.warning("webhook.record_failed", delivery=record.delivery, error=str(exc))
+
+    async def _write_records(self, items: list[tuple[Delivery, Attempt]]) -> None:
+        ttl_s = max(1, int(self.settings.result_retention_s))
+        pipe = self.redis.pipeline(transaction=False)
+        for delivery, record in items:
+            meta = DeliveryMeta(event=delivery.event, url=redact(delivery.url),
+                                webhook_id=delivery.webhook_id, created_at=record.at)
             pipe.hsetnx(deliveries_key(delivery.task_id), record.delivery,
                         msgspec.json.encode(meta))
             pipe.expire(deliveries_key(delivery.task_id), ttl_s)
             pipe.rpush(attempts_key(delivery.task_id), msgspec.json.encode(record))
             pipe.expire(attempts_key(delivery.task_id), ttl_s)
-            await pipe.execute()
-        except Exception as exc:
-            log.warning("webhook.record_failed", delivery=record.delivery, error=str(exc))
+        await pipe.execute()

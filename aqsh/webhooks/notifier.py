@@ -24,14 +24,14 @@ import contextlib
 import hashlib
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import msgspec
 import structlog
 
 from aqsh import errors
-from aqsh.api.view import CANCELED, attempt_times, iso, task_document
+from aqsh.api.view import CANCELED, iso
 from aqsh.engine.client import Client, EnqueueRequest
 from aqsh.engine.connection import RedisClient
 from aqsh.engine.inspect import Inspector
@@ -40,6 +40,7 @@ from aqsh.engine.task import Handler, Task, TaskContext
 from aqsh.runner.spec import HEADER_CALLBACK_URL, TasksConfig
 from aqsh.settings import Settings
 from aqsh.webhooks import WEBHOOK_QUEUE, WEBHOOK_TASK_TYPE
+from aqsh.webhooks.batch import Coalescer
 from aqsh.webhooks.ssrf import redact
 from aqsh.webhooks.store import (
     INTENTS_KEY,
@@ -54,8 +55,9 @@ log = structlog.get_logger("aqsh.webhooks")
 
 #: The events a submission's callback_url receives.
 CALLBACK_EVENTS = ("task.completed", "task.failed", "task.canceled")
-#: How many ended tasks the background dispatcher works on at once.
-DISPATCH_CONCURRENCY = 32
+#: The most ended attempts one dispatch handles (a few round trips for all of them).
+DISPATCH_BATCH = 256
+ENQUEUE_BATCH = 1000
 SWEEP_BATCH = 200
 
 
@@ -78,6 +80,9 @@ class _Ended:
     #: webhook-id discriminator: events that can happen once per attempt carry its number
     event_key: str
     remove_intent: bool
+    #: what decides the targets (tasks.yaml's notify for the type, the callback header)
+    task_type: str = ""
+    headers: Mapping[str, str] = field(default_factory=dict)
 
 
 def event_key(event: str, attempt: int) -> str:
@@ -106,6 +111,7 @@ class Notifier:
         self._ended: asyncio.Queue[_Ended] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
+        self._intents: Coalescer[tuple[bytes, float]] = Coalescer(self._store_intents)
         #: for tests and the benchmark: how many ended tasks were dispatched, and failures
         self.dispatched = 0
 
@@ -130,11 +136,11 @@ class Notifier:
         return time.time() + self.settings.webhook_sweep_interval_s
 
     async def register_intent(self, queue: str, task_id: str, retried: int) -> None:
-        await self.redis.zadd(INTENTS_KEY, {intent_member(queue, task_id, retried):
-                                            self._check_at()})
+        """Returns once stored; the intents of attempts starting together share one ZADD."""
+        await self._intents.add((intent_member(queue, task_id, retried), self._check_at()))
 
-    async def _remove_intent(self, queue: str, task_id: str, retried: int) -> None:
-        await self.redis.zrem(INTENTS_KEY, intent_member(queue, task_id, retried))
+    async def _store_intents(self, items: list[tuple[bytes, float]]) -> None:
+        await self.redis.zadd(INTENTS_KEY, dict(items))
 
     # ------------------------------------------------------------------ the engine's hook
     def on_transition(self, msg: TaskMessage, transition: str, error_msg: str) -> None:
@@ -153,22 +159,25 @@ class Notifier:
         if not targets:
             return
         self._ended.put_nowait(_Ended(msg.queue, msg.id, msg.retried, event,
-                                      event_key(event, attempt), remove_intent=True))
+                                      event_key(event, attempt), remove_intent=True,
+                                      task_type=msg.type, headers=msg.headers))
 
     def started(self, task: Task) -> None:
         self._ended.put_nowait(_Ended(task.queue, task.id, task.retried, "task.started",
                                       event_key("task.started", task.retried),
-                                      remove_intent=False))
+                                      remove_intent=False, task_type=task.type,
+                                      headers=task.headers))
 
-    async def canceled(self, queue: str, task_id: str, retried: int) -> None:
+    async def canceled(self, msg: TaskMessage) -> None:
         """The API archived a task that was not running: deliver task.canceled (a failure is
         logged, not raised: the intent is stored and a sweep delivers it)."""
-        ended = _Ended(queue, task_id, retried, "task.canceled", event_key("task.canceled", 0),
-                       remove_intent=True)
+        ended = _Ended(msg.queue, msg.id, msg.retried, "task.canceled",
+                       event_key("task.canceled", 0), remove_intent=True, task_type=msg.type,
+                       headers=msg.headers)
         try:
             await self.dispatch(ended)
         except Exception as exc:
-            log.warning("webhook.dispatch_failed", task_id=task_id, webhook_event=ended.event,
+            log.warning("webhook.dispatch_failed", task_id=msg.id, webhook_event=ended.event,
                         error=str(exc))
 
     def wrap(self, handler: Handler) -> Handler:
@@ -177,31 +186,25 @@ class Notifier:
         return _IntentHandler(handler, self)
 
     # ------------------------------------------------------------------ dispatch
-    async def dispatch(self, ended: _Ended, info: TaskInfo | None = None) -> int:
-        """Enqueue the deliveries of one ended attempt; returns how many were new."""
-        if info is None:
-            try:
-                info = await self.inspector.find_task(ended.task_id, [ended.queue])
-            except errors.TaskNotFound:
-                info = None
-        if info is None:
-            log.info("webhook.task_gone", task_id=ended.task_id, webhook_event=ended.event)
-            if ended.remove_intent:
-                await self._remove_intent(ended.queue, ended.task_id, ended.retried)
-            return 0
-        msg = info.message
-        targets = [t for t in self.targets(msg.type, msg.headers) if ended.event in t.events]
-        created = 0
-        if targets:
-            body = await self._body(info, ended.event)
-            wid = webhook_id(msg.id, ended.event_key)
-            requests: list[EnqueueRequest] = []
-            metas: dict[str, bytes] = {}
-            now = iso(time.time()) or ""
+    async def dispatch(self, ended: _Ended) -> int:
+        return await self.dispatch_many([ended])
+
+    async def dispatch_many(self, batch: list[_Ended]) -> int:
+        """Enqueue the deliveries of ended attempts (two round trips for the whole batch, and
+        no reads: the delivery builds its body when first attempted, so this costs the worker
+        that ran the script as little as possible); returns how many deliveries were new.
+        Raises when they could not all be enqueued: the intents then stay for a sweep."""
+        requests: list[EnqueueRequest] = []
+        metas: dict[str, dict[str, bytes]] = {}
+        now = iso(time.time()) or ""
+        for ended in batch:
+            targets = [t for t in self.targets(ended.task_type, ended.headers)
+                       if ended.event in t.events]
+            wid = webhook_id(ended.task_id, ended.event_key)
             for target in dict((t.url, t) for t in targets).values():
-                did = delivery_id(msg.id, ended.event_key, target.url)
-                payload = Delivery(task_id=msg.id, task_queue=msg.queue, event=ended.event,
-                                   url=target.url, webhook_id=wid, body=body.decode(),
+                did = delivery_id(ended.task_id, ended.event_key, target.url)
+                payload = Delivery(task_id=ended.task_id, task_queue=ended.queue,
+                                   event=ended.event, url=target.url, webhook_id=wid,
                                    target=target.kind, secret_env=target.secret_env,
                                    secret_file=target.secret_file)
                 requests.append(EnqueueRequest(
@@ -209,89 +212,77 @@ class Notifier:
                     queue=WEBHOOK_QUEUE, max_retry=len(self.settings.webhook_schedule_s) - 1,
                     timeout=self.settings.webhook_timeout_s + 30, task_id=did,
                     retention=self.settings.result_retention_s))
-                metas[did] = msgspec.json.encode(DeliveryMeta(
+                metas.setdefault(ended.task_id, {})[did] = msgspec.json.encode(DeliveryMeta(
                     event=ended.event, url=redact(target.url), webhook_id=wid, created_at=now))
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.hset(deliveries_key(msg.id), mapping=metas)  # type: ignore[arg-type]
-            pipe.expire(deliveries_key(msg.id), max(1, int(self.settings.result_retention_s)))
-            await pipe.execute()
-            for reply in await self.client.enqueue_many(requests):
+        created = 0
+        for start in range(0, len(requests), ENQUEUE_BATCH):
+            for reply in await self.client.enqueue_many(requests[start:start + ENQUEUE_BATCH]):
                 if isinstance(reply, errors.TaskIdConflict):
                     continue
                 if isinstance(reply, errors.AqshError):
                     raise reply
                 created += 1
-        if ended.remove_intent:
-            await self._remove_intent(ended.queue, ended.task_id, ended.retried)
-        self.dispatched += 1
+        done = [intent_member(e.queue, e.task_id, e.retried) for e in batch if e.remove_intent]
+        if metas or done:
+            ttl_s = max(1, int(self.settings.result_retention_s))
+            pipe = self.redis.pipeline(transaction=False)
+            for task_id, fields in metas.items():
+                pipe.hset(deliveries_key(task_id), mapping=fields)  # type: ignore[arg-type]
+                pipe.expire(deliveries_key(task_id), ttl_s)
+            if done:
+                pipe.zrem(INTENTS_KEY, *done)
+            await pipe.execute()
+        self.dispatched += len(batch)
         return created
 
-    async def _body(self, info: TaskInfo, event: str) -> bytes:
-        started_ms, finished_ms = await attempt_times(self.redis, info.id)
-        base = self.settings.public_url or ""
-        doc = task_document(info, started_ms, finished_ms, base_url=base)
-        doc["event"] = event
-        doc["links"]["deliveries"] = f"{base}/tasks/{info.id}/deliveries"
-        body = msgspec.json.encode(doc)
-        limit = self.settings.webhook_max_body_bytes
-        result = doc.get("result")
-        if len(body) > limit and isinstance(result, dict) and "data" in result:
-            size = len(msgspec.json.encode(result.pop("data")))
-            result["data_omitted"] = (
-                f"result.data ({size} bytes) is over the webhook body limit of {limit} bytes; "
-                f"read it from {doc['links']['self']}")
-            body = msgspec.json.encode(doc)
-        return body
-
     async def _dispatch_loop(self) -> None:
-        pending: set[asyncio.Task[None]] = set()
-        slots = asyncio.Semaphore(DISPATCH_CONCURRENCY)
-
-        async def one(ended: _Ended) -> None:
-            try:
-                await self.dispatch(ended)
-            except Exception as exc:
-                # The intent stays: the sweep enqueues it later.
-                log.warning("webhook.dispatch_failed", task_id=ended.task_id,
-                            webhook_event=ended.event, error=str(exc))
-            finally:
-                slots.release()
-                self._ended.task_done()
-
+        """One batch at a time: what ends while a batch is being enqueued goes in the next."""
         while True:
-            ended = await self._ended.get()
-            await slots.acquire()
-            job = asyncio.create_task(one(ended))
-            pending.add(job)
-            job.add_done_callback(pending.discard)
+            batch = [await self._ended.get()]
+            while not self._ended.empty() and len(batch) < DISPATCH_BATCH:
+                batch.append(self._ended.get_nowait())
+            try:
+                await self.dispatch_many(batch)
+            except Exception as exc:
+                # The intents stay: a sweep enqueues them later.
+                log.warning("webhook.dispatch_failed", tasks=len(batch), error=str(exc))
+            finally:
+                for _ in batch:
+                    self._ended.task_done()
 
     # ------------------------------------------------------------------ sweep
     async def sweep_once(self) -> int:
         """Enqueue what ended attempts left behind; returns how many intents it settled."""
-        settled = 0
         now = time.time()
         members = cast(list[bytes], await self.redis.zrangebyscore(
             INTENTS_KEY, "-inf", now, start=0, num=SWEEP_BATCH))
+        intents: list[tuple[bytes, tuple[str, str, int]]] = []
         for member in members:
             parsed = parse_intent(member)
             if parsed is None:
                 await self.redis.zrem(INTENTS_KEY, member)
-                continue
-            queue, task_id, retried = parsed
-            try:
-                info = await self.inspector.find_task(task_id, [queue])
-            except errors.TaskNotFound:
-                await self.redis.zrem(INTENTS_KEY, member)
-                settled += 1
-                continue
-            ended = _ended_from(info, queue, retried)
+            else:
+                intents.append((member, parsed))
+        if not intents:
+            return 0
+        infos = await self.inspector.find_many([(q, t) for _, (q, t, _) in intents])
+        ended_batch: list[_Ended] = []
+        later: dict[bytes, float] = {}
+        for (member, (queue, task_id, retried)), info in zip(intents, infos, strict=True):
+            # A task that is gone: nothing to tell, only its intent to remove.
+            ended = (_ended_from(info, queue, retried) if info is not None else
+                     _Ended(queue, task_id, retried, "", "", remove_intent=True))
             if ended is None:  # still running or waiting: look again later
-                await self.redis.zadd(INTENTS_KEY, {member: self._check_at()}, xx=True)
+                later[member] = self._check_at()
                 continue
-            log.info("webhook.swept", task_id=task_id, webhook_event=ended.event)
-            await self.dispatch(ended, info)
-            settled += 1
-        return settled
+            if info is not None:
+                log.info("webhook.swept", task_id=task_id, webhook_event=ended.event)
+            ended_batch.append(ended)
+        if later:
+            await self.redis.zadd(INTENTS_KEY, later, xx=True)
+        if ended_batch:
+            await self.dispatch_many(ended_batch)
+        return len(ended_batch)
 
     async def _sweep_loop(self) -> None:
         while not self._stopping.is_set():
@@ -329,7 +320,8 @@ def _ended_from(info: TaskInfo, queue: str, retried: int) -> _Ended | None:
     msg = info.message
     if msg.retried > retried:
         return _Ended(queue, msg.id, retried, "task.retrying",
-                      event_key("task.retrying", retried + 1), remove_intent=True)
+                      event_key("task.retrying", retried + 1), remove_intent=True,
+                      task_type=msg.type, headers=msg.headers)
     if info.state is TaskState.COMPLETED:
         event = "task.completed"
     elif info.state is TaskState.ARCHIVED:
@@ -337,7 +329,8 @@ def _ended_from(info: TaskInfo, queue: str, retried: int) -> _Ended | None:
         event = "task.canceled" if canceled else "task.failed"
     else:
         return None
-    return _Ended(queue, msg.id, retried, event, event_key(event, retried), remove_intent=True)
+    return _Ended(queue, msg.id, retried, event, event_key(event, retried), remove_intent=True,
+                  task_type=msg.type, headers=msg.headers)
 
 
 def _result_error(info: TaskInfo) -> Any:

@@ -36,21 +36,22 @@ def parse_intent(member: bytes) -> tuple[str, str, int] | None:
 
 
 class Delivery(msgspec.Struct, frozen=True, kw_only=True):
-    """A delivery task's payload. The body is fixed when the delivery is created, so every
-    attempt (and a redelivery) sends the same bytes under the same webhook-id. The secret is
-    named, not carried: payloads are visible in Asynqmon."""
+    """A delivery task's payload. The body is built at the first attempt (off the worker that
+    ran the script) and kept as the delivery task's result, so every later attempt sends the
+    same bytes under the same webhook-id; a redelivery carries it here. The secret is named,
+    not carried: payloads are visible in Asynqmon."""
 
     task_id: str
     task_queue: str
     event: str
     url: str
     webhook_id: str
-    body: str
     #: "notify" (tasks.yaml: trusted) or "callback" (a submission's: SSRF-checked, signed
     #: with the operator's callback secret).
     target: str
     secret_env: str | None = None
     secret_file: str | None = None
+    body: str | None = None
 
 
 class DeliveryMeta(msgspec.Struct, frozen=True, kw_only=True):

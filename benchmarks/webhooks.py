@@ -1,0 +1,242 @@
+"""Webhook deliveries: deliveries/s to a local receiver, and what a ``notify`` costs a task.
+
+- Deliveries/s: N delivery tasks on ``aqsh:webhooks`` sent by the delivery server (as
+  ``aqsh serve`` wires it) to an aiohttp receiver in this process, at concurrency 1 and 50.
+- Task throughput of ``#!/bin/sh\\necho hi`` with a ``notify`` entry (intent, engine hook,
+  background dispatch, and the deliveries themselves running in the same process) vs the same
+  task type without one, same run, alternating rounds; medians. ``notify_vs_plain_ratio``
+  should be ≥ 0.9.
+
+Usage: python benchmarks/webhooks.py [tasks] [rounds]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import _common
+import aiohttp
+import msgspec
+import redis.asyncio as aioredis
+from aiohttp import web
+
+from aqsh.__main__ import _webhook_worker, _worker
+from aqsh.api.metrics import Metrics
+from aqsh.config_holder import ConfigHolder
+from aqsh.engine import keys
+from aqsh.engine.client import Client, EnqueueRequest
+from aqsh.engine.inspect import Inspector
+from aqsh.engine.rdb import RedisBroker
+from aqsh.logging import configure_logging
+from aqsh.redis_process import RedisProcess, free_port
+from aqsh.runner.process import install_child_watcher
+from aqsh.settings import Settings
+from aqsh.webhooks import WEBHOOK_QUEUE, WEBHOOK_TASK_TYPE
+from aqsh.webhooks.notifier import Notifier
+from aqsh.webhooks.signing import new_secret
+from aqsh.webhooks.store import Delivery
+
+_ARGS = [] if sys.argv[1:2] == ["--receiver"] else sys.argv[1:]
+TASKS = int(_ARGS[0]) if _ARGS else 1000
+ROUNDS = int(_ARGS[1]) if len(_ARGS) > 1 else 3
+
+
+class Receiver:
+    """The receiver runs in a process of its own (it is another system): the figures are what
+    aqsh's process spends, not a receiver sharing its event loop."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        self.proc = subprocess.Popen(  # noqa: ASYNC220 - started once, before measuring
+            [sys.executable, __file__, "--receiver", str(self.port)])
+        self.session = aiohttp.ClientSession()
+        for _ in range(500):
+            try:
+                await self.count()
+                return
+            except aiohttp.ClientError:
+                await asyncio.sleep(0.02)  # waiting for the receiver process to listen
+        raise SystemExit("the receiver did not start")
+
+    async def count(self) -> int:
+        assert self.session is not None
+        async with self.session.get(f"http://127.0.0.1:{self.port}/count") as resp:
+            return int(await resp.text())
+
+    async def stop(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait()
+
+
+def serve_receiver(port: int) -> None:
+    count = 0
+
+    async def hook(request: web.Request) -> web.Response:
+        nonlocal count
+        await request.read()
+        count += 1
+        return web.Response(status=204)
+
+    async def get_count(request: web.Request) -> web.Response:
+        return web.Response(text=str(count))
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    app.router.add_get("/count", get_count)
+    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
+
+
+async def until(condition: object, what: str, timeout_s: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not await condition():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)  # the figures live in Redis or the receiver: a poll
+
+
+async def delivery_rate(redis: aioredis.Redis, settings: Settings, receiver: Receiver,
+                        concurrency: int, count: int) -> float:
+    await redis.flushall()
+    body = msgspec.json.encode({"event": "task.completed", "id": "x" * 36, "state": "completed"})
+    payloads = [msgspec.json.encode(Delivery(
+        task_id=f"t{i}", task_queue="bench", event="task.completed",
+        url=f"http://127.0.0.1:{receiver.port}/hook", webhook_id=f"msg_t{i}_completed",
+        body=body.decode(), target="notify", secret_env="BENCH_SECRET")) for i in range(count)]
+    client = Client(redis, wake_workers=False)
+    for start in range(0, count, 500):
+        await client.enqueue_many([EnqueueRequest(type=WEBHOOK_TASK_TYPE, payload=p,
+                                                  queue=WEBHOOK_QUEUE, max_retry=7)
+                                   for p in payloads[start:start + 500]])
+    tuned = msgspec.structs.replace(settings, webhook_concurrency=concurrency)
+    broker = RedisBroker(redis, fast_lane=True)
+    server = _webhook_worker(tuned, broker, Metrics())
+    before = await receiver.count()
+    started = time.perf_counter()
+    await server.start()
+
+    async def done() -> bool:
+        return await receiver.count() - before >= count
+
+    await until(done, "deliveries")
+    elapsed = time.perf_counter() - started
+    await server.stop()
+    await broker.close_fast_lane()
+    return count / elapsed
+
+
+async def task_rate(redis: aioredis.Redis, settings: Settings, config: ConfigHolder,
+                    name: str, count: int, *, deliver_here: bool = True) -> float:
+    """Tasks/s of ``name`` through a worker wired as ``aqsh serve`` wires one (with the
+    notifier, and the delivery server beside it)."""
+    await redis.flushall()
+    client = Client(redis, wake_workers=False)
+    for start in range(0, count, 500):
+        await client.enqueue_many([EnqueueRequest(type=name, payload=b"{}", queue="bench",
+                                                  max_retry=0, retention=3600)
+                                   for _ in range(min(500, count - start))])
+    broker = RedisBroker(redis, fast_lane=True)
+    metrics = Metrics()
+    # As aqsh serve builds it: deliveries enqueued over the fast lane, waking the workers.
+    lane_client = Client(broker, fast_lane=True)
+    notifier = Notifier(config=config, redis=redis, client=lane_client,
+                        inspector=Inspector(redis), settings=settings)
+    server = _worker(settings, config, broker, metrics, notifier=notifier)
+    hooks = _webhook_worker(settings, broker, metrics) if deliver_here else None
+    notifier.start(sweep=True)
+    if hooks is not None:
+        await hooks.start()
+    started = time.perf_counter()
+    await server.start()
+    completed = keys.queue_keys("bench").completed
+
+    async def done() -> bool:
+        return int(await redis.zcard(completed)) >= count
+
+    await until(done, f"{count} {name} tasks")
+    elapsed = time.perf_counter() - started
+    await server.stop()
+    await notifier.stop()
+    if hooks is not None:
+        await hooks.stop()
+    await lane_client.aclose()
+    await broker.close_fast_lane()
+    return count / elapsed
+
+
+async def main() -> None:
+    install_child_watcher()
+    os.environ["BENCH_SECRET"] = new_secret()
+    tmp = Path(tempfile.mkdtemp(prefix="aqsh-bench-"))
+    (tmp / "hi.sh").write_text("#!/bin/sh\necho hi\n")
+    (tmp / "hi.sh").chmod(0o755)
+    receiver = Receiver()
+    await receiver.start()
+    tasks_yaml = tmp / "tasks.yaml"
+    tasks_yaml.write_text(f"""\
+tasks:
+  plain: {{script: hi.sh, queue: bench, max_retry: 0}}
+  notified:
+    script: hi.sh
+    queue: bench
+    max_retry: 0
+    notify: [{{url: "http://127.0.0.1:{receiver.port}/hook", secret_env: BENCH_SECRET}}]
+""")
+    settings = Settings(tasks_config=str(tasks_yaml), tasks_dir=str(tmp),
+                        results_dir=str(tmp / "work"), worker_concurrency=10,
+                        log_format="json", log_level="warning")
+    config = ConfigHolder(settings.tasks_config, settings.tasks_dir)
+    configure_logging("json", "warning")
+    figures: dict[str, float] = {}
+    with RedisProcess() as redis_server:
+        redis = aioredis.Redis.from_url(redis_server.url, max_connections=256)
+        figures["deliveries_c1_per_s"] = await delivery_rate(redis, settings, receiver, 1,
+                                                             max(50, TASKS // 4))
+        figures["deliveries_c50_per_s"] = await delivery_rate(redis, settings, receiver, 50,
+                                                              TASKS)
+        plain: list[float] = []
+        notified: list[float] = []
+        elsewhere: list[float] = []
+        for _ in range(ROUNDS):
+            plain.append(await task_rate(redis, settings, config, "plain", TASKS))
+            notified.append(await task_rate(redis, settings, config, "notified", TASKS))
+            elsewhere.append(await task_rate(redis, settings, config, "notified", TASKS,
+                                             deliver_here=False))
+        print("rounds, tasks/s with deliveries sent elsewhere:", [round(x) for x in elsewhere])
+        print("rounds, tasks/s plain:", [round(x) for x in plain], "notify:",
+              [round(x) for x in notified])
+        figures["tasks_plain_per_s"] = statistics.median(plain)
+        figures["tasks_notify_per_s"] = statistics.median(notified)
+        figures["notify_vs_plain_ratio"] = (figures["tasks_notify_per_s"]
+                                            / figures["tasks_plain_per_s"])
+        figures["deliveries_c50_vs_c1_ratio"] = (figures["deliveries_c50_per_s"]
+                                                 / figures["deliveries_c1_per_s"])
+        await redis.aclose()
+    await config.stop()
+    await receiver.stop()
+    print(f"deliveries/s to a local receiver: c1 {figures['deliveries_c1_per_s']:.0f}, "
+          f"c50 {figures['deliveries_c50_per_s']:.0f}")
+    print(f"tasks/s: plain {figures['tasks_plain_per_s']:.0f}, with notify "
+          f"{figures['tasks_notify_per_s']:.0f} "
+          f"(ratio {figures['notify_vs_plain_ratio']:.2f}, target ≥ 0.9)")
+    _common.report("webhooks", {k: round(v, 3) for k, v in figures.items()})
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--receiver"]:
+        serve_receiver(int(sys.argv[2]))
+    else:
+        asyncio.run(main())
