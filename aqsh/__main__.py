@@ -167,8 +167,11 @@ async def serve(settings: Settings) -> int:
     webhook_server = None
     notifier = state.notifier = _notifier(settings, config, state)
     if settings.mode in ("worker", "both"):
-        server = _worker(settings, config, broker, metrics, loops=loops, notifier=notifier)
-        if settings.webhook_worker:
+        # AQSH_WORKER_QUEUES=aqsh:webhooks: a worker that only delivers webhooks (script
+        # workers then set AQSH_WEBHOOK_WORKER=false, and no delivery shares their CPU).
+        if not delivery_only(settings):
+            server = _worker(settings, config, broker, metrics, loops=loops, notifier=notifier)
+        if settings.webhook_worker or server is None:
             webhook_server = _webhook_worker(settings, broker, metrics, loops=loops)
         if settings.scheduler:
             scheduler = _scheduler(settings, config, broker, metrics, loops=loops)
@@ -194,7 +197,7 @@ async def serve(settings: Settings) -> int:
         loop.add_signal_handler(sig, on_stop_signal)
     loop.add_signal_handler(signal.SIGHUP, config.reload)
     config.watch()
-    notifier.start(sweep=server is not None)
+    notifier.start(sweep=server is not None or webhook_server is not None)
     if webhook_server is not None:
         await webhook_server.start()
     if server is not None:
@@ -231,6 +234,11 @@ def config_queues(config: ConfigHolder) -> list[str]:
     """The queues tasks.yaml sends tasks to: a lookup by id searches them even when Redis's
     own list of queues was lost (a restart without persistence, a flush)."""
     return sorted({spec.queue for spec in config.current.tasks.values()})
+
+
+def delivery_only(settings: Settings) -> bool:
+    return bool(settings.worker_queues) and all(
+        name == WEBHOOK_QUEUE for name, _ in settings.worker_queues)
 
 
 def _notifier(settings: Settings, config: ConfigHolder, state: ApiState) -> Notifier:

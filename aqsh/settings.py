@@ -149,7 +149,11 @@ def _cidrs(text: str) -> tuple[str, ...]:
 def _queues(text: str) -> tuple[tuple[str, int], ...]:
     out = []
     for part in _csv(text):
-        name, _, weight = part.partition(":")
+        # The weight follows the last colon; aqsh's reserved queues (aqsh:webhooks) have a
+        # colon of their own, so for them a weight is optional.
+        name, sep, weight = part.rpartition(":")
+        if not sep or (part.startswith("aqsh:") and not weight.strip().isdigit()):
+            name, weight = part, ""
         if not name.strip():
             raise ValueError("queue names, optionally name:weight, comma separated")
         out.append((name.strip(), _positive_int(weight) if weight else 1))

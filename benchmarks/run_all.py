@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ["enqueue.py", "server.py", "scripts.py", "api.py"]
+BENCHMARKS = ["enqueue.py", "server.py", "scripts.py", "api.py", "webhooks.py"]
 
 if __name__ == "__main__":
     failed = []

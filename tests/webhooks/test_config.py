@@ -122,3 +122,16 @@ def test_schedule_retry_after_and_redaction() -> None:
     assert parse_retry_after("soon", 0) is None
     assert redact("https://u:p@hooks.example.com:8443/a/b?token=x") == (
         "https://hooks.example.com:8443/a/b?…")
+
+
+def test_a_worker_given_only_the_webhook_queue_only_delivers() -> None:
+    from aqsh.__main__ import delivery_only
+
+    assert delivery_only(load_settings({"AQSH_WORKER_QUEUES": "aqsh:webhooks"}))
+    assert not delivery_only(load_settings({"AQSH_WORKER_QUEUES": "aqsh:webhooks,default"}))
+    assert not delivery_only(load_settings({}))
+
+
+def test_the_webhook_queue_in_worker_queues() -> None:
+    parsed = load_settings({"AQSH_WORKER_QUEUES": "aqsh:webhooks, default:3, aqsh:webhooks:2"})
+    assert parsed.worker_queues == (("aqsh:webhooks", 1), ("default", 3), ("aqsh:webhooks", 2))
