@@ -243,7 +243,7 @@ def delivery_only(settings: Settings) -> bool:
 
 def _notifier(settings: Settings, config: ConfigHolder, state: ApiState) -> Notifier:
     return Notifier(config=config, redis=state.redis, client=state.client,
-                    inspector=state.inspector, settings=settings)
+                    inspector=state.inspector, settings=settings, fast_lane=True)
 
 
 def _webhook_worker(settings: Settings, broker: RedisBroker, metrics: Metrics, *,

@@ -167,7 +167,7 @@ async def task_rate(redis: aioredis.Redis, settings: Settings, config: ConfigHol
     # As aqsh serve builds it: deliveries enqueued over the fast lane, waking the workers.
     lane_client = Client(broker, fast_lane=True)
     notifier = Notifier(config=config, redis=redis, client=lane_client,
-                        inspector=Inspector(redis), settings=settings)
+                        inspector=Inspector(redis), settings=settings, fast_lane=True)
     server = _worker(settings, config, broker, metrics, notifier=notifier)
     hooks = _webhook_worker(settings, broker, metrics) if deliver_here else None
     notifier.start(sweep=True)
