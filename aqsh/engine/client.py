@@ -24,7 +24,7 @@ from aqsh.engine.connection import RedisClient
 from aqsh.engine.fastlane import FastLane
 from aqsh.engine.models import TaskInfo, TaskMessage, TaskState
 from aqsh.engine.rdb import REDIS_DOWN, RedisBroker, broker_error, guarded, raise_for_produce
-from aqsh.engine.scripts import Batch, script_sha
+from aqsh.engine.scripts import Batch, evalsha
 
 DEFAULT_QUEUE = "default"
 DEFAULT_MAX_RETRY = 25
@@ -123,7 +123,7 @@ class Client:
     async def _run_script(self, name: str, key_list: list[str], args: list[Any]) -> Any:
         if self._lane is None:
             return await guarded(self.broker.scripts.run(name, key_list, args))
-        command = ("EVALSHA", script_sha(name), len(key_list), *key_list, *args)
+        command = evalsha(name, key_list, args)
         try:  # guarded() inlined: one coroutine less on the hot path
             reply = (await self._lane.execute_scripts([command], [name]))[0]
         except REDIS_DOWN as exc:
