@@ -149,7 +149,7 @@ class DeliveryHandler:
             delivery = msgspec.json.decode(task.payload, type=Delivery)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise SkipRetry(f"not a webhook delivery: {exc}") from None
-        body = await self._body(task, ctx, delivery)
+        body, built = await self._body(task, delivery)
         attempt = task.retried + 1
         started = time.monotonic()
         status: int | None = None
@@ -198,22 +198,30 @@ class DeliveryHandler:
                  url=redact(delivery.url), attempt=attempt, status=status, outcome=outcome,
                  error=error, duration_ms=record.duration_ms)
         if outcome == "delivered":
-            return body
+            return body  # stored with the acknowledgement
+        if built:
+            # Kept for the attempts to come (and a redelivery): they send these same bytes.
+            await ctx.result_writer.write(body)
         text = error or f"HTTP {status}"
         if outcome in ("refused", "gone"):
             raise SkipRetry(text if outcome == "refused" else "410 Gone: endpoint stopped")
         # Counted from the whole second the engine counts from (it truncates "now").
         raise DeliveryFailed(text, (next_at - int(time.time())) if next_at else 0.0)
 
-    async def _body(self, task: Task, ctx: TaskContext, delivery: Delivery) -> bytes:
-        """Built at the first attempt from the task as it is stored then, and kept as this
-        delivery task's result, so that every attempt sends the same bytes."""
+    async def _body(self, task: Task, delivery: Delivery) -> tuple[bytes, bool]:
+        """(body, built now). Built at the first attempt from the task as it is stored then,
+        and kept as this delivery task's result, so that every attempt sends the same bytes.
+        A first attempt (retried 0) has none kept yet — except one cut short by a shutdown,
+        which then builds it again from the same ended task."""
         if delivery.body is not None:
-            return delivery.body.encode()
-        own, info = await self.inspector.find_many(
-            [(WEBHOOK_QUEUE, task.id), (delivery.task_queue, delivery.task_id)])
-        if own is not None and own.result:
-            return own.result
+            return delivery.body.encode(), False
+        if task.retried > 0:
+            own, info = await self.inspector.find_many(
+                [(WEBHOOK_QUEUE, task.id), (delivery.task_queue, delivery.task_id)])
+            if own is not None and own.result:
+                return own.result, False
+        else:
+            (info,) = await self.inspector.find_many([(delivery.task_queue, delivery.task_id)])
         started_ms = finished_ms = None
         if info is not None:
             started_ms, finished_ms = await attempt_times(self.redis, delivery.task_id)
@@ -221,8 +229,7 @@ class DeliveryHandler:
                             started_ms=started_ms, finished_ms=finished_ms,
                             max_bytes=self.settings.webhook_max_body_bytes,
                             base_url=self.settings.public_url or "")
-        await ctx.result_writer.write(body)
-        return body
+        return body, True
 
     async def _post(self, delivery: Delivery, keys: list[bytes], body: bytes
                     ) -> tuple[int, float | None, str | None]:

@@ -229,6 +229,7 @@ async def test_retries_after_refused_500_and_timeout_then_success(
         assert (tried[-1]["status"], tried[-1]["outcome"]) == (200, "delivered")
         ids = {r.headers["webhook-id"] for r in late.at("/hook")}
         assert ids == {f"msg_{task_id}_completed"}  # one id across every attempt
+        assert len({r.body for r in late.at("/hook")}) == 1  # and the same bytes
         for received in late.at("/hook"):
             verified(received, secret)
     finally:
