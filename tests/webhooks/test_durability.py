@@ -101,3 +101,40 @@ async def test_delivery_survives_a_worker_sigkill_after_the_task_ended(
 
 async def _zero(redis: aioredis.Redis) -> bool:
     return int(await redis.zcard(INTENTS_KEY)) == 0
+
+
+async def test_failed_is_delivered_when_the_worker_dies_mid_script(
+        redis: aioredis.Redis, redis_url: str, tmp_path: Path, receiver: Receiver,
+        secret: str) -> None:
+    """The engine's recoverer, not a worker's processor, ends this task (its lease lapses):
+    the intent stored before the script started is what gets task.failed delivered."""
+    config, scripts = write_tasks(tmp_path, tasks_yaml(receiver))
+    first = start_worker(redis_url, config, scripts, tmp_path, tmp_path / "first.log")
+    second = None
+    inspector = Inspector(redis)
+    try:
+        async with Client(redis) as client:
+            info = await client.enqueue("slow", b"{}", queue="default", max_retry=0,
+                                        retention=3600)
+
+        async def running() -> bool:
+            found = await inspector.find_task(info.id, ["default"])
+            return found.state is TaskState.ACTIVE and await redis.zcard(INTENTS_KEY) == 1
+
+        await wait_until(running, timeout_s=60, interval_s=0.1, message="the script running")
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=30)
+        second = start_worker(redis_url, config, scripts, tmp_path, tmp_path / "second.log")
+        # The lease (30 s, asynq's) must lapse before the recoverer archives the task.
+        await wait_until(lambda: receiver.at("/hook"), timeout_s=90, interval_s=0.2,
+                         message="task.failed after recovery")
+        received = receiver.at("/hook")[0]
+        body = Webhook(secret).verify(received.body, received.headers)
+        assert (body["event"], body["id"], body["state"]) == ("task.failed", info.id,
+                                                              "archived")
+        assert "lease expired" in body["last_error"]
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
