@@ -34,6 +34,19 @@ def idempotency_key(scope: str) -> str:
     return f"{IDEMPOTENCY_PREFIX}{scope}"
 
 
+#: aqsh-only keys of the webhook deliveries (what they hold: aqsh/webhooks/store.py): the
+#: intents of running attempts, and per task its deliveries and their attempts (one hash tag).
+WEBHOOK_INTENTS = "aqsh:webhooks:intents"
+
+
+def webhook_deliveries_key(task_id: str) -> str:
+    return f"aqsh:webhooks:{{{task_id}}}:deliveries"
+
+
+def webhook_attempts_key(task_id: str) -> str:
+    return f"aqsh:webhooks:{{{task_id}}}:attempts"
+
+
 def server_key(host: str, pid: int, server_id: str) -> str:
     return f"asynq:servers:{{{host}:{pid}:{server_id}}}"
 

@@ -26,6 +26,7 @@ from aqsh.engine.processor import (
     Processor,
     RetryDelayFn,
     Running,
+    TransitionHook,
     default_retry_delay,
     normalise_queues,
 )
@@ -110,6 +111,7 @@ class Server:
         aggregation_interval_s: float | None = None,
         group_settings: Callable[[str, str], GroupSettings | None] | None = None,
         cancel_retries: bool = False,
+        on_transition: TransitionHook | None = None,
     ) -> None:
         """``loops``: where the server's loops report their health (``/health`` reads it);
         pass the process's one registry when other components report there too.
@@ -124,7 +126,10 @@ class Server:
 
         ``cancel_retries``: a task cancelled while running (``asynq:cancel``) is archived at
         once by default, since someone asked it to stop; True retries it under the usual
-        rules, as asynq does. A handler that raises on cancellation decides for itself."""
+        rules, as asynq does. A handler that raises on cancellation decides for itself.
+
+        ``on_transition``: told after each finishing write this server stores (see
+        ``aqsh.engine.processor.TransitionHook``)."""
         self.broker = broker
         self.clock = clock or SystemClock()
         self.queues = normalise_queues(queues or {"critical": 6, "default": 3})
@@ -136,6 +141,7 @@ class Server:
             strict_priority=strict_priority, retry_delay=retry_delay, is_failure=is_failure,
             on_write_failure=self._defer_write, poll_interval_s=poll_interval_s, loops=loops,
             cancel_retries=cancel_retries,
+            on_transition=on_transition,
         )
         names = list(self.queues)
         self.heartbeater = Heartbeater(
