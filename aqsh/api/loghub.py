@@ -97,8 +97,10 @@ class Follower:
 
     async def take(self, timeout_s: float) -> list[Entry]:
         """The next batch, ``[]`` for a wake-up; TimeoutError after ``timeout_s`` of nothing."""
-        async with asyncio.timeout(timeout_s):  # (not wait_for: see aqsh.clock.wait_event)
-            batch = await self.entries.get()
+        # wait_for, not asyncio.timeout: the get runs as a task of its own, and the hub's
+        # ordering between a read's delivery and a follower joining behind depends on it
+        # (tests/api/test_loghub.py). A take is cancelled only when its client has gone.
+        batch = await asyncio.wait_for(self.entries.get(), timeout_s)
         self.queued_bytes -= self._sizes.popleft()
         return batch
 
