@@ -325,8 +325,12 @@ def public_state(info: TaskInfo) -> str:
 
 async def get_task(request: web.Request) -> web.Response:
     info, _, _ = await _find_authorized(request)
-    state = _state(request)
-    started_ms, finished_ms = await _attempt_times(state, info)
+    times = await attempt_times(_state(request), [info.id])
+    return web.json_response(task_view(info, *times[0]))
+
+
+def task_view(info: TaskInfo, started_ms: int | None, finished_ms: int | None) -> dict[str, Any]:
+    """A task as GET /tasks/{id} shows it (GET /runs lists the same objects)."""
     msg = info.message
     try:
         task_input: Any = msgspec.json.decode(msg.payload) if msg.payload else None
@@ -339,7 +343,7 @@ async def get_task(request: web.Request) -> web.Response:
             result = msgspec.json.decode(info.result)
         except msgspec.DecodeError:
             result = {"raw": info.result.decode("utf-8", "replace")}
-    body = {
+    return {
         "id": info.id,
         "name": info.type,
         "queue": info.queue,
@@ -356,29 +360,38 @@ async def get_task(request: web.Request) -> web.Response:
         "max_retry": msg.retry,
         "last_error": msg.error_msg or None,
         "result": result,
-        "links": _links(request, info.id),
+        "links": {"self": f"/tasks/{info.id}", "logs": f"/tasks/{info.id}/logs"},
     }
-    return web.json_response(body)
 
 
-async def _attempt_times(state: ApiState, info: TaskInfo) -> tuple[int | None, int | None]:
-    """Start of the first attempt and end of the last: kept by the log writer in the hash
-    beside the log stream (they outlive markers the stream's cap trimmed); for logs written
-    before that hash existed, from the stream's first and last markers."""
+async def attempt_times(state: ApiState, task_ids: list[str]
+                        ) -> list[tuple[int | None, int | None]]:
+    """Start of the first attempt and end of the last, per task, in one round trip: kept by
+    the log writer in the hash beside the log stream (they outlive markers the stream's cap
+    trimmed); for logs written before that hash existed, from the stream's first and last
+    markers."""
+    if not task_ids:
+        return []
     pipe = state.redis.pipeline(transaction=False)
-    pipe.hmget(log_meta_key(info.id), "started_ms", "finished_ms")
-    pipe.xrange(log_key(info.id), count=1)
-    pipe.xrevrange(log_key(info.id), count=1)
-    (kept_start, kept_end), first, last = await pipe.execute()
-    if kept_start is not None:
-        return int(kept_start), int(kept_end) if kept_end is not None else None
+    for task_id in task_ids:
+        pipe.hmget(log_meta_key(task_id), "started_ms", "finished_ms")
+        pipe.xrange(log_key(task_id), count=1)
+        pipe.xrevrange(log_key(task_id), count=1)
+    replies = await pipe.execute()
 
     def ms(entries: Any, marker: bytes) -> int | None:
         if entries and marker in entries[0][1]:
             return int(entries[0][0].split(b"-")[0])
         return None
 
-    return ms(first, b"start"), ms(last, b"eof")
+    out: list[tuple[int | None, int | None]] = []
+    for i in range(len(task_ids)):
+        (kept_start, kept_end), first, last = replies[3 * i: 3 * i + 3]
+        if kept_start is not None:
+            out.append((int(kept_start), int(kept_end) if kept_end is not None else None))
+        else:
+            out.append((ms(first, b"start"), ms(last, b"eof")))
+    return out
 
 
 async def task_logs(request: web.Request) -> web.StreamResponse:
