@@ -75,7 +75,8 @@ def decode_cursor(text: str) -> Cursor:
 
 def _time_ms(name: str, value: str) -> int:
     try:
-        when = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        # RFC 3339 allows "t" and "z" in lower case; fromisoformat does not.
+        when = datetime.fromisoformat(value.upper().replace("Z", "+00:00"))
         if when.tzinfo is None:
             raise ValueError(value)
         return max(0, int(when.timestamp() * 1000))
