@@ -1,4 +1,5 @@
-"""``python -m aqsh`` / ``aqsh``: ``serve`` (api | worker | both) and ``check-config``.
+"""The service process behind ``python -m aqsh serve | worker | api`` (the command line itself
+is ``aqsh.cli``).
 
 The API-only process runs on uvloop (its enqueues cost ~30% less CPU there); a process that
 runs scripts (worker, both) stays on the standard loop, whose pidfd child watcher spawns
@@ -16,13 +17,12 @@ environment altogether).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import contextlib
 import ctypes
 import os
 import signal
 import sys
+from typing import Any
 
 import structlog
 from aiohttp import web
@@ -36,17 +36,17 @@ from aqsh.engine.client import Client
 from aqsh.engine.connection import RedisSettings, create_client
 from aqsh.engine.faults import Loops
 from aqsh.engine.inspect import Inspector
-from aqsh.engine.rdb import RedisBroker
+from aqsh.engine.rdb import RedisBroker, guarded
 from aqsh.engine.scheduler import Scheduler
 from aqsh.engine.server import Server
-from aqsh.errors import ConfigError
+from aqsh.errors import AqshError, ConfigError
 from aqsh.logging import configure_logging
 from aqsh.runner.handler import RunnerSettings, ShellRunner, shell_retry_delay
 from aqsh.runner.process import install_child_watcher
 from aqsh.runner.schedules import periodic_tasks
 from aqsh.runner.spec import TasksConfig
 from aqsh.runner.workdirs import check_work_root
-from aqsh.settings import Settings, load_settings
+from aqsh.settings import Settings
 
 log = structlog.get_logger("aqsh")
 
@@ -126,14 +126,9 @@ async def serve(settings: Settings) -> int:
         print(f"aqsh: {exc.message}", file=sys.stderr)
         return 2
 
-    embedded = None
+    # AQSH_REDIS_ADDR=embedded was replaced by the embedded server's URL by the caller
+    # (aqsh.cli.process), which also stops that server however this returns.
     url = settings.redis_addr
-    if settings.redis_addr == "embedded":
-        from aqsh.embedded import start_embedded_redis
-
-        embedded = start_embedded_redis(settings.data_dir)
-        url = embedded.url
-        log.info("redis.embedded", url=url, data_dir=embedded.data_dir)
     redis_settings = RedisSettings(
         url=url, password=settings.redis_password,
         sentinel_addrs=settings.redis_sentinel_addrs,
@@ -141,6 +136,7 @@ async def serve(settings: Settings) -> int:
         cluster_addrs=settings.redis_cluster_addrs,
     )
     redis = create_client(redis_settings)
+    await _require_redis(redis, settings)
     blocking = create_client(
         RedisSettings(url=url, password=settings.redis_password,
                       sentinel_addrs=settings.redis_sentinel_addrs,
@@ -170,7 +166,17 @@ async def serve(settings: Settings) -> int:
     await app_runner.setup()
     host, port = settings.host_port
     site = web.TCPSite(app_runner, host, port)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:
+        await app_runner.cleanup()
+        await config.stop()
+        await state.client.aclose()
+        await broker.close_fast_lane()
+        await blocking.aclose()
+        await redis.aclose()
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise StartupError(f"cannot listen on {settings.bind}: {reason}") from None
     loop = asyncio.get_running_loop()
     log.info("aqsh.started", version=__version__, mode=settings.mode, bind=settings.bind,
              tasks=sorted(config.current.tasks), event_loop=type(loop).__module__)
@@ -207,10 +213,53 @@ async def serve(settings: Settings) -> int:
     await broker.close_fast_lane()
     await blocking.aclose()
     await redis.aclose()
-    if embedded is not None:
-        embedded.stop_keep_data()
     log.info("aqsh.stopped")
     return 0
+
+
+class StartupError(Exception):
+    """A start that cannot succeed (port taken, Redis unreachable): the command line prints
+    its one-line message and exits non-zero instead of a traceback."""
+
+
+#: How long a starting process waits for Redis (it may be starting alongside, as in a fresh
+#: deployment) before giving up; an orchestrator restarts it after that.
+REDIS_STARTUP_WAIT_S = 10.0
+
+
+async def _require_redis(redis: Any, settings: Settings) -> None:
+    """One PING before anything is served: an unreachable Redis or a wrong password stops the
+    start with one line, rather than a process that reports ready and fails every call."""
+    loop = asyncio.get_running_loop()
+    give_up_at = loop.time() + REDIS_STARTUP_WAIT_S
+    while True:
+        try:
+            await guarded(redis.ping())
+            return
+        except (AqshError, OSError) as exc:
+            failure: BaseException = exc
+        except Exception as exc:  # redis-py's own (auth, cluster set-up): final at once
+            failure = exc
+            give_up_at = loop.time()
+        if loop.time() >= give_up_at:
+            await redis.aclose()
+            where = (",".join(settings.redis_cluster_addrs) or ",".join(
+                settings.redis_sentinel_addrs) or _redacted(settings.redis_addr))
+            raise StartupError(f"cannot reach Redis at {where}: {_one_line(failure)}")
+        await asyncio.sleep(0.2)
+
+
+def _redacted(addr: str) -> str:
+    """A Redis URL without its password, for messages."""
+    scheme, sep, rest = addr.partition("://")
+    if sep and "@" in rest:
+        return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+    return addr
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
 
 
 def config_queues(config: ConfigHolder) -> list[str]:
@@ -259,37 +308,10 @@ def _scheduler(settings: Settings, config: ConfigHolder, broker: RedisBroker,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="aqsh", description=__doc__.splitlines()[0])
-    parser.add_argument("--version", action="version", version=f"aqsh {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-    serve_cmd = sub.add_parser("serve", help="run the service (mode from AQSH_MODE or --mode)")
-    serve_cmd.add_argument("--mode", choices=("api", "worker", "both"))
-    check = sub.add_parser("check-config", help="validate a tasks.yaml; exit 1 on errors")
-    check.add_argument("file")
-    check.add_argument("--tasks-dir", default=None,
-                       help="base for relative script paths (default: AQSH_TASKS_DIR or the "
-                            "file's directory)")
-    args = parser.parse_args(argv)
-    if args.command == "check-config":
-        tasks_dir = args.tasks_dir or os.environ.get("AQSH_TASKS_DIR") or os.path.dirname(
-            os.path.abspath(args.file))
-        return check_config(args.file, tasks_dir)
-    try:
-        settings = load_settings(None, **({"mode": args.mode} if args.mode else {}))
-    except ConfigError as exc:
-        print(f"aqsh: {exc.message}", file=sys.stderr)
-        return 2
-    harden_process(settings)
-    loop_factory = None
-    if settings.uses_uvloop:
-        import uvloop  # only where it runs: a worker process need not load it
+    """Kept for ``python -m aqsh`` and older entry points: the command line is aqsh.cli."""
+    from aqsh.cli import main as cli_main
 
-        loop_factory = uvloop.new_event_loop
-    with contextlib.suppress(KeyboardInterrupt), asyncio.Runner(
-        loop_factory=loop_factory
-    ) as runner:
-        return runner.run(serve(settings))
-    return 130
+    return cli_main(argv)
 
 
 if __name__ == "__main__":

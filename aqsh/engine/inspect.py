@@ -20,6 +20,8 @@ from aqsh.engine import keys, wire
 from aqsh.engine.broker import ARCHIVED_EXPIRATION_S, MAX_ARCHIVE_SIZE
 from aqsh.engine.connection import RedisClient
 from aqsh.engine.models import (
+    SchedulerEnqueueEvent,
+    SchedulerEntry,
     ServerInfo,
     TaskInfo,
     TaskMessage,
@@ -404,6 +406,32 @@ class Inspector:
                 if worker.server_id in statuses:
                     statuses[worker.server_id].workers.append(worker)
         return sorted(statuses.values(), key=lambda s: (s.info.host, s.info.pid))
+
+    # ------------------------------------------------------------------ scheduler
+    async def scheduler_entries(self) -> list[SchedulerEntry]:
+        """Every live scheduler's entries (asynq's SchedulerEntries): schedulers in the order
+        of their expiry, each one's entries as it wrote them."""
+        now = unix_s(self.clock)
+        entry_keys: list[Any] = await guarded(
+            self.redis.zrangebyscore(keys.ALL_SCHEDULERS, now, "+inf"))
+        if not entry_keys:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for key in entry_keys:
+            pipe.lrange(key, 0, -1)
+        replies = await guarded(pipe.execute())
+        return [wire.decode_scheduler_entry(raw) for values in replies for raw in values or []]
+
+    async def scheduler_events(self, entry_id: str, *, page: int = 1,
+                               page_size: int = DEFAULT_PAGE_SIZE,
+                               ) -> list[SchedulerEnqueueEvent]:
+        """One entry's enqueue history, newest first (asynq's ListSchedulerEnqueueEvents)."""
+        if page < 1 or page_size < 1:
+            raise errors.InvalidArgument("page and page_size start at 1")
+        start = (page - 1) * page_size
+        raw: list[Any] = await guarded(self.redis.zrevrange(
+            keys.scheduler_history_key(entry_id), start, start + page_size - 1))
+        return [wire.decode_enqueue_event(item) for item in raw]
 
 
 def _decode_or_none(raw: bytes | None) -> TaskMessage | None:

@@ -34,6 +34,7 @@ class Periodic:
         self.interval_s = interval_s
         self.run_first = run_first
         self._stop = asyncio.Event()
+        self._wake = asyncio.Event()  # stop() or poke(): cut the wait short
         self._task: asyncio.Task[None] | None = None
         self.monitor = (loops if loops is not None else Loops()).monitor(
             self.name, ready_after_s=max(30.0, 3 * interval_s),
@@ -45,8 +46,13 @@ class Periodic:
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name=f"aqsh-{self.name}")
 
+    def poke(self) -> None:
+        """Run a round now instead of at the end of the interval."""
+        self._wake.set()
+
     async def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         if self._task is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
@@ -60,7 +66,8 @@ class Periodic:
         while not self._stop.is_set():
             if not first:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), timeout=delay_s)
+                    await asyncio.wait_for(self._wake.wait(), timeout=delay_s)
+                self._wake.clear()
                 if self._stop.is_set():
                     return
             first = False
@@ -105,10 +112,15 @@ class Recoverer(Periodic):
 
     def __init__(self, broker: Broker, queues: Sequence[str], clock: Clock,
                  retry_delay: RetryDelayFn, interval_s: float = 2.0,
-                 loops: Loops | None = None) -> None:
+                 loops: Loops | None = None,
+                 on_recovered: Callable[[], None] | None = None) -> None:
+        """``on_recovered`` hears of every round that put tasks back: the server pokes its
+        forwarder with it, so a recovered task whose retry is due runs now rather than after
+        the forwarder's next 5 s round."""
         super().__init__(interval_s, run_first=True, loops=loops)
         self.broker, self.queues, self.clock = broker, list(queues), clock
         self.retry_delay = retry_delay
+        self.on_recovered = on_recovered
 
     async def run_once(self) -> int:
         now_s = int(self.clock.now_s())
@@ -132,6 +144,8 @@ class Recoverer(Periodic):
                 log.info("task.recovered", task_id=msg.id, queue=msg.queue)
             except errors.TaskNotFound:
                 continue  # finished or recovered by someone else meanwhile
+        if recovered and self.on_recovered is not None:
+            self.on_recovered()
         return recovered
 
 

@@ -124,7 +124,7 @@ class Server:
         self.forwarder = Forwarder(broker, names, self.clock, forward_interval_s,
                                    on_forward=self.processor.wake, loops=loops)
         self.recoverer = Recoverer(broker, names, self.clock, retry_delay, recover_interval_s,
-                                   loops=loops)
+                                   loops=loops, on_recovered=self.forwarder.poke)
         self.janitor = Janitor(broker, names, self.clock, janitor_interval_s, loops=loops)
         self._listeners: list[asyncio.Task[None]] = []
         self._started = False

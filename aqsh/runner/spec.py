@@ -7,7 +7,6 @@ never turns into a file path.
 
 from __future__ import annotations
 
-import enum
 import os
 import re
 from collections.abc import Iterator
@@ -19,6 +18,8 @@ import yaml
 
 from aqsh.durations import parse_duration
 from aqsh.errors import ConfigError
+from aqsh.runner.inputs import InputSpec, InputType, Scalar
+from aqsh.runner.validate import InvalidInput, check_value, validate_input
 
 ENV_NAME_RE = re.compile(r"^[A-Z_][A-Z0-9_]*$")
 INPUT_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
@@ -47,29 +48,6 @@ SCHEDULER_USER = "aqsh-scheduler"
 def access_headers(allowed_groups: tuple[str, ...]) -> dict[str, str]:
     """The access record a submission stores with its task (see HEADER_ALLOWED_GROUPS)."""
     return {HEADER_ALLOWED_GROUPS: msgspec.json.encode(sorted(set(allowed_groups))).decode()}
-
-
-class InputType(enum.StrEnum):
-    STRING = "string"
-    INT = "int"
-    FLOAT = "float"
-    BOOL = "bool"
-
-
-Scalar = str | int | float | bool
-
-
-class InputSpec(msgspec.Struct, frozen=True, kw_only=True):
-    name: str
-    env: str
-    type: InputType = InputType.STRING
-    required: bool = False
-    default: Scalar | None = None
-    pattern: str | None = None
-    enum: tuple[str, ...] | None = None
-    min: float | None = None
-    max: float | None = None
-    description: str = ""
 
 
 class ScheduleSpec(msgspec.Struct, frozen=True, kw_only=True):
@@ -294,7 +272,6 @@ def _check_schedules(
     """Each schedule's cron spec parses and its input passes the task's own validation now, so
     a bad schedule stops the config load instead of failing at 3 a.m."""
     from aqsh.engine.cron import CronSpec  # cron needs parse_duration from this module
-    from aqsh.runner.validate import InvalidInput, validate_input
 
     if node is None:
         return []
@@ -453,7 +430,6 @@ def _check_input(
         description=str(raw.get("description", "")),
     )
     if "default" in raw and raw["default"] is not None:
-        from aqsh.runner.validate import check_value
 
         problems = list(_default_problems(spec, raw["default"], check_value))
         for message in problems:
