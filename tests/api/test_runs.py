@@ -181,7 +181,6 @@ async def test_go_enqueued_tasks_are_indexed_for_admins_only(
     known = await go.enqueue("echo", b'{"name": "go"}')
     foreign = await go.enqueue("email:send", b"{}", queue="mail")
     scheduled = await go.enqueue("email:send", b"{}", queue="mail", process_in=3600)
-    assert await redis.zscore(keys.runs_index_key("default", "echo"), known.id) is None
     # The app's own indexer may get there first: either way, after one pass all are in.
     await RunIndexer(redis, known=lambda: [Source("default", "echo")]).run_once()
     admin = {r["id"] for r in (await runs(service, "", ADMIN))["runs"]}
