@@ -317,3 +317,24 @@ async def test_bad_queries_are_400_in_the_error_envelope(
 def test_cursor_round_trips() -> None:
     cursor = Cursor(1_733_000_000_123, "a/b{c}")
     assert decode_cursor(encode_cursor(cursor)) == cursor
+
+
+async def test_canceled_is_a_state_of_its_own(make_service: ServiceFactory) -> None:
+    service = await make_service(worker=False, admin_groups=("platform",))
+    canceled = await submit(service, "echo", {"name": "c"}, ALICE, "?process_in=1h")
+    kept = await submit(service, "echo", {"name": "k"}, ALICE, "?process_in=1h")
+    status, _, _ = await service.request("DELETE", f"/tasks/{canceled}", headers=ALICE)
+    assert status == 200
+    assert [r["id"] for r in (await runs(service, "?state=canceled"))["runs"]] == [canceled]
+    assert (await runs(service, "?state=archived"))["runs"] == []
+    assert [r["id"] for r in (await runs(service, "?state=scheduled"))["runs"]] == [kept]
+
+
+async def test_anonymous_callers_are_refused_where_identity_is_required(
+    make_service: ServiceFactory,
+) -> None:
+    service = await make_service(worker=False, require_identity=True)
+    status, body, _ = await service.request("GET", "/runs")
+    assert status == 401
+    assert body["error"]["code"] == "unauthenticated"
+    assert (await runs(service, "", ALICE))["runs"] == []
