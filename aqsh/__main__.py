@@ -34,19 +34,23 @@ from aqsh.api.state import ApiState
 from aqsh.config_holder import ConfigHolder
 from aqsh.engine.client import Client
 from aqsh.engine.connection import RedisSettings, create_client
-from aqsh.engine.faults import Loops
+from aqsh.engine.faults import LoopMonitor, Loops
 from aqsh.engine.inspect import Inspector
 from aqsh.engine.rdb import RedisBroker, guarded
 from aqsh.engine.scheduler import Scheduler
 from aqsh.engine.server import Server
 from aqsh.errors import AqshError, ConfigError
 from aqsh.logging import configure_logging
+from aqsh.runner.batches import check_interval_s, shell_aggregator, shell_group_settings
 from aqsh.runner.handler import RunnerSettings, ShellRunner, shell_retry_delay
 from aqsh.runner.process import install_child_watcher
 from aqsh.runner.schedules import periodic_tasks
 from aqsh.runner.spec import TasksConfig
 from aqsh.runner.workdirs import check_work_root
 from aqsh.settings import Settings
+from aqsh.webhooks import WEBHOOK_QUEUE
+from aqsh.webhooks.delivery import DeliveryHandler, delivery_retry_delay
+from aqsh.webhooks.notifier import Notifier
 
 log = structlog.get_logger("aqsh")
 
@@ -157,8 +161,15 @@ async def serve(settings: Settings) -> int:
                      metrics=metrics, loops=loops)
     server = None
     scheduler = None
+    webhook_server = None
+    notifier = state.notifier = _notifier(settings, config, state)
     if settings.mode in ("worker", "both"):
-        server = _worker(settings, config, broker, metrics, loops=loops)
+        # AQSH_WORKER_QUEUES=aqsh:webhooks: a worker that only delivers webhooks (script
+        # workers then set AQSH_WEBHOOK_WORKER=false, and no delivery shares their CPU).
+        if not delivery_only(settings):
+            server = _worker(settings, config, broker, metrics, loops=loops, notifier=notifier)
+        if settings.webhook_worker or server is None:
+            webhook_server = _webhook_worker(settings, broker, metrics, loops=loops)
         if settings.scheduler:
             scheduler = _scheduler(settings, config, broker, metrics, loops=loops)
     app = create_app(state, api=settings.mode in ("api", "both"))
@@ -193,6 +204,9 @@ async def serve(settings: Settings) -> int:
         loop.add_signal_handler(sig, on_stop_signal)
     loop.add_signal_handler(signal.SIGHUP, config.reload)
     config.watch()
+    notifier.start(sweep=server is not None or webhook_server is not None)
+    if webhook_server is not None:
+        await webhook_server.start()
     if server is not None:
         await server.start()
     if scheduler is not None:
@@ -206,6 +220,10 @@ async def serve(settings: Settings) -> int:
         await scheduler.stop()
     if server is not None:
         await server.stop()
+    # After the scripts: their last ends are dispatched before the deliveries stop.
+    await notifier.stop()
+    if webhook_server is not None:
+        await webhook_server.stop()
     await site.stop()
     await app_runner.cleanup()
     await config.stop()
@@ -268,8 +286,51 @@ def config_queues(config: ConfigHolder) -> list[str]:
     return sorted({spec.queue for spec in config.current.tasks.values()})
 
 
+def delivery_only(settings: Settings) -> bool:
+    return bool(settings.worker_queues) and all(
+        name == WEBHOOK_QUEUE for name, _ in settings.worker_queues)
+
+
+def _notifier(settings: Settings, config: ConfigHolder, state: ApiState) -> Notifier:
+    return Notifier(config=config, redis=state.redis, client=state.client,
+                    inspector=state.inspector, settings=settings, fast_lane=True)
+
+
+def _webhook_worker(settings: Settings, broker: RedisBroker, metrics: Metrics, *,
+                    loops: Loops | None = None) -> Server:
+    """Deliveries on a server of their own: its own concurrency (a slow receiver never holds a
+    slot a script could use), its own retry schedule, and its retries forwarded every second
+    (a 5 s step of the schedule must not become 10)."""
+    handler = DeliveryHandler(settings, broker.client, on_attempt=metrics.webhook_attempt)
+    return Server(broker, handler, concurrency=settings.webhook_concurrency,
+                  queues={WEBHOOK_QUEUE: 1}, shutdown_timeout_s=settings.shutdown_timeout_s,
+                  retry_delay=delivery_retry_delay(settings.webhook_schedule_s),
+                  forward_interval_s=1.0,
+                  loops=PrefixedLoops(loops, "webhooks.") if loops is not None else None)
+
+
+class PrefixedLoops(Loops):
+    """A second server in one process reports under its own names (its loops are called
+    "fetcher", "acks"... like the first one's)."""
+
+    def __init__(self, base: Loops, prefix: str) -> None:
+        super().__init__(base.clock)
+        self.base = base
+        self.prefix = prefix
+        self.monitors = base.monitors
+
+    def monitor(self, name: str, *, ready_after_s: float = 30.0,
+                live_after_s: float = 120.0) -> LoopMonitor:
+        return self.base.monitor(self.prefix + name, ready_after_s=ready_after_s,
+                                 live_after_s=live_after_s)
+
+    def remove(self, name: str) -> None:
+        self.base.remove(self.prefix + name)
+
+
 def _worker(settings: Settings, config: ConfigHolder, broker: RedisBroker,
-            metrics: Metrics, *, loops: Loops | None = None) -> Server:
+            metrics: Metrics, *, loops: Loops | None = None,
+            notifier: Notifier | None = None) -> Server:
     install_child_watcher()  # before the first spawn; never uvloop in a process that spawns
     runner = ShellRunner(
         config, broker.client,
@@ -283,10 +344,20 @@ def _worker(settings: Settings, config: ConfigHolder, broker: RedisBroker,
     queues = dict(settings.worker_queues) or {
         spec.queue: 1 for spec in config.current.tasks.values()
     }
-    return Server(broker, runner, concurrency=settings.worker_concurrency, queues=queues,
+    # Deliveries are served by their own server (_webhook_worker), never by the shell one.
+    queues.pop(WEBHOOK_QUEUE, None)
+    # Batches (tasks.yaml ``aggregate:``): each group gets its task's settings; groups of other
+    # tasks or of foreign enqueuers are left alone, with a warning in the log.
+    return Server(broker, notifier.wrap(runner) if notifier is not None else runner,
+                  concurrency=settings.worker_concurrency, queues=queues or {"default": 1},
                   strict_priority=settings.worker_strict_priority,
                   shutdown_timeout_s=settings.shutdown_timeout_s,
-                  retry_delay=shell_retry_delay(config), loops=loops)
+                  retry_delay=shell_retry_delay(config), loops=loops,
+                  group_aggregator=shell_aggregator(
+                      config, result_retention_s=settings.result_retention_s),
+                  group_settings=shell_group_settings(config),
+                  aggregation_interval_s=check_interval_s(config.current),
+                  on_transition=notifier.on_transition if notifier is not None else None)
 
 
 def _scheduler(settings: Settings, config: ConfigHolder, broker: RedisBroker,

@@ -26,8 +26,9 @@ from aiohttp import web
 
 from aqsh.api.auth import Caller, may_run, may_see
 from aqsh.api.errors import ApiError
-from aqsh.api.handlers import CANCELED, _caller, _state, attempt_times, public_state, task_view
+from aqsh.api.handlers import _caller, _state
 from aqsh.api.state import ApiState
+from aqsh.api.view import CANCELED, attempt_times_many, public_state, task_document
 from aqsh.engine.faults import LoopMonitor, supervise
 from aqsh.engine.models import TaskState
 from aqsh.engine.runindex import Cursor, Page, Run, RunIndex, RunIndexer, Source
@@ -160,9 +161,9 @@ async def list_runs(request: web.Request) -> web.Response:
         page = await index.page(sources, limit=query.limit, accept=accept,
                                 cursor=query.cursor, since_ms=query.since_ms,
                                 until_ms=query.until_ms)
-    times = await attempt_times(state, [run.info.id for run in page.runs])
+    times = await attempt_times_many(state.redis, [run.info.id for run in page.runs])
     body: dict[str, Any] = {
-        "runs": [task_view(run.info, *t) for run, t in zip(page.runs, times, strict=True)],
+        "runs": [task_document(run.info, *t) for run, t in zip(page.runs, times, strict=True)],
         "next": encode_cursor(page.next) if page.next is not None else None,
     }
     return web.json_response(body)

@@ -244,21 +244,43 @@ class Inspector:
             raise errors.TaskNotFound(f"task {task_id} not found")
         return found[0]
 
+    async def find_many(self, tasks: Sequence[tuple[str, str]]) -> list[TaskInfo | None]:
+        """(queue, task id) pairs → each task (None when absent), in one round trip: for
+        callers that look up many tasks whose queues they know."""
+        if not tasks:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for qname, task_id in tasks:
+            self._queue_lookup(pipe, qname, task_id)
+        replies = await guarded(pipe.execute())
+        out: list[TaskInfo | None] = []
+        for i in range(len(tasks)):
+            found = self._infos(replies[4 * i: 4 * i + 4], 1)
+            out.append(found[0] if found else None)
+        return out
+
+    @staticmethod
+    def _queue_lookup(pipe: Any, qname: str, task_id: str) -> None:
+        q = keys.queue_keys(qname)
+        pipe.hmget(q.task(task_id), "msg", "state", "result", "pending_since")
+        # Scores for the states that report one; cheap misses for the others.
+        pipe.zscore(q.scheduled, task_id)
+        pipe.zscore(q.retry, task_id)
+        pipe.zscore(q.lease, task_id)
+
     async def _fetch(self, queues: Sequence[str], task_id: str) -> list[TaskInfo]:
         if not queues:
             return []
         pipe = self.redis.pipeline(transaction=False)
         for qname in queues:
-            q = keys.queue_keys(qname)
-            pipe.hmget(q.task(task_id), "msg", "state", "result", "pending_since")
-            # Scores for the states that report one; cheap misses for the others.
-            pipe.zscore(q.scheduled, task_id)
-            pipe.zscore(q.retry, task_id)
-            pipe.zscore(q.lease, task_id)
+            self._queue_lookup(pipe, qname, task_id)
         replies = await guarded(pipe.execute())
+        return self._infos(replies, len(queues))
+
+    def _infos(self, replies: Sequence[Any], count: int) -> list[TaskInfo]:
         now = unix_s(self.clock)
         out: list[TaskInfo] = []
-        for i in range(len(queues)):
+        for i in range(count):
             (raw_msg, raw_state, result, since), sched, retry, lease = replies[4 * i: 4 * i + 4]
             message = _decode_or_none(raw_msg)
             if message is None or raw_state is None:
