@@ -6,6 +6,7 @@
 -- ARGV[3] -> now (Unix nanoseconds), stored as pending_since
 -- ARGV[4] -> optional: wake-up channel (aqsh:wake) to PUBLISH the queue name on
 -- ARGV[5] -> optional: the queue name
+-- KEYS[3] -> optional: aqsh:{q}:runs:<type>  run index (aqsh only), scored by now in ms
 -- Returns 1 when enqueued, 0 when a task with this id already exists.
 -- Publishing from the script saves aqsh's client a second command per enqueue.
 if redis.call("EXISTS", KEYS[1]) == 1 then
@@ -13,6 +14,17 @@ if redis.call("EXISTS", KEYS[1]) == 1 then
 end
 redis.call("HSET", KEYS[1], "msg", ARGV[1], "state", "pending", "pending_since", ARGV[3])
 redis.call("LPUSH", KEYS[2], ARGV[2])
+if KEYS[3] then
+  redis.call("ZADD", KEYS[3], math.floor(tonumber(ARGV[3]) / 1000000), ARGV[2])
+  local prefix = string.sub(KEYS[1], 1, #KEYS[1] - #ARGV[2])
+  -- Trim: the oldest entries whose task is gone (its retention ended, or it was deleted)
+  -- go here, a few per enqueue, so the index follows the tasks without a pass of its own.
+  for _ = 1, 2 do
+    local old = redis.call("ZRANGE", KEYS[3], 0, 0)[1]
+    if not old or redis.call("EXISTS", prefix .. old) == 1 then break end
+    redis.call("ZREM", KEYS[3], old)
+  end
+end
 if ARGV[4] and ARGV[4] ~= "" then
   redis.call("PUBLISH", ARGV[4], ARGV[5])
 end

@@ -7,13 +7,17 @@
 -- ARGV[4] -> optional: wake-up channel (aqsh:wake) to PUBLISH the queue name on, once, when at
 --            least one task was enqueued (after the tasks exist, so a woken worker finds them)
 -- ARGV[5] -> optional: the queue name
+-- KEYS[2] -> optional: aqsh:{q}:runs:<type>  run index (aqsh only; the tasks are then all of
+--            that type), scored by now in ms
 -- Returns one integer per task, in order: 1 enqueued, 0 a task with this id already exists.
 -- Each task gets exactly the single-task enqueue treatment. Packing the batch into one argument
 -- spares the client encoding thousands of arguments (its main cost in profiles).
 local out = {}
 local enqueued = false
+local added = 0
 local blob = ARGV[3]
 local pos = 1
+local index_ms = KEYS[2] and math.floor(tonumber(ARGV[1]) / 1000000)
 while pos <= #blob do
   local id_len, msg_len
   id_len, pos = struct.unpack(">I4", blob, pos)
@@ -28,8 +32,21 @@ while pos <= #blob do
   else
     redis.call("HSET", key, "msg", msg, "state", "pending", "pending_since", ARGV[1])
     redis.call("LPUSH", KEYS[1], id)
+    if KEYS[2] then
+      redis.call("ZADD", KEYS[2], index_ms, id)
+    end
     out[#out + 1] = 1
     enqueued = true
+    added = added + 1
+  end
+end
+if enqueued and KEYS[2] then
+  -- Trim: the oldest entries whose task is gone (its retention ended, or it was deleted)
+  -- go here, a few per enqueue, so the index follows the tasks without a pass of its own.
+  for _ = 1, 2 * added do
+    local old = redis.call("ZRANGE", KEYS[2], 0, 0)[1]
+    if not old or redis.call("EXISTS", ARGV[2] .. old) == 1 then break end
+    redis.call("ZREM", KEYS[2], old)
   end
 end
 if enqueued and ARGV[4] and ARGV[4] ~= "" then

@@ -8,6 +8,7 @@
 -- ARGV[4] -> now (Unix nanoseconds)
 -- ARGV[5] -> optional: wake-up channel (aqsh:wake) to PUBLISH the queue name on
 -- ARGV[6] -> optional: the queue name
+-- KEYS[4] -> optional: aqsh:{q}:runs:<type>  run index (aqsh only), scored by now in ms
 -- Returns 1 when enqueued, -1 when the lock is held (duplicate), 0 on an id conflict.
 -- As in asynq, a lock taken before an id conflict is kept until its TTL.
 if not redis.call("SET", KEYS[1], ARGV[1], "NX", "EX", ARGV[2]) then
@@ -19,6 +20,17 @@ end
 redis.call("HSET", KEYS[2], "msg", ARGV[3], "state", "pending", "pending_since", ARGV[4],
   "unique_key", KEYS[1])
 redis.call("LPUSH", KEYS[3], ARGV[1])
+if KEYS[4] then
+  redis.call("ZADD", KEYS[4], math.floor(tonumber(ARGV[4]) / 1000000), ARGV[1])
+  local prefix = string.sub(KEYS[2], 1, #KEYS[2] - #ARGV[1])
+  -- Trim: the oldest entries whose task is gone (its retention ended, or it was deleted)
+  -- go here, a few per enqueue, so the index follows the tasks without a pass of its own.
+  for _ = 1, 2 do
+    local old = redis.call("ZRANGE", KEYS[4], 0, 0)[1]
+    if not old or redis.call("EXISTS", prefix .. old) == 1 then break end
+    redis.call("ZREM", KEYS[4], old)
+  end
+end
 if ARGV[5] and ARGV[5] ~= "" then
   redis.call("PUBLISH", ARGV[5], ARGV[6])
 end

@@ -56,6 +56,16 @@ _STATES = ["pending", "scheduled", "active", "retry", "completed", "archived", "
            "aggregating"]
 
 
+_PARAM = {"type": "string", "minLength": 1, "maxLength": 256}
+_RUNS = (
+    "Each run as GET /tasks/{id} shows it; only runs the caller may see (the same check). "
+    "Ordered by enqueue time, newest first. A page examines a bounded number of stored runs, "
+    "so with filters that match rarely it may hold fewer than `limit` runs, even none, and "
+    "still carry `next`: follow `next` until it is null. Runs of tasks enqueued by Go "
+    "clients appear (to admins) within seconds, once the background indexer has seen them."
+)
+
+
 def _body_schema(tasks: Sequence[TaskSpec], max_string_len: int) -> dict[str, Any]:
     schemas = []
     for task in tasks:
@@ -178,6 +188,40 @@ def document(tasks: Sequence[TaskSpec] = (), *, max_string_len: int = 4096) -> d
                                   "after Retry-After seconds"),
                 },
             }},
+            "/runs": {"get": {
+                "summary": "Run history: the runs the caller may see, newest first",
+                "operationId": "listRuns",
+                "description": _RUNS,
+                "parameters": [
+                    {"name": "task", "in": "query", "schema": _PARAM,
+                     "description": "only runs of this task type"},
+                    {"name": "state", "in": "query", "schema": {"enum": _STATES},
+                     "description": "only runs in this state; `active`: what runs now, on "
+                                    "every worker"},
+                    {"name": "submitted_by", "in": "query", "schema": _PARAM,
+                     "description": "only runs this identity submitted"},
+                    {"name": "since", "in": "query",
+                     "schema": {"type": "string", "format": "date-time", "maxLength": 256},
+                     "description": "only runs enqueued at or after this RFC 3339 time"},
+                    {"name": "until", "in": "query",
+                     "schema": {"type": "string", "format": "date-time", "maxLength": 256},
+                     "description": "only runs enqueued at or before this RFC 3339 time"},
+                    {"name": "limit", "in": "query",
+                     "schema": {"type": "integer", "minimum": 1, "maximum": 200,
+                                "default": 50}},
+                    {"name": "cursor", "in": "query",
+                     "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,256}$"},
+                     "description": "the `next` of the previous page (400 for any other)"},
+                ],
+                "responses": {
+                    "200": _json("a page of runs", {"$ref": "#/components/schemas/RunPage"}),
+                    "400": _error("a parameter is malformed or given twice (code "
+                                  "invalid_query), or the cursor is not a `next` value "
+                                  "(invalid_cursor); or the identity header was repeated"),
+                    "401": _COMMON_ERRORS["401"],
+                    "503": _COMMON_ERRORS["503"],
+                },
+            }},
             "/tasks/{id}/deliveries": {"get": {
                 "summary": "The task's webhook deliveries and each attempt",
                 "operationId": "listDeliveries",
@@ -259,6 +303,13 @@ def document(tasks: Sequence[TaskSpec] = (), *, max_string_len: int = 4096) -> d
                          "result": {"oneOf": [{"$ref": "#/components/schemas/Result"},
                                               {"type": "null"}]},
                          "links": {"$ref": "#/components/schemas/Links"}}},
+            "RunPage": {"type": "object", "required": ["runs", "next"],
+                        "properties": {
+                            "runs": {"type": "array",
+                                     "items": {"$ref": "#/components/schemas/Task"}},
+                            "next": {"type": ["string", "null"],
+                                     "description": "pass as `cursor` for the next page; "
+                                                    "null: this was the last"}}},
             "TaskType": {"type": "object",
                          "required": ["name", "description", "queue", "timeout_s",
                                       "input_schema"],

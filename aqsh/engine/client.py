@@ -87,16 +87,22 @@ class Client:
         clock: Clock | None = None,
         wake_workers: bool = True,
         fast_lane: bool = False,
+        index_runs: bool = True,
     ) -> None:
         """``fast_lane=True`` sends enqueues over one multiplexed connection of the client's
         own (``aqsh.engine.fastlane``), several times cheaper per enqueue than redis-py, when
         ``client`` points at a plain TCP Redis (otherwise redis-py is used as before: TLS,
         Sentinel, Cluster). That connection must be closed: ``async with Client(...)`` or
-        ``await client.aclose()``."""
+        ``await client.aclose()``.
+
+        ``index_runs`` adds each task to its type's run index (``keys.runs_index_key``) in
+        the script that stores it, which is what run histories page through; asynq's Go
+        client writes none, which is why an index reader must tolerate gaps."""
         self.broker = client if isinstance(client, RedisBroker) else RedisBroker(client)
         self.redis = self.broker.client
         self.clock = clock or SystemClock()
         self.wake_workers = wake_workers
+        self.index_runs = index_runs
         self._lane = FastLane.from_redis(self.redis) if fast_lane else None
         # queue -> monotonic time until which its SADD to asynq:queues is taken as still
         # standing. Not for ever (as asynq's client caches it): a Redis that restarted empty
@@ -173,7 +179,7 @@ class Client:
             headers=headers,
             group=group,
         )
-        plan = self._plan(request)
+        plan = self._indexed(self._plan(request))
         qname = plan.message.queue
         # The script that stores a pending task also publishes the wake-up, so a woken worker
         # always finds the task (a separate PUBLISH would go out before a task whose script
@@ -212,7 +218,7 @@ class Client:
         call (up to 1,000 per call); unique and scheduled tasks use their own scripts in the same
         pipeline. Each task is treated exactly as a single enqueue would treat it.
         """
-        plans = [self._plan(r) for r in requests]
+        plans = [self._indexed(self._plan(r)) for r in requests]
         if not plans:
             return []
         batch = Batch()
@@ -222,21 +228,27 @@ class Client:
             batch.command("SADD", keys.ALL_QUEUES, *sorted(new_queues))
         # where[i] = (reply index, position inside a batch reply or -1)
         where: list[tuple[int, int]] = [(0, -1)] * len(plans)
-        batches: dict[str, list[int]] = {}
+        # Plain tasks travel in one enqueue_batch call per queue, or per queue and type when
+        # indexed (the call's run index is that of one type).
+        batches: dict[tuple[str, str], list[int]] = {}
         # The last script call that may store a pending task of a queue publishes its wake-up
         # (see enqueue): queue name -> (command index, the wake arguments).
         last_pending: dict[str, tuple[int, list[str]]] = {}
         for i, plan in enumerate(plans):
             if plan.script == "enqueue":
-                batches.setdefault(plan.message.queue, []).append(i)
+                group = plan.message.type if self.index_runs else ""
+                batches.setdefault((plan.message.queue, group), []).append(i)
                 continue
             where[i] = (len(batch), -1)
             if wake := self._wake_args(plan):
                 last_pending[plan.message.queue] = (len(batch), wake)
             batch.script(plan.script, plan.keys, plan.args)
         now_ns = self.clock.now_ns()
-        for qname, members in batches.items():
+        for (qname, group), members in batches.items():
             q = keys.queue_keys(qname)
+            batch_keys = [q.pending]
+            if self.index_runs:
+                batch_keys.append(keys.runs_index_key(qname, group))
             for start in range(0, len(members), _BATCH_LIMIT):
                 chunk = members[start:start + _BATCH_LIMIT]
                 packed = bytearray()
@@ -245,7 +257,7 @@ class Client:
                     where[i] = (len(batch), position)
                 if wake := self._wake_args(plans[chunk[0]]):
                     last_pending[qname] = (len(batch), wake)
-                batch.script("enqueue_batch", [q.pending], [now_ns, q.task_prefix, bytes(packed)])
+                batch.script("enqueue_batch", batch_keys, [now_ns, q.task_prefix, bytes(packed)])
         for index, wake in last_pending.values():
             batch.commands[index] = (*batch.commands[index], *wake)
         names = sorted({p.script for p in plans} | ({"enqueue_batch"} if batches else set()))
@@ -264,6 +276,17 @@ class Client:
             except errors.AqshError as exc:
                 results.append(exc)
         return results
+
+    def _indexed(self, plan: _Plan) -> _Plan:
+        """With ``index_runs``, the run index as the script's optional last key (and, for the
+        schedule scripts, the time in ms as their last argument): the script stores the task
+        and its index entry together, so the two cannot drift apart."""
+        if self.index_runs:
+            msg = plan.message
+            plan.keys.append(keys.runs_index_key(msg.queue, msg.type))
+            if plan.state is TaskState.SCHEDULED:
+                plan.args.append(self.clock.now_ns() // 1_000_000)
+        return plan
 
     def _plan(self, r: EnqueueRequest) -> _Plan:
         if not isinstance(r.type, str) or not r.type.strip():

@@ -24,6 +24,10 @@ WAKE_CHANNEL = "aqsh:wake"
 #: a task's log stream, and the API's Idempotency-Key records.
 LOG_KEY_PREFIX = "logs:"
 IDEMPOTENCY_PREFIX = "aqsh:idem:"
+#: aqsh-only set of the task types that have a run index, as JSON ``[queue, type]`` pairs:
+#: what GET /runs merges when no task filter narrows it to one index (types no longer in
+#: tasks.yaml and types only Go clients enqueue are found here).
+RUNS_TYPES = "aqsh:runs:types"
 
 
 def log_key(task_id: str) -> str:
@@ -32,6 +36,13 @@ def log_key(task_id: str) -> str:
 
 def idempotency_key(scope: str) -> str:
     return f"{IDEMPOTENCY_PREFIX}{scope}"
+
+
+def runs_index_key(qname: str, task_type: str) -> str:
+    """aqsh's run index of one task type in one queue: a sorted set of task ids scored by
+    enqueue time (Unix ms). It carries the queue's ``{qname}`` hash tag, so the enqueue
+    scripts write it beside the task hash in one Cluster-safe call."""
+    return f"aqsh:{{{qname}}}:runs:{task_type}"
 
 
 #: aqsh-only keys of the webhook deliveries (what they hold: aqsh/webhooks/store.py): the
