@@ -47,6 +47,7 @@ from aqsh.runner.schedules import periodic_tasks
 from aqsh.runner.spec import TasksConfig
 from aqsh.runner.workdirs import check_work_root
 from aqsh.settings import Settings, load_settings
+from aqsh.supervisor import run_supervisor, supervised_child
 
 log = structlog.get_logger("aqsh")
 
@@ -117,6 +118,9 @@ def harden_process(settings: Settings) -> None:
 
 
 async def serve(settings: Settings) -> int:
+    # One of N supervised children (AQSH_WORKER_PROCESSES, aqsh/supervisor.py): dies with the
+    # supervisor, shares the port.
+    reuse_port = supervised_child()
     configure_logging(settings.log_format, settings.log_level)
     try:
         config = ConfigHolder(settings.tasks_config, settings.tasks_dir)
@@ -169,7 +173,7 @@ async def serve(settings: Settings) -> int:
     app_runner = ApiRunner(app, handle_signals=False, shutdown_timeout=5.0)
     await app_runner.setup()
     host, port = settings.host_port
-    site = web.TCPSite(app_runner, host, port)
+    site = web.TCPSite(app_runner, host, port, reuse_port=reuse_port or None)
     await site.start()
     loop = asyncio.get_running_loop()
     log.info("aqsh.started", version=__version__, mode=settings.mode, bind=settings.bind,
@@ -264,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     serve_cmd = sub.add_parser("serve", help="run the service (mode from AQSH_MODE or --mode)")
     serve_cmd.add_argument("--mode", choices=("api", "worker", "both"))
+    serve_cmd.add_argument("--processes", metavar="N|auto",
+                           help="run N processes under a supervisor (AQSH_WORKER_PROCESSES; "
+                                "auto = the cores this process may use)")
     check = sub.add_parser("check-config", help="validate a tasks.yaml; exit 1 on errors")
     check.add_argument("file")
     check.add_argument("--tasks-dir", default=None,
@@ -274,11 +281,22 @@ def main(argv: list[str] | None = None) -> int:
         tasks_dir = args.tasks_dir or os.environ.get("AQSH_TASKS_DIR") or os.path.dirname(
             os.path.abspath(args.file))
         return check_config(args.file, tasks_dir)
+    if args.processes is not None:
+        os.environ["AQSH_WORKER_PROCESSES"] = args.processes  # parsed and checked as the setting
     try:
         settings = load_settings(None, **({"mode": args.mode} if args.mode else {}))
+        if settings.worker_processes > 1 and settings.redis_addr == "embedded":
+            raise ConfigError("AQSH_REDIS_ADDR=embedded runs in one process: set "
+                              "AQSH_WORKER_PROCESSES=1 or use an external Redis")
     except ConfigError as exc:
         print(f"aqsh: {exc.message}", file=sys.stderr)
         return 2
+    if settings.worker_processes > 1:
+        # The supervisor keeps the environment (the children read their settings from it),
+        # so it is made non-dumpable: a script of the same uid cannot read its environ.
+        configure_logging(settings.log_format, settings.log_level)
+        make_non_dumpable()
+        return run_supervisor(settings.worker_processes, settings.mode)
     harden_process(settings)
     loop_factory = None
     if settings.uses_uvloop:
