@@ -24,6 +24,7 @@ import urllib.request
 from pathlib import Path
 
 import _common
+import psutil  # type: ignore[import-untyped]
 
 from aqsh.redis_process import RedisProcess, free_port
 
@@ -57,15 +58,15 @@ def wait_live(proc: subprocess.Popen[bytes], url: str) -> None:
     raise RuntimeError(f"{url} did not start")
 
 
-def start_service(tmp: Path, redis_url: str, mode: str,
+def start_service(tmp: Path, redis_url: str, mode: str, root: Path = _common.ROOT,
                   **extra_env: str) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     env = {**os.environ, "AQSH_REDIS_ADDR": redis_url, "AQSH_MODE": mode,
            "AQSH_TASKS_CONFIG": str(tmp / "tasks.yaml"), "AQSH_TASKS_DIR": str(tmp),
            "AQSH_BIND": f"127.0.0.1:{port}", "AQSH_LOG_LEVEL": "info",
            "AQSH_LOG_FORMAT": "json", "AQSH_WORKER_CONCURRENCY": "4",
-           "PYTHONPATH": str(_common.ROOT), **extra_env}
-    proc = subprocess.Popen([sys.executable, "-m", "aqsh", "serve"], env=env,
+           "PYTHONPATH": str(root), **extra_env}
+    proc = subprocess.Popen([sys.executable, "-m", "aqsh", "serve"], env=env, cwd=root,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     wait_live(proc, url + "/health/live")
@@ -91,6 +92,11 @@ def wrk(wrk_bin: str, url: str, connections: int, seconds: float,
     return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
+def cpu_s(proc: subprocess.Popen[bytes]) -> float:
+    times = psutil.Process(proc.pid).cpu_times()
+    return float(times.user + times.system)
+
+
 def sse_load(url: str, task_id: str, clients: int) -> dict[str, float]:
     out = subprocess.run([sys.executable, str(HERE / "_load.py"), "sse", url, task_id,
                           str(clients)], check=True, capture_output=True, text=True, timeout=600)
@@ -112,6 +118,9 @@ def main() -> None:
     parser.add_argument("--pin-redis", type=int, default=None, metavar="CORE",
                         help="pin Redis to this core (taskset)")
     parser.add_argument("--no-sse", action="store_true")
+    parser.add_argument("--before", type=Path, default=None, metavar="CHECKOUT",
+                        help="also load the API of another checkout (e.g. `git worktree add "
+                             "/tmp/before HEAD~1`), interleaved: a before/after in one run")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="aqsh-api-bench-") as tmp_dir:
         run(Path(tmp_dir), args)
@@ -136,36 +145,61 @@ def run(tmp: Path, args: argparse.Namespace) -> None:
             _common.pin(_common.redis_pid(redis_proc), args.pin_redis)
         api, url = start_service(tmp, redis_proc.url, "api")
         floor, floor_url = start_floor()
+        servers = [("api", api, url), ("floor", floor, floor_url)]
+        if args.before is not None:
+            before, before_url = start_service(tmp, redis_proc.url, "api", args.before.resolve())
+            servers.append(("before", before, before_url))
         try:
             task_id = submit(url, "echo", b'{"name":"bench"}')
             for round_no in range(args.rounds):
                 print(f"# round {round_no + 1}/{args.rounds}", file=sys.stderr, flush=True)
                 for c in connections:
                     # Alternate which side goes first so drift favours neither.
-                    sides = [("api", url), ("floor", floor_url)]
+                    sides = list(servers)
                     if round_no % 2:
                         sides.reverse()
-                    for side, base in sides:
+                    for side, proc, base in sides:
+                        cpu0 = cpu_s(proc)
                         r = wrk(wrk_bin, base + "/tasks/echo", c, args.seconds)
                         errors += int(r["errors"])
                         samples.add(f"{side}_post_c{c}_req_per_s", r["req_per_s"])
                         samples.add(f"{side}_post_c{c}_p99_ms", r["p99_ms"])
-                for side, base in [("api", url), ("floor", floor_url)]:
+                        # CPU per request of the server process: steadier than req/s on a
+                        # shared machine, and what the request path costs.
+                        samples.add(f"{side}_post_c{c}_cpu_us_per_request",
+                                    (cpu_s(proc) - cpu0) / r["requests"] * 1e6)
+                for side, proc, base in servers:
+                    cpu0 = cpu_s(proc)
                     r = wrk(wrk_bin, f"{base}/tasks/{task_id}", 50, args.seconds, "GET")
                     errors += int(r["errors"])
                     samples.add(f"{side}_get_c50_req_per_s", r["req_per_s"])
                     samples.add(f"{side}_get_c50_p99_ms", r["p99_ms"])
+                    samples.add(f"{side}_get_c50_cpu_us_per_request",
+                                (cpu_s(proc) - cpu0) / r["requests"] * 1e6)
             figures.update(_common.placement(_common.redis_pid(redis_proc), args.pin_redis))
         finally:
-            for proc in (api, floor):
+            for _, proc, _ in servers:
                 proc.terminate()
                 proc.wait(timeout=30)
     figures["http_errors"] = errors
     for c in connections:
         figures[f"post_c{c}_vs_floor_ratio"] = round(
             samples.ratio(f"api_post_c{c}_req_per_s", f"floor_post_c{c}_req_per_s"), 3)
+        figures[f"post_c{c}_cpu_vs_floor_ratio"] = round(samples.ratio(
+            f"api_post_c{c}_cpu_us_per_request", f"floor_post_c{c}_cpu_us_per_request"), 3)
     figures["get_c50_vs_floor_ratio"] = round(
         samples.ratio("api_get_c50_req_per_s", "floor_get_c50_req_per_s"), 3)
+    figures["get_c50_cpu_vs_floor_ratio"] = round(samples.ratio(
+        "api_get_c50_cpu_us_per_request", "floor_get_c50_cpu_us_per_request"), 3)
+    if args.before is not None:
+        figures["before_checkout"] = str(args.before)
+        for c in connections:
+            figures[f"post_c{c}_vs_before_ratio"] = round(samples.ratio(
+                f"api_post_c{c}_req_per_s", f"before_post_c{c}_req_per_s"), 3)
+            figures[f"before_post_c{c}_vs_floor_ratio"] = round(samples.ratio(
+                f"before_post_c{c}_req_per_s", f"floor_post_c{c}_req_per_s"), 3)
+        figures["get_c50_vs_before_ratio"] = round(
+            samples.ratio("api_get_c50_req_per_s", "before_get_c50_req_per_s"), 3)
     if not args.no_sse:
         with RedisProcess() as redis_proc:
             both, url = start_service(tmp, redis_proc.url, "both",

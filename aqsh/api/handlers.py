@@ -61,6 +61,17 @@ def _links(request: web.Request, task_id: str) -> dict[str, str]:
     return {"self": f"/tasks/{task_id}", "logs": f"/tasks/{task_id}/logs"}
 
 
+def json_response(body: Any, status: int = 200) -> web.Response:
+    """``web.json_response`` with msgspec's encoder (several times faster than the standard
+    library's on these small documents), same bytes on the wire up to whitespace and the same
+    Content-Type."""
+    return web.Response(body=msgspec.json.encode(body), status=status,
+                        headers={"Content-Type": _JSON_CONTENT_TYPE})
+
+
+_JSON_CONTENT_TYPE = "application/json; charset=utf-8"
+
+
 def _iso(unix_s: float | None) -> str | None:
     if not unix_s:
         return None
@@ -91,7 +102,7 @@ async def submit_task(request: web.Request) -> web.Response:
         if idem.previous:
             try:
                 info = await state.inspector.find_task(task_id, [spec.queue])
-                return web.json_response(_accepted(request, info, name, caller), status=202)
+                return json_response(_accepted(request, info, name, caller), status=202)
             except errors.TaskNotFound:
                 if idem.previous == "enqueued":
                     raise ApiError(
@@ -124,9 +135,9 @@ async def submit_task(request: web.Request) -> web.Response:
         info = await state.inspector.find_task(task_id, [spec.queue])
     if idem is not None and idem.previous != "enqueued":
         await _mark_enqueued(state, idem)
-    state.metrics.tasks_submitted.labels(name).inc()
+    state.metrics.task_submitted(name)
     log.info("task.submitted", task_id=info.id, name=name, queue=spec.queue, user=caller.user)
-    return web.json_response(_accepted(request, info, name, caller), status=202)
+    return json_response(_accepted(request, info, name, caller), status=202)
 
 
 async def _riding_out_outages(state: ApiState, attempt: Callable[[], Awaitable[T]]) -> T:
@@ -158,13 +169,18 @@ async def _json_body(request: web.Request) -> Any:
         return {}
     if request.content_type not in ("application/json", ""):
         raise ApiError(415, "unsupported_media_type", "send the input as application/json")
-    timeout_s = _state(request).settings.http_body_timeout_s
-    try:
-        async with asyncio.timeout(timeout_s):
-            raw = await request.read()
-    except TimeoutError:
-        raise ApiError(408, "request_timeout",
-                       f"the request body did not arrive within {timeout_s:g} s") from None
+    if request.content.is_eof():
+        # The whole body came with the headers (the usual small POST): reading cannot wait,
+        # so no timer is armed for it.
+        raw = await request.read()
+    else:
+        timeout_s = _state(request).settings.http_body_timeout_s
+        try:
+            async with asyncio.timeout(timeout_s):
+                raw = await request.read()
+        except TimeoutError:
+            raise ApiError(408, "request_timeout",
+                           f"the request body did not arrive within {timeout_s:g} s") from None
     if not raw.strip():
         return {}
     check_json_shape(raw)
@@ -211,6 +227,8 @@ _MAX_SCHEDULE_PARAM_CHARS = 64
 
 
 def _schedule(request: web.Request) -> datetime | None:
+    if not request.query_string:
+        return None  # no query at all: nothing to parse
     process_in = request.query.get("process_in")
     process_at = request.query.get("process_at")
     if process_in is not None and process_at is not None:
@@ -358,24 +376,41 @@ async def get_task(request: web.Request) -> web.Response:
         "result": result,
         "links": _links(request, info.id),
     }
-    return web.json_response(body)
+    return json_response(body)
 
 
 async def _attempt_times(state: ApiState, info: TaskInfo) -> tuple[int | None, int | None]:
     """Start of the first attempt and end of the last: kept by the log writer in the hash
     beside the log stream (they outlive markers the stream's cap trimmed); for logs written
     before that hash existed, from the stream's first and last markers."""
-    pipe = state.redis.pipeline(transaction=False)
-    pipe.hmget(log_meta_key(info.id), "started_ms", "finished_ms")
-    pipe.xrange(log_key(info.id), count=1)
-    pipe.xrevrange(log_key(info.id), count=1)
-    (kept_start, kept_end), first, last = await pipe.execute()
+    meta, stream = log_meta_key(info.id), log_key(info.id)
+    lane = state.broker.lane
+    if lane is not None:  # one multiplexed connection: a fraction of a redis-py pipeline's CPU
+        replies = await lane.execute_many([
+            ("HMGET", meta, "started_ms", "finished_ms"),
+            ("XRANGE", stream, "-", "+", "COUNT", 1),
+            ("XREVRANGE", stream, "+", "-", "COUNT", 1)])
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        (kept_start, kept_end), first, last = replies
+    else:
+        pipe = state.redis.pipeline(transaction=False)
+        pipe.hmget(meta, "started_ms", "finished_ms")
+        pipe.xrange(stream, count=1)
+        pipe.xrevrange(stream, count=1)
+        (kept_start, kept_end), first, last = await pipe.execute()
     if kept_start is not None:
         return int(kept_start), int(kept_end) if kept_end is not None else None
 
     def ms(entries: Any, marker: bytes) -> int | None:
-        if entries and marker in entries[0][1]:
-            return int(entries[0][0].split(b"-")[0])
+        if not entries:
+            return None
+        entry_id, fields = entries[0][0], entries[0][1]
+        # redis-py gives a dict of fields; the lane Redis's flat [field, value, ...] list.
+        names = fields.keys() if isinstance(fields, dict) else fields[0::2]
+        if marker in names:
+            return int(entry_id.split(b"-")[0])
         return None
 
     return ms(first, b"start"), ms(last, b"eof")
