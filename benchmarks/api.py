@@ -93,8 +93,16 @@ def wrk(wrk_bin: str, url: str, connections: int, seconds: float,
 
 
 def cpu_s(proc: subprocess.Popen[bytes]) -> float:
-    times = psutil.Process(proc.pid).cpu_times()
-    return float(times.user + times.system)
+    """CPU seconds of a server process and its children (a supervisor's processes)."""
+    root = psutil.Process(proc.pid)
+    total = 0.0
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            times = p.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
 
 
 def sse_load(url: str, task_id: str, clients: int) -> dict[str, float]:
@@ -118,6 +126,9 @@ def main() -> None:
     parser.add_argument("--pin-redis", type=int, default=None, metavar="CORE",
                         help="pin Redis to this core (taskset)")
     parser.add_argument("--no-sse", action="store_true")
+    parser.add_argument("--processes", type=int, default=len(os.sched_getaffinity(0)),
+                        help="also load the API served by N processes on one port "
+                             "(AQSH_WORKER_PROCESSES; default: the cores; 1 = skip)")
     parser.add_argument("--before", type=Path, default=None, metavar="CHECKOUT",
                         help="also load the API of another checkout (e.g. `git worktree add "
                              "/tmp/before HEAD~1`), interleaved: a before/after in one run")
@@ -146,6 +157,10 @@ def run(tmp: Path, args: argparse.Namespace) -> None:
         api, url = start_service(tmp, redis_proc.url, "api")
         floor, floor_url = start_floor()
         servers = [("api", api, url), ("floor", floor, floor_url)]
+        if args.processes > 1:
+            multi, multi_url = start_service(tmp, redis_proc.url, "api",
+                                             AQSH_WORKER_PROCESSES=str(args.processes))
+            servers.append((f"api_p{args.processes}", multi, multi_url))
         if args.before is not None:
             before, before_url = start_service(tmp, redis_proc.url, "api", args.before.resolve())
             servers.append(("before", before, before_url))
@@ -191,6 +206,12 @@ def run(tmp: Path, args: argparse.Namespace) -> None:
         samples.ratio("api_get_c50_req_per_s", "floor_get_c50_req_per_s"), 3)
     figures["get_c50_cpu_vs_floor_ratio"] = round(samples.ratio(
         "api_get_c50_cpu_us_per_request", "floor_get_c50_cpu_us_per_request"), 3)
+    if args.processes > 1:
+        for c in connections:
+            figures[f"post_p{args.processes}_c{c}_vs_floor_ratio"] = round(samples.ratio(
+                f"api_p{args.processes}_post_c{c}_req_per_s", f"floor_post_c{c}_req_per_s"), 3)
+            figures[f"post_p{args.processes}_c{c}_vs_p1_ratio"] = round(samples.ratio(
+                f"api_p{args.processes}_post_c{c}_req_per_s", f"api_post_c{c}_req_per_s"), 3)
     if args.before is not None:
         figures["before_checkout"] = str(args.before)
         for c in connections:

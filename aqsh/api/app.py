@@ -63,10 +63,18 @@ class AccessLogger(AbstractAccessLogger):
     (a strftime, a LogRecord, a formatter). Same facts: peer, request line, status, bytes,
     duration, referer and user agent when sent."""
 
+    __slots__ = ("_log",)
+
+    def __init__(self, logger: logging.Logger, log_format: str) -> None:
+        super().__init__(logger, log_format)
+        # One per connection (aiohttp makes one per connection handler): bound once here,
+        # not resolved through structlog's lazy proxy on every request.
+        self._log = access_log.bind()
+
     @property
     def enabled(self) -> bool:
         # Asked once per connection: structlog's own level filter (configure_logging's level).
-        check = getattr(access_log.bind(), "is_enabled_for", None)
+        check = getattr(self._log, "is_enabled_for", None)
         return True if check is None else bool(check(logging.INFO))
 
     def log(self, request: BaseRequest, response: web.StreamResponse, time: float) -> None:
@@ -76,7 +84,7 @@ class AccessLogger(AbstractAccessLogger):
             extra["referer"] = referer
         if (agent := headers.get("User-Agent")) is not None:
             extra["user_agent"] = agent
-        access_log.info("request.served", peer=request.remote, method=request.method,
+        self._log.info("request.served", peer=request.remote, method=request.method,
                         path=request.raw_path, status=response.status,
                         bytes=response.body_length, duration_ms=round(time * 1000, 3), **extra)
 
