@@ -69,7 +69,7 @@ class Pod:
         self.supervisor = psutil.Process(self.proc.pid)
 
     def children(self) -> set[int]:
-        return {c.pid for c in self.supervisor.children() if c.status() != psutil.STATUS_ZOMBIE}
+        return {c.pid for c in alive(self.supervisor.children())}
 
     def server_pids(self) -> set[int]:
         """Pids of the live asynq servers registered in Redis (one per worker process)."""
@@ -134,12 +134,12 @@ def alive(procs: list[psutil.Process]) -> list[psutil.Process]:
 
 def test_each_child_is_a_worker_with_its_own_server_and_serves_tasks(pod: Pod) -> None:
     children = pod.wait_serving(2)
-    pod.enqueue("who", 10)
-    wait_until_sync(lambda: len(pod.lines("ran")) == 10, DEADLINE_S, 0.05, "10 tasks run")
+    pod.enqueue("who", 20)
+    wait_until_sync(lambda: len(pod.lines("ran")) == 20, DEADLINE_S, 0.05, "20 tasks run")
     ran_by = {int(pid) for pid in pod.lines("ran")}
     assert ran_by <= children
-    # One child at concurrency 1 runs 10 × 0.3 s in 3 s; the other polls at least every
-    # 1.25 s when idle, so both take part.
+    # Both are woken by the enqueue; and one child at concurrency 1 would need 20 × 0.3 s,
+    # while the other polls at least every 1.25 s when idle: both take part.
     assert ran_by == children
 
 
