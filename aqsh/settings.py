@@ -82,6 +82,27 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     #: How long a submission waits out an unreachable Redis (a restart, a Sentinel failover)
     #: before answering 503. Retries reuse the task id, so a submission is never stored twice.
     submit_retry_s: float = 5.0
+    #: Webhooks (aqsh.webhooks). Deliveries run on a server of their own in worker mode, with
+    #: its own concurrency, so a slow receiver never holds a slot a script could use.
+    webhook_worker: bool = True
+    webhook_concurrency: int = 20
+    webhook_timeout_s: float = 15.0
+    #: Delay before each attempt (the first is immediate): the Standard Webhooks schedule.
+    webhook_schedule_s: tuple[float, ...] = (0, 5, 300, 1800, 7200, 18000, 36000, 36000)
+    #: A body over this drops result.data (and says so in ``result.data_omitted``).
+    webhook_max_body_bytes: int = 64 * 1024
+    #: How often a worker looks for ended tasks whose deliveries were never enqueued (the
+    #: process that ended them died first).
+    webhook_sweep_interval_s: float = 30.0
+    #: Makes the links in webhook bodies absolute (e.g. https://aqsh.example.com).
+    public_url: str | None = None
+    #: Per-submission callbacks: the operator's signing secret(s), and where they may point.
+    callback_secret: str | None = None
+    callback_secret_file: str | None = None
+    callback_allowed_hosts: tuple[str, ...] = ()
+    callback_allow_http: bool = False
+    #: Networks a callback may reach although they are loopback/private/link-local.
+    callback_allowed_networks: tuple[str, ...] = ()
     #: Log followers (SSE streams) one process serves at once; more are answered 503.
     max_sse_clients: int = 1000
 
@@ -139,7 +160,11 @@ def _cidrs(text: str) -> tuple[str, ...]:
 def _queues(text: str) -> tuple[tuple[str, int], ...]:
     out = []
     for part in _csv(text):
-        name, _, weight = part.partition(":")
+        # The weight follows the last colon; aqsh's reserved queues (aqsh:webhooks) have a
+        # colon of their own, so for them a weight is optional.
+        name, sep, weight = part.rpartition(":")
+        if not sep or (part.startswith("aqsh:") and not weight.strip().isdigit()):
+            name, weight = part, ""
         if not name.strip():
             raise ValueError("queue names, optionally name:weight, comma separated")
         out.append((name.strip(), _positive_int(weight) if weight else 1))
@@ -155,6 +180,29 @@ def _addrs(text: str) -> tuple[str, ...]:
     if not addrs:
         raise ValueError("host:port,host:port")
     return addrs
+
+
+def _schedule(text: str) -> tuple[float, ...]:
+    delays = tuple(parse_duration(part) for part in _csv(text))
+    if not delays:
+        raise ValueError("durations, comma separated")
+    return delays
+
+
+def _whsec(text: str) -> str:
+    from aqsh.webhooks.signing import InvalidSecret, parse_secrets
+
+    try:
+        parse_secrets(text)
+    except InvalidSecret:
+        raise ValueError("whsec_ secrets") from None
+    return text
+
+
+def _url(text: str) -> str:
+    if not text.startswith(("http://", "https://")):
+        raise ValueError("an http(s) URL")
+    return text.rstrip("/")
 
 
 def _bind(text: str) -> str:
@@ -238,6 +286,23 @@ _FIELDS: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "EVENT_LOOP": ("event_loop", _choice("auto", "asyncio", "uvloop"), "auto, asyncio or uvloop"),
     "SCHEDULER": ("scheduler", _bool, "true or false"),
     "SUBMIT_RETRY": ("submit_retry_s", _duration, "a duration like 5s (0 answers 503 at once)"),
+    "WEBHOOK_WORKER": ("webhook_worker", _bool, "true or false"),
+    "WEBHOOK_CONCURRENCY": ("webhook_concurrency", _positive_int, "a positive integer"),
+    "WEBHOOK_TIMEOUT": ("webhook_timeout_s", _duration, "a duration like 15s"),
+    "WEBHOOK_SCHEDULE": ("webhook_schedule_s", _schedule,
+                         "delays before each attempt, e.g. 0s,5s,5m,30m,2h,5h,10h,10h"),
+    "WEBHOOK_MAX_BODY_BYTES": ("webhook_max_body_bytes", _positive_int,
+                               "a positive integer (bytes)"),
+    "WEBHOOK_SWEEP_INTERVAL": ("webhook_sweep_interval_s", _duration, "a duration like 30s"),
+    "PUBLIC_URL": ("public_url", _url, "an http(s) URL, e.g. https://aqsh.example.com"),
+    "CALLBACK_SECRET": ("callback_secret", _whsec,
+                        "whsec_<base64> secrets (at least 24 bytes), space separated"),
+    "CALLBACK_SECRET_FILE": ("callback_secret_file", _text, "a file path"),
+    "CALLBACK_ALLOWED_HOSTS": ("callback_allowed_hosts", _csv,
+                               "host patterns, comma separated, e.g. hooks.example.com,*.ci.io"),
+    "CALLBACK_ALLOW_HTTP": ("callback_allow_http", _bool, "true or false"),
+    "CALLBACK_ALLOWED_NETWORKS": ("callback_allowed_networks", _cidrs,
+                                  "CIDRs, comma separated, e.g. 10.1.0.0/16"),
     "MAX_SSE_CLIENTS": ("max_sse_clients", _positive_int, "a positive integer"),
 }
 
@@ -267,4 +332,9 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) ->
     if values.get("redis_cluster_addrs") and values.get("redis_sentinel_addrs"):
         raise ConfigError("AQSH_REDIS_CLUSTER_ADDRS and AQSH_REDIS_SENTINEL_ADDRS are mutually "
                           "exclusive: set one of them")
+    if values.get("callback_secret") and values.get("callback_secret_file"):
+        raise ConfigError("AQSH_CALLBACK_SECRET and AQSH_CALLBACK_SECRET_FILE are mutually "
+                          "exclusive: set one of them")
+    if values.get("webhook_sweep_interval_s", 1.0) <= 0:
+        raise ConfigError("AQSH_WEBHOOK_SWEEP_INTERVAL must be positive")
     return Settings(**values)

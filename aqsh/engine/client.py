@@ -65,6 +65,7 @@ class EnqueueRequest(msgspec.Struct, kw_only=True):
     task_id: str | None = None
     retention: Duration | None = None
     headers: dict[str, str] | None = None
+    group: str | None = None
 
 
 class _Plan(msgspec.Struct):
@@ -151,7 +152,12 @@ class Client:
         task_id: str | None = None,
         retention: Duration | None = None,
         headers: dict[str, str] | None = None,
+        group: str | None = None,
     ) -> TaskInfo:
+        """``group``: the task joins that group (state ``aggregating``) and runs only as part
+        of one task aggregated from the group by a server with a group aggregator (asynq's
+        ``Group``). With a process time in the future it is scheduled instead and, as asynq
+        does, goes to ``pending`` rather than to the group when it comes due."""
         request = EnqueueRequest(
             type=type,
             payload=payload,
@@ -165,6 +171,7 @@ class Client:
             task_id=task_id,
             retention=retention,
             headers=headers,
+            group=group,
         )
         plan = self._plan(request)
         qname = plan.message.queue
@@ -277,6 +284,8 @@ class Client:
             raise errors.InvalidArgument("give process_at or process_in, not both")
         if r.task_id is not None and not r.task_id.strip():
             raise errors.InvalidArgument("task_id must not be blank")
+        if r.group is not None and (not isinstance(r.group, str) or not r.group.strip()):
+            raise errors.InvalidArgument("group must be a non-blank string")
         if unique_ttl is not None and unique_ttl < 1:
             raise errors.InvalidArgument("unique_ttl must be at least 1 second")
         for name, when in (("deadline", r.deadline), ("process_at", r.process_at)):
@@ -303,6 +312,7 @@ class Client:
             unique_key=q.unique(r.type, payload) if unique_ttl is not None else "",
             retention_s=int(retention) if retention is not None else 0,
             headers=dict(r.headers or {}),
+            group_key=r.group or "",
         )
         # asynq compares the process time with now at full precision (a time half a second
         # ahead is scheduled, scored by its whole second); so do we, in integer nanoseconds.
@@ -326,6 +336,16 @@ class Client:
                 message, "schedule", [task_key, q.scheduled],
                 [encoded, process_at_s, task_id], TaskState.SCHEDULED, process_at_s,
             )
+        if r.group:
+            group_args = [encoded, task_id, now_s, r.group]
+            group_keys = [task_key, q.group(r.group), q.groups]
+            if unique_ttl is not None:
+                return _Plan(
+                    message, "add_to_group_unique", [*group_keys, message.unique_key],
+                    [*group_args, int(unique_ttl)], TaskState.AGGREGATING, 0,
+                )
+            return _Plan(message, "add_to_group", group_keys, group_args,
+                         TaskState.AGGREGATING, 0)
         if unique_ttl is not None:
             return _Plan(
                 message, "enqueue_unique", [message.unique_key, task_key, q.pending],

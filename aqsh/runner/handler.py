@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import os
 import tempfile
+import time
 import unicodedata
 from collections.abc import Callable, Mapping, Sequence
 from typing import Literal
@@ -31,6 +32,7 @@ from aqsh.engine.connection import RedisClient
 from aqsh.engine.fastlane import FastLane
 from aqsh.engine.processor import default_retry_delay
 from aqsh.engine.task import CancelReason, SkipRetry, Task, TaskContext, TaskError
+from aqsh.runner.batches import HEADER_BATCH_GROUP, batch_inputs
 from aqsh.runner.logs import DEFAULT_LINGER_S, LogWriter
 from aqsh.runner.process import ExitRecord, ProcessExit, run_process
 from aqsh.runner.result import ScriptResult, encode_result, read_result_file_async
@@ -43,6 +45,8 @@ log = structlog.get_logger("aqsh.runner")
 DEFAULT_ENV_ALLOWLIST = ("PATH", "LANG", "HOME", "TZ")
 CANCELED_ERROR = "canceled"
 RESULT_NAME = ".aqsh-result"
+#: A batch's inputs, one JSON object a line, in the work directory ($AQSH_BATCH_FILE).
+BATCH_NAME = ".aqsh-batch.jsonl"
 
 
 class ScriptFailed(TaskError):
@@ -139,6 +143,8 @@ class ShellRunner:
                 raise HandlerNotFound(f"handler not found for task {go_quote(task.type)}")
             await self._fail_without_running(ctx, f"unknown task type {task.type!r}")
             raise SkipRetry(f"no script is configured for task {task.type!r}")
+        if spec.aggregate is not None:
+            return await self._run_batch(spec, task, ctx)
         try:
             payload = msgspec.json.decode(task.payload) if task.payload else {}
             values = validate_input(spec, payload, max_string_len=self.settings.max_string_len)
@@ -147,6 +153,29 @@ class ShellRunner:
             await self._fail_without_running(ctx, message)
             raise SkipRetry(message) from None
         return await self._run(spec, task, ctx, to_env(spec, values))
+
+    async def _run_batch(self, spec: TaskSpec, task: Task, ctx: TaskContext) -> bytes:
+        """A task that aggregates runs once for its batch, its inputs in $AQSH_BATCH_FILE;
+        one invalid run (from a foreign enqueuer: aqsh checked its own at submit) fails the
+        whole batch before the script starts."""
+        lines = bytearray()
+        problem: str | None = None
+        runs: list[object] = []
+        try:
+            runs = batch_inputs(task)
+        except msgspec.DecodeError as exc:
+            problem = f"invalid payload: {exc}"
+        for number, raw in enumerate(runs, start=1):
+            try:
+                values = validate_input(spec, raw, max_string_len=self.settings.max_string_len)
+            except InvalidInput as exc:
+                problem = f"invalid payload: run {number} of {len(runs)}: {exc}"
+                break
+            lines += msgspec.json.encode(values) + b"\n"
+        if problem is not None:
+            await self._fail_without_running(ctx, problem)
+            raise SkipRetry(problem)
+        return await self._run(spec, task, ctx, {}, batch=(bytes(lines), len(runs)))
 
     async def _fail_without_running(self, ctx: TaskContext, error: str) -> None:
         await ctx.result_writer.write(encode_result(ScriptResult(exit_code=-1, error=error)))
@@ -166,10 +195,15 @@ class ShellRunner:
         return env
 
     async def _run(self, spec: TaskSpec, task: Task, ctx: TaskContext,
-                   inputs: Mapping[str, str]) -> bytes:
+                   inputs: Mapping[str, str], batch: tuple[bytes, int] | None = None) -> bytes:
         work_dir = self.work_dirs.create(task.id)
         result_file = os.path.join(work_dir, RESULT_NAME)
         env = self.environment(spec, task, inputs, work_dir, result_file)
+        if batch is not None:
+            batch_file = os.path.join(work_dir, BATCH_NAME)
+            await asyncio.to_thread(_write_new_file, batch_file, batch[0])
+            env.update({"AQSH_BATCH_FILE": batch_file, "AQSH_BATCH_SIZE": str(batch[1]),
+                        "AQSH_BATCH_GROUP": task.headers.get(HEADER_BATCH_GROUP, "")})
         logs = LogWriter(self.redis, task.id, retention_s=spec.log_retention_s,
                          max_stream_len=self.settings.max_stream_len, lane=self._lane,
                          linger_s=self.settings.log_linger_s)
@@ -178,7 +212,11 @@ class ShellRunner:
         bound.info("task.started", retry=task.retried)
         loop = asyncio.get_running_loop()
         started = loop.time()
+        started_wall_s = time.time()
         timed_out = False
+        #: The engine's deadline (the task message's own timeout or deadline, e.g. Go's
+        #: asynq.Timeout) fired rather than tasks.yaml's timeout.
+        enqueuer_deadline = False
         record = ExitRecord()
         # Held while the script runs: the result is read through it, whatever the script does
         # to the path of its directory.
@@ -207,6 +245,10 @@ class ShellRunner:
                 if ctx.cancel_reason is not CancelReason.DEADLINE:
                     raise  # shutdown or lost lease: the engine decides what happens next
                 timed_out = True
+                # aqsh's own submissions carry tasks.yaml's timeout, so the two fire together;
+                # a deadline well before it was set by whoever enqueued the task.
+                enqueuer_deadline = (ctx.deadline_s
+                                     < started_wall_s + spec.timeout_s - _DEADLINE_SLACK_S)
             if not logs.closed:
                 await logs.close(outcome.exit_code)
             data, file_error = await read_result_file_async(RESULT_NAME, dir_fd=work_fd)
@@ -218,7 +260,8 @@ class ShellRunner:
             finally:
                 os.close(work_fd)
         duration_s = loop.time() - started
-        error = _error_text(outcome, file_error, timed_out, spec.timeout_s)
+        error = _error_text(outcome, file_error, timed_out, spec.timeout_s,
+                            loop.time() - started if enqueuer_deadline else None)
         result = ScriptResult(exit_code=outcome.exit_code)
         if data is not None:
             result.data = data
@@ -242,13 +285,32 @@ class ShellRunner:
         await ctx.result_writer.write(encode_result(result))
 
 
+def _write_new_file(path: str, data: bytes) -> None:
+    """Into a fresh work directory: never through a link, never over a file."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(data)
+
+
 #: Stands in if run_process was cancelled before it could record an exit (it always records
 #: one once the script has started).
 _STOPPED = ProcessExit(exit_code=-15, signal_name="SIGTERM")
 
 
+#: How much earlier than tasks.yaml's timeout the engine's deadline must fall to be reported
+#: as the enqueuer's (the engine computes its deadline a moment before the script starts).
+_DEADLINE_SLACK_S = 1.0
+
+
 def _error_text(outcome: ProcessExit, file_error: str | None, timed_out: bool,
-                timeout_s: float) -> str | None:
+                timeout_s: float, deadline_after_s: float | None = None) -> str | None:
+    """``deadline_after_s``: set when the task's own timeout/deadline fired (after that many
+    seconds), which is then named with asynq's words, not tasks.yaml's timeout."""
+    if deadline_after_s is not None:
+        return (f"context deadline exceeded: the task's own timeout or deadline (set when it "
+                f"was enqueued) passed after {deadline_after_s:.1f}s; process group stopped: "
+                f"{outcome.describe()}")
     if timed_out:
         return f"timed out after {timeout_s:g}s; process group stopped: {outcome.describe()}"
     if outcome.signal_name is not None or outcome.exit_code != 0:

@@ -21,8 +21,9 @@ from aqsh.engine.rdb import RedisBroker
 from aqsh.engine.server import Server
 from aqsh.engine.task import CancelReason, SkipRetry, Task
 from aqsh.runner.handler import RunnerSettings, ScriptFailed, ShellRunner, shell_retry_delay
+from aqsh.runner.inputs import InputSpec
 from aqsh.runner.result import decode_result
-from aqsh.runner.spec import InputSpec, TasksConfig, TaskSpec
+from aqsh.runner.spec import TasksConfig, TaskSpec
 from tests.support import wait_until
 
 

@@ -22,8 +22,9 @@ from aqsh.engine.task import SkipRetry
 from aqsh.errors import ConfigError
 from aqsh.redis_process import RedisProcess
 from aqsh.runner.handler import RunnerSettings, ShellRunner
+from aqsh.runner.inputs import InputSpec
 from aqsh.runner.process import group_keeper, run_process
-from aqsh.runner.spec import InputSpec, TaskSpec, load_tasks
+from aqsh.runner.spec import TaskSpec, load_tasks
 from aqsh.settings import load_settings
 from tests.runner.test_runner import Ctx, make_script, runner_for, task
 from tests.security.conftest import PASSWORD, WorkerFactory, setpriv, unprivileged
