@@ -110,7 +110,7 @@ def serve(mode: str | None, processes: str | None) -> int:
 
 
 @click.command(epilog="\b\nExamples:\n  python -m aqsh worker               # a Deployment's args"
-               "\n  aqsh worker --processes auto         # one worker process per core, on a VM")
+               "\n  aqsh worker --processes auto        # one worker process per core, on a VM")
 @_processes_option
 def worker(processes: str | None) -> int:
     """Run a worker: runs the scripts of tasks.yaml, serves /health and /metrics."""
@@ -118,7 +118,7 @@ def worker(processes: str | None) -> int:
 
 
 @click.command(epilog="\b\nExamples:\n  python -m aqsh api                  # a Deployment's args"
-               "\n  aqsh api --processes 4               # four processes on one port")
+               "\n  aqsh api --processes 4              # four processes on one port")
 @_processes_option
 def api(processes: str | None) -> int:
     """Run the HTTP API only (no scripts run in this process)."""
