@@ -48,6 +48,7 @@ from aqsh.runner.schedules import periodic_tasks
 from aqsh.runner.spec import TasksConfig
 from aqsh.runner.workdirs import check_work_root
 from aqsh.settings import Settings
+from aqsh.supervisor import supervised_child
 from aqsh.webhooks import WEBHOOK_QUEUE
 from aqsh.webhooks.delivery import DeliveryHandler, delivery_retry_delay
 from aqsh.webhooks.notifier import Notifier
@@ -121,6 +122,9 @@ def harden_process(settings: Settings) -> None:
 
 
 async def serve(settings: Settings) -> int:
+    # One of N supervised children (AQSH_WORKER_PROCESSES, aqsh/supervisor.py): dies with the
+    # supervisor, shares the port.
+    reuse_port = supervised_child()
     configure_logging(settings.log_format, settings.log_level)
     try:
         config = ConfigHolder(settings.tasks_config, settings.tasks_dir)
@@ -176,7 +180,7 @@ async def serve(settings: Settings) -> int:
     app_runner = ApiRunner(app, handle_signals=False, shutdown_timeout=5.0)
     await app_runner.setup()
     host, port = settings.host_port
-    site = web.TCPSite(app_runner, host, port)
+    site = web.TCPSite(app_runner, host, port, reuse_port=reuse_port or None)
     try:
         await site.start()
     except OSError as exc:

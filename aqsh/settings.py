@@ -45,6 +45,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     #: Empty: every queue named in tasks.yaml, weight 1.
     worker_queues: tuple[tuple[str, int], ...] = ()
     worker_strict_priority: bool = False
+    #: Processes ``aqsh serve`` runs under one supervisor (aqsh/supervisor.py); 1 runs in-process.
+    worker_processes: int = 1
     identity_header: str = "X-Forwarded-User"
     require_identity: bool = False
     groups_header: str = "X-Forwarded-Groups"
@@ -128,6 +130,15 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise ValueError("a positive integer")
     return value
+
+
+def _processes(text: str) -> int:
+    """A positive integer, or ``auto``: the cores this process may run on (its CPU affinity,
+    so a cpuset or ``taskset`` is honoured, not the host's core count)."""
+    if text.strip().lower() == "auto":
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+            os.cpu_count() or 1)
+    return _positive_int(text)
 
 
 def _duration(text: str) -> float:
@@ -251,6 +262,7 @@ _FIELDS: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "WORKER_CONCURRENCY": ("worker_concurrency", _positive_int, "a positive integer"),
     "WORKER_QUEUES": ("worker_queues", _queues, "name[:weight],name[:weight]"),
     "WORKER_STRICT_PRIORITY": ("worker_strict_priority", _bool, "true or false"),
+    "WORKER_PROCESSES": ("worker_processes", _processes, "a positive integer or auto"),
     "IDENTITY_HEADER": ("identity_header", _text, "a header name"),
     "REQUIRE_IDENTITY": ("require_identity", _bool, "true or false"),
     "GROUPS_HEADER": ("groups_header", _text, "a header name"),

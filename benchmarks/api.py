@@ -1,15 +1,19 @@
-"""HTTP API: POST /tasks/{name} with validation at 1 and 50 concurrent connections for 20 s from
-a separate load-generator process, next to the same number of direct Client.enqueue calls in
-the same run (API overhead ratio) and the same API process on the standard asyncio loop instead
-of uvloop (``AQSH_EVENT_LOOP=asyncio``); and SSE latency from a script's echo to the line
-arriving at 1 and 500 clients following the same task.
+"""HTTP API: ``POST /tasks/echo`` (validated input) and ``GET /tasks/{id}`` under ``wrk``, next to
+the framework floor (benchmarks/_floor.py: a minimal aiohttp app on the same loop doing the same
+JSON parse and 202 answer) in the same run, rounds interleaved; and SSE latency from a script's
+echo to the line arriving, with 1 and 500 followers of one task.
 
-Usage: python benchmarks/api.py [seconds]
+    .venv/bin/python benchmarks/api.py [--seconds 5] [--rounds 5] [--pin-redis CORE]
+
+The API process runs as deployed: ``aqsh serve --mode api`` (uvloop, fast-lane enqueues), JSON
+logs at info level (the access log and ``task.submitted`` per request) to /dev/null. ``wrk``
+(one thread, so it holds at most one core) is the load generator; a Python client on the same
+two cores would measure itself. SSE followers are a Python client (wrk cannot follow streams).
 """
 
 from __future__ import annotations
 
-import asyncio
+import argparse
 import json
 import os
 import subprocess
@@ -20,12 +24,10 @@ import urllib.request
 from pathlib import Path
 
 import _common
-import redis.asyncio as aioredis
+import psutil  # type: ignore[import-untyped]
 
-from aqsh.engine.client import Client
 from aqsh.redis_process import RedisProcess, free_port
 
-SECONDS = float(sys.argv[1]) if len(sys.argv) > 1 else 20.0
 HERE = Path(__file__).resolve().parent
 
 TASKS = """\
@@ -40,67 +42,103 @@ tasks:
 """
 
 
-def start_service(tmp: Path, redis_url: str, mode: str,
-                  event_loop: str = "auto") -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    env = {**os.environ, "AQSH_REDIS_ADDR": redis_url, "AQSH_MODE": mode,
-           "AQSH_EVENT_LOOP": event_loop,
-           "AQSH_TASKS_CONFIG": str(tmp / "tasks.yaml"), "AQSH_TASKS_DIR": str(tmp),
-           "AQSH_BIND": f"127.0.0.1:{port}", "AQSH_LOG_LEVEL": "warning",
-           "AQSH_WORKER_CONCURRENCY": "4", "PYTHONPATH": str(_common.ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "aqsh", "serve"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
+def wait_live(proc: subprocess.Popen[bytes], url: str) -> None:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(url + "/health/live", timeout=1):
-                return proc, url
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except urllib.error.HTTPError:
+            return  # it answers
         except OSError:
+            if proc.poll() is not None:
+                break
             time.sleep(0.1)
     proc.kill()
-    raise RuntimeError("service did not start")
+    raise RuntimeError(f"{url} did not start")
 
 
-def load(*args: str) -> dict[str, float]:
-    out = subprocess.run([sys.executable, str(HERE / "_load.py"), *args], check=True,
-                         capture_output=True, text=True, timeout=600)
+def start_service(tmp: Path, redis_url: str, mode: str, root: Path = _common.ROOT,
+                  **extra_env: str) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    env = {**os.environ, "AQSH_REDIS_ADDR": redis_url, "AQSH_MODE": mode,
+           "AQSH_TASKS_CONFIG": str(tmp / "tasks.yaml"), "AQSH_TASKS_DIR": str(tmp),
+           "AQSH_BIND": f"127.0.0.1:{port}", "AQSH_LOG_LEVEL": "info",
+           "AQSH_LOG_FORMAT": "json", "AQSH_WORKER_CONCURRENCY": "4",
+           "PYTHONPATH": str(root), **extra_env}
+    proc = subprocess.Popen([sys.executable, "-m", "aqsh", "serve"], env=env, cwd=root,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    wait_live(proc, url + "/health/live")
+    return proc, url
+
+
+def start_floor() -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(HERE / "_floor.py"), str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    wait_live(proc, url + "/tasks/x")
+    return proc, url
+
+
+def wrk(wrk_bin: str, url: str, connections: int, seconds: float,
+        method: str = "POST") -> dict[str, float]:
+    out = subprocess.run(
+        [wrk_bin, "-t1", f"-c{connections}", f"-d{seconds:g}s", "--timeout", "10s",
+         "-s", str(HERE / "post.lua"), url],
+        env={**os.environ, "WRK_METHOD": method}, check=True, capture_output=True, text=True,
+        timeout=seconds + 60)
     return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
-async def direct_rate(redis_url: str, count: int, concurrency: int) -> float:
-    redis = aioredis.Redis.from_url(redis_url, max_connections=64)
-    client = Client(redis, fast_lane=True)  # as the API process's client
-    remaining = count
-
-    async def worker() -> None:
-        nonlocal remaining
-        while remaining > 0:
-            remaining -= 1
-            await client.enqueue("echo", b'{"name":"bench","times":1}', timeout=60,
-                                 retention=3600)
-
-    started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    elapsed = time.perf_counter() - started
-    await client.aclose()
-    await redis.aclose()
-    return count / elapsed
+def cpu_s(proc: subprocess.Popen[bytes]) -> float:
+    """CPU seconds of a server process and its children (a supervisor's processes)."""
+    root = psutil.Process(proc.pid)
+    total = 0.0
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            times = p.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
 
 
-def submit(url: str, name: str) -> str:
-    request = urllib.request.Request(url + f"/tasks/{name}", data=b"{}", method="POST",
+def sse_load(url: str, task_id: str, clients: int) -> dict[str, float]:
+    out = subprocess.run([sys.executable, str(HERE / "_load.py"), "sse", url, task_id,
+                          str(clients)], check=True, capture_output=True, text=True, timeout=600)
+    return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def submit(url: str, name: str, body: bytes = b"{}") -> str:
+    request = urllib.request.Request(url + f"/tasks/{name}", data=body, method="POST",
                                      headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=10) as resp:
         return str(json.loads(resp.read())["id"])
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seconds", type=float, default=5.0, help="per wrk run")
+    parser.add_argument("--rounds", type=int, default=_common.MIN_ROUNDS)
+    parser.add_argument("--connections", default="1,50")
+    parser.add_argument("--pin-redis", type=int, default=None, metavar="CORE",
+                        help="pin Redis to this core (taskset)")
+    parser.add_argument("--no-sse", action="store_true")
+    parser.add_argument("--processes", type=int, default=len(os.sched_getaffinity(0)),
+                        help="also load the API served by N processes on one port "
+                             "(AQSH_WORKER_PROCESSES; default: the cores; 1 = skip)")
+    parser.add_argument("--before", type=Path, default=None, metavar="CHECKOUT",
+                        help="also load the API of another checkout (e.g. `git worktree add "
+                             "/tmp/before HEAD~1`), interleaved: a before/after in one run")
+    args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="aqsh-api-bench-") as tmp_dir:
-        run(Path(tmp_dir))
+        run(Path(tmp_dir), args)
 
 
-def run(tmp: Path) -> None:
+def run(tmp: Path, args: argparse.Namespace) -> None:
+    wrk_bin = _common.ensure_wrk()
     (tmp / "tasks.yaml").write_text(TASKS)
     (tmp / "echo.sh").write_text("#!/bin/sh\necho hi\n")
     # Each line is the send time in ns; the first lines wait for followers to attach.
@@ -108,47 +146,100 @@ def run(tmp: Path) -> None:
         "#!/bin/sh\nsleep 3\nfor i in $(seq 1 40); do date +%s%N; sleep 0.05; done\n")
     for script in ("echo.sh", "ticks.sh"):
         (tmp / script).chmod(0o755)
-    figures: dict[str, float] = {}
+    samples = _common.Samples()
+    figures: dict[str, object] = {"seconds": args.seconds, "rounds": args.rounds,
+                                  "load_generator": "wrk -t1"}
+    errors = 0
+    connections = [int(c) for c in args.connections.split(",")]
     with RedisProcess() as redis_proc:
-        # The API process as deployed (mode api: uvloop) and the same process on the standard
-        # loop, loaded one after the other in the same run.
+        if args.pin_redis is not None:
+            _common.pin(_common.redis_pid(redis_proc), args.pin_redis)
         api, url = start_service(tmp, redis_proc.url, "api")
-        api_std, url_std = start_service(tmp, redis_proc.url, "api", event_loop="asyncio")
+        floor, floor_url = start_floor()
+        servers = [("api", api, url), ("floor", floor, floor_url)]
+        if args.processes > 1:
+            multi, multi_url = start_service(tmp, redis_proc.url, "api",
+                                             AQSH_WORKER_PROCESSES=str(args.processes))
+            servers.append((f"api_p{args.processes}", multi, multi_url))
+        if args.before is not None:
+            before, before_url = start_service(tmp, redis_proc.url, "api", args.before.resolve())
+            servers.append(("before", before, before_url))
         try:
-            for concurrency in (1, 50):
-                result = load("post", url, str(concurrency), str(SECONDS))
-                std = load("post", url_std, str(concurrency), str(SECONDS))
-                direct = asyncio.run(direct_rate(redis_proc.url, int(result["requests"]),
-                                                 concurrency))
-                figures[f"api_c{concurrency}_req_per_s"] = result["req_per_s"]
-                figures[f"api_c{concurrency}_p50_ms"] = result["p50_ms"]
-                figures[f"api_c{concurrency}_p99_ms"] = result["p99_ms"]
-                figures[f"api_c{concurrency}_errors"] = result["errors"] + std["errors"]
-                figures[f"api_asyncio_c{concurrency}_req_per_s"] = std["req_per_s"]
-                figures[f"api_asyncio_c{concurrency}_p50_ms"] = std["p50_ms"]
-                figures[f"direct_c{concurrency}_enqueue_per_s"] = direct
-                figures[f"api_vs_direct_c{concurrency}_ratio"] = result["req_per_s"] / direct
-                figures[f"uvloop_vs_asyncio_c{concurrency}_ratio"] = (
-                    result["req_per_s"] / std["req_per_s"])
+            task_id = submit(url, "echo", b'{"name":"bench"}')
+            for round_no in range(args.rounds):
+                print(f"# round {round_no + 1}/{args.rounds}", file=sys.stderr, flush=True)
+                for c in connections:
+                    # Alternate which side goes first so drift favours neither.
+                    sides = list(servers)
+                    if round_no % 2:
+                        sides.reverse()
+                    for side, proc, base in sides:
+                        cpu0 = cpu_s(proc)
+                        r = wrk(wrk_bin, base + "/tasks/echo", c, args.seconds)
+                        errors += int(r["errors"])
+                        samples.add(f"{side}_post_c{c}_req_per_s", r["req_per_s"])
+                        samples.add(f"{side}_post_c{c}_p99_ms", r["p99_ms"])
+                        # CPU per request of the server process: steadier than req/s on a
+                        # shared machine, and what the request path costs.
+                        samples.add(f"{side}_post_c{c}_cpu_us_per_request",
+                                    (cpu_s(proc) - cpu0) / r["requests"] * 1e6)
+                for side, proc, base in servers:
+                    cpu0 = cpu_s(proc)
+                    r = wrk(wrk_bin, f"{base}/tasks/{task_id}", 50, args.seconds, "GET")
+                    errors += int(r["errors"])
+                    samples.add(f"{side}_get_c50_req_per_s", r["req_per_s"])
+                    samples.add(f"{side}_get_c50_p99_ms", r["p99_ms"])
+                    samples.add(f"{side}_get_c50_cpu_us_per_request",
+                                (cpu_s(proc) - cpu0) / r["requests"] * 1e6)
+            figures.update(_common.placement(_common.redis_pid(redis_proc), args.pin_redis))
         finally:
-            for proc in (api, api_std):
+            for _, proc, _ in servers:
                 proc.terminate()
                 proc.wait(timeout=30)
-    with RedisProcess() as redis_proc:
-        both, url = start_service(tmp, redis_proc.url, "both")
-        try:
-            for clients in (1, 500):
-                task_id = submit(url, "ticks")
-                result = load("sse", url, task_id, str(clients))
-                figures[f"sse_{clients}_clients_p50_ms"] = result["p50_ms"]
-                figures[f"sse_{clients}_clients_p99_ms"] = result["p99_ms"]
-                figures[f"sse_{clients}_clients_events"] = result["events"]
-            figures["sse_p99_500_vs_1_ratio"] = (figures["sse_500_clients_p99_ms"]
-                                                 / figures["sse_1_clients_p99_ms"])
-        finally:
-            both.terminate()
-            both.wait(timeout=30)
-    _common.report("api", {"seconds": SECONDS, **{k: round(v, 3) for k, v in figures.items()}})
+    figures["http_errors"] = errors
+    for c in connections:
+        figures[f"post_c{c}_vs_floor_ratio"] = round(
+            samples.ratio(f"api_post_c{c}_req_per_s", f"floor_post_c{c}_req_per_s"), 3)
+        figures[f"post_c{c}_cpu_vs_floor_ratio"] = round(samples.ratio(
+            f"api_post_c{c}_cpu_us_per_request", f"floor_post_c{c}_cpu_us_per_request"), 3)
+    figures["get_c50_vs_floor_ratio"] = round(
+        samples.ratio("api_get_c50_req_per_s", "floor_get_c50_req_per_s"), 3)
+    figures["get_c50_cpu_vs_floor_ratio"] = round(samples.ratio(
+        "api_get_c50_cpu_us_per_request", "floor_get_c50_cpu_us_per_request"), 3)
+    if args.processes > 1:
+        for c in connections:
+            figures[f"post_p{args.processes}_c{c}_vs_floor_ratio"] = round(samples.ratio(
+                f"api_p{args.processes}_post_c{c}_req_per_s", f"floor_post_c{c}_req_per_s"), 3)
+            figures[f"post_p{args.processes}_c{c}_vs_p1_ratio"] = round(samples.ratio(
+                f"api_p{args.processes}_post_c{c}_req_per_s", f"api_post_c{c}_req_per_s"), 3)
+    if args.before is not None:
+        figures["before_checkout"] = str(args.before)
+        for c in connections:
+            figures[f"post_c{c}_vs_before_ratio"] = round(samples.ratio(
+                f"api_post_c{c}_req_per_s", f"before_post_c{c}_req_per_s"), 3)
+            figures[f"before_post_c{c}_vs_floor_ratio"] = round(samples.ratio(
+                f"before_post_c{c}_req_per_s", f"floor_post_c{c}_req_per_s"), 3)
+        figures["get_c50_vs_before_ratio"] = round(
+            samples.ratio("api_get_c50_req_per_s", "before_get_c50_req_per_s"), 3)
+    if not args.no_sse:
+        with RedisProcess() as redis_proc:
+            both, url = start_service(tmp, redis_proc.url, "both",
+                                      AQSH_LOG_LEVEL="warning")
+            try:
+                for _ in range(args.rounds):
+                    for clients in (1, 500):
+                        result = sse_load(url, submit(url, "ticks"), clients)
+                        samples.add(f"sse_{clients}_followers_p50_ms", result["p50_ms"])
+                        samples.add(f"sse_{clients}_followers_p99_ms", result["p99_ms"])
+                        if result["events"] != clients * 40:
+                            figures["sse_lost_events"] = int(figures.get(  # type: ignore[call-overload]
+                                "sse_lost_events", 0)) + clients * 40 - int(result["events"])
+            finally:
+                both.terminate()
+                both.wait(timeout=30)
+        figures["sse_p99_500_vs_1_ratio"] = round(
+            samples.ratio("sse_500_followers_p99_ms", "sse_1_followers_p99_ms"), 2)
+    _common.report("api", figures, samples)
 
 
 if __name__ == "__main__":

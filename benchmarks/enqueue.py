@@ -8,8 +8,9 @@ CPU time each enqueue costs this process, so the price of spinning is on the rec
 
 Round-trip latency on a shared 2-core machine is bimodal (it depends on whether Redis and the
 caller share a core at that moment), so every phase runs ``--rounds`` times, aqsh and Go
-interleaved, and the median of each is reported. ``--pin N`` puts this process, Redis and the Go
-client on core N, which fixes the regime where they share a core (CPU per enqueue decides).
+interleaved, and the median of each is reported with its min and max. ``--pin N`` puts this
+process, Redis and the Go client on core N (inherited affinity, as ``taskset -c N`` would),
+which fixes the regime where they share a core (CPU per enqueue decides).
 ``--loop uvloop`` runs the aqsh side on uvloop, as the API process (``aqsh serve --mode api``)
 runs its client.
 """
@@ -31,8 +32,8 @@ from aqsh.engine.client import Client, EnqueueRequest
 from aqsh.engine.fastlane import FastLane
 from aqsh.redis_process import RedisProcess
 
-N_SEQ = 5000
-N_CONC = 20000
+N_SEQ = int(os.environ.get("AQSH_BENCH_N_SEQ", "5000"))
+N_CONC = int(os.environ.get("AQSH_BENCH_N_CONC", "20000"))
 N_BATCH = 20000
 BATCH = 1000
 
@@ -84,10 +85,10 @@ async def batched(client: Client) -> float:
 
 
 async def main(rounds: int, pin: int | None) -> None:
-    samples: dict[str, list[float]] = {}
+    samples = _common.Samples()
 
     async def measure(name: str, phase: Callable[[], Awaitable[float]]) -> None:
-        samples.setdefault(name, []).append(await phase())
+        await samples.measure(name, phase)
         await redis.flushall()
 
     def go(concurrency: int, n: int) -> Callable[[], Awaitable[float]]:
@@ -125,9 +126,11 @@ async def main(rounds: int, pin: int | None) -> None:
                 await measure("aqsh_fast_batched_per_s", lambda: batched(fast))
             await lane.aclose()
             await lane_parked.aclose()
+        placement = _common.placement(_common.redis_pid(server), pin)
         await redis.aclose()
-    figures: dict[str, float | int] = {
-        name: round(statistics.median(values), 1) for name, values in samples.items()}
+    figures: dict[str, object] = {
+        name: round(samples.median(name), 1) for name in samples.values}
+    figures.update(placement)
     figures["aqsh_fast_sequential_cpu_us_per_enqueue"] = round(statistics.median(cpu["spin"]), 1)
     figures["aqsh_fast_nospin_sequential_cpu_us_per_enqueue"] = round(
         statistics.median(cpu["nospin"]), 1)
@@ -136,7 +139,7 @@ async def main(rounds: int, pin: int | None) -> None:
     figures["event_loop"] = type(asyncio.get_running_loop()).__module__
 
     def ratio(name: str, a: str, b: str) -> None:
-        figures[name] = round(figures[a] / figures[b], 3)
+        figures[name] = round(samples.ratio(a, b), 3)
 
     ratio("sequential_ratio", "aqsh_sequential_per_s", "go_sequential_per_s")
     ratio("fast_sequential_ratio", "aqsh_fast_sequential_per_s", "go_sequential_per_s")
@@ -150,12 +153,12 @@ async def main(rounds: int, pin: int | None) -> None:
     ratio("sequential_vs_floor_ratio", "aqsh_sequential_per_s", "floor_redis_py_evalsha_per_s")
     ratio("fast_sequential_vs_floor_ratio", "aqsh_fast_sequential_per_s",
           "floor_lane_evalsha_per_s")
-    _common.report("enqueue", figures)
+    _common.report("enqueue", figures, samples)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=_common.MIN_ROUNDS)
     parser.add_argument("--pin", type=int, default=None, metavar="CORE",
                         help="run everything (this process, Redis, Go) on this core")
     parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")

@@ -1,17 +1,20 @@
 """Shell scripts through the queue vs raw process spawning, same run; and a 1,000,000-line log.
 
-- 5,000 runs of ``#!/bin/sh\\necho hi`` at concurrency 1, 10, 50 through the queue (Client →
-  Redis → Server → ShellRunner with its log stream and result) against the raw rate of
-  ``asyncio.create_subprocess_exec`` of the same script at the same concurrency.
+- ``--runs`` (2,000) runs of ``#!/bin/sh\\necho hi`` at concurrency 1, 10, 50 through the queue
+  (Client → Redis → Server → ShellRunner with its log stream and result) against the raw rate
+  of ``asyncio.create_subprocess_exec`` of the same script at the same concurrency; ``--rounds``
+  (5) of each, raw and queue interleaved.
 - The raw rate with Python 3.11's default (thread-per-child) watcher vs the pidfd watcher the
-  worker installs, to show why it is chosen.
-- A script printing 1,000,000 lines: every line in the stream, in order; lines/s.
+  worker installs, to show why it is chosen (5 of each; not interleaved: the watcher is
+  process-wide and installed once).
+- A script printing 1,000,000 lines: every line in the stream, in order; lines/s (once).
 
-Usage: python benchmarks/scripts.py [runs]
+Usage: python benchmarks/scripts.py [--runs 2000] [--rounds 5] [--pin-redis CORE]
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import sys
 import tempfile
@@ -30,7 +33,6 @@ from aqsh.runner.logs import log_key
 from aqsh.runner.process import install_child_watcher
 from aqsh.runner.spec import TasksConfig, TaskSpec
 
-RUNS = int(sys.argv[1]) if len(sys.argv) > 1 else 5000
 LINES = 1_000_000
 
 
@@ -112,7 +114,8 @@ async def million_lines(redis: aioredis.Redis, script: str, work: str) -> tuple[
     return LINES / elapsed, in_order and expected == LINES + 1
 
 
-async def main() -> None:
+async def main(args: argparse.Namespace) -> None:
+    runs, rounds = args.runs, args.rounds
     tmp = Path(tempfile.mkdtemp(prefix="aqsh-bench-"))
     hi = tmp / "hi.sh"
     hi.write_text("#!/bin/sh\necho hi\n")
@@ -122,31 +125,48 @@ async def main() -> None:
     many.chmod(0o755)
     config = TasksConfig(path="bench", tasks={"hi": TaskSpec(name="hi", script=str(hi),
                                                             max_retry=0)})
-    figures: dict[str, float] = {}
-    figures["raw_threaded_watcher_c10_per_s"] = await raw_spawn_rate(str(hi), 10, RUNS // 5)
+    samples = _common.Samples()
+    figures: dict[str, object] = {"runs": runs, "rounds": rounds}
+    for _ in range(rounds):
+        samples.add("raw_threaded_watcher_c10_per_s", await raw_spawn_rate(str(hi), 10, runs))
     watcher = install_child_watcher()
-    figures["raw_pidfd_watcher_c10_per_s"] = await raw_spawn_rate(str(hi), 10, RUNS // 5)
-    figures["pidfd_vs_threaded_ratio"] = (figures["raw_pidfd_watcher_c10_per_s"]
-                                          / figures["raw_threaded_watcher_c10_per_s"])
+    for _ in range(rounds):
+        samples.add("raw_pidfd_watcher_c10_per_s", await raw_spawn_rate(str(hi), 10, runs))
+    figures["pidfd_vs_threaded_ratio"] = round(samples.ratio(
+        "raw_pidfd_watcher_c10_per_s", "raw_threaded_watcher_c10_per_s"), 3)
     with RedisProcess() as server:
+        if args.pin_redis is not None:
+            _common.pin(_common.redis_pid(server), args.pin_redis)
         redis = aioredis.Redis.from_url(server.url, max_connections=128)
+        for round_no in range(rounds):
+            print(f"# round {round_no + 1}/{rounds}", file=sys.stderr, flush=True)
+            for concurrency in (1, 10, 50):
+                sides = ["raw", "queue"] if round_no % 2 == 0 else ["queue", "raw"]
+                for side in sides:
+                    rate = (await raw_spawn_rate(str(hi), concurrency, runs) if side == "raw"
+                            else await queue_rate(redis, config, str(tmp / "work"),
+                                                  concurrency, runs))
+                    samples.add(f"{side}_c{concurrency}_per_s", rate)
         for concurrency in (1, 10, 50):
-            raw = await raw_spawn_rate(str(hi), concurrency, RUNS)
-            queued = await queue_rate(redis, config, str(tmp / "work"), concurrency, RUNS)
-            figures[f"raw_c{concurrency}_per_s"] = raw
-            figures[f"queue_c{concurrency}_per_s"] = queued
-            figures[f"queue_vs_raw_c{concurrency}_ratio"] = queued / raw
+            figures[f"queue_vs_raw_c{concurrency}_ratio"] = round(samples.ratio(
+                f"queue_c{concurrency}_per_s", f"raw_c{concurrency}_per_s"), 3)
+        figures.update(_common.placement(_common.redis_pid(server), args.pin_redis))
         await redis.flushall()
         rate, ordered = await million_lines(redis, str(many), str(tmp / "work"))
-        figures["million_lines_per_s"] = rate
-        figures["million_lines_all_in_order"] = float(ordered)
+        figures["million_lines_per_s"] = round(rate)
+        figures["million_lines_all_in_order"] = ordered
         await redis.aclose()
-    _common.report("scripts", {"runs": RUNS, "child_watcher": watcher,
-                               **{k: round(v, 3) for k, v in figures.items()}})
+    figures["child_watcher"] = watcher
+    _common.report("scripts", figures, samples)
 
 
 if __name__ == "__main__":
     from aqsh.logging import configure_logging
 
-    configure_logging("json", "warning")  # per-task info logs would be measured too
-    asyncio.run(main())
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--runs", type=int, default=2000, help="per measurement")
+    parser.add_argument("--rounds", type=int, default=_common.MIN_ROUNDS)
+    parser.add_argument("--pin-redis", type=int, default=None, metavar="CORE",
+                        help="pin Redis to this core (taskset)")
+    configure_logging("json", "info")  # as `aqsh serve` runs its worker
+    asyncio.run(main(parser.parse_args()))

@@ -1,13 +1,21 @@
-"""Worker server benchmark: aqsh vs a Go asynq v0.26 server on the same private Redis, same run.
+"""Worker server benchmark: aqsh vs a Go asynq v0.26 server on the same private Redis, same run,
+every side repeated ``--rounds`` times (at least 5), interleaved.
 
-    .venv/bin/python benchmarks/server.py [--tasks 20000] [--pickups 50] [--idle-window-s 10]
+    .venv/bin/python benchmarks/server.py [--tasks 20000] [--rounds 5] [--pin-redis CORE]
 
-Needs the Go harness (``make interop`` builds .venv/bin/aqsh-interop). Measures:
-- no-op throughput draining pre-enqueued tasks at concurrency 10 and 100 (start → last ack);
+Needs the Go harness (``make interop`` builds .venv/bin/aqsh-interop; built here if missing).
+Measures:
+- no-op throughput draining pre-enqueued tasks at concurrency 10 and 100: Go's ``bench-process``
+  (one Go process, all cores) against the worker a user would write (benchmarks/_noop_worker.py:
+  a ``Server`` with a ``ServeMux`` handler, fast-lane broker, logging as ``aqsh serve``
+  configures it) as its own process, with ``--processes 1`` and with one process per core
+  (aqsh's supervisor). The aqsh side is started against a paused queue, waits until every
+  process heartbeats, and is timed from the unpause (with the wake-up an aqsh client would
+  publish) to the last acknowledgement (pending and active empty), as Go times start → last ack;
 - CPU seconds per 1,000 tasks for each side during that drain;
 - pick-up latency p50/p99 on an idle server (enqueue → handler start);
 - idle Redis commands/s and RSS of one idle worker (each in its own process).
-Prints one JSON line. Every ``*_ratio`` is aqsh divided by Go: above 1 is a win for throughput,
+Every ``*_ratio`` is aqsh divided by Go (ratio of medians): above 1 is a win for throughput,
 below 1 is a win for latency, CPU, RSS and idle commands.
 """
 
@@ -15,15 +23,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import resource
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import _common
 import psutil  # type: ignore[import-untyped]
 import redis.asyncio as aioredis
 import structlog
@@ -36,7 +45,7 @@ from aqsh.engine.task import Task, TaskContext
 from aqsh.redis_process import RedisProcess
 
 ROOT = Path(__file__).resolve().parent.parent
-GO_BIN = ROOT / ".venv" / "bin" / "aqsh-interop"
+HERE = Path(__file__).resolve().parent
 IDLE_QUEUES = "critical:6,default:3"
 
 
@@ -53,49 +62,63 @@ def children_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run_go(*args: str) -> dict[str, float]:
-    out = subprocess.run([str(GO_BIN), *args], check=True, capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
-
-
 async def go_throughput(
     redis: aioredis.Redis, url: str, n: int, concurrency: int
 ) -> dict[str, float]:
     await redis.flushall()
     await preload(redis, "bench-go", n)
     cpu0 = children_cpu_s()
-    result = await asyncio.to_thread(run_go, "bench-process", "-redis", url, "-queue", "bench-go",
+    result = await asyncio.to_thread(_common.go, "bench-process", url, "-queue", "bench-go",
                                      "-n", str(n), "-concurrency", str(concurrency))
-    return {"tasks_per_s": result["tasks_per_s"],
+    return {"tasks_per_s": float(result["tasks_per_s"]),
             "cpu_s_per_1000": (children_cpu_s() - cpu0) / n * 1000}
 
 
-async def aqsh_throughput(redis: aioredis.Redis, n: int, concurrency: int, *,
-                          fast_lane: bool) -> dict[str, float]:
+def tree_cpu_s(proc: psutil.Process) -> float:
+    total = 0.0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+async def aqsh_throughput(redis: aioredis.Redis, url: str, n: int, concurrency: int,
+                          processes: int) -> dict[str, float]:
+    """The user's worker as its own process(es), timed from outside (see the module doc)."""
     await redis.flushall()
-    await preload(redis, "bench-py", n)
-    done = 0
-    finished = asyncio.Event()
-
-    async def handler(task: Task, ctx: TaskContext) -> bytes | None:
-        nonlocal done
-        done += 1
-        if done == n:
-            finished.set()
-        return None
-
-    broker = RedisBroker(redis, fast_lane=fast_lane)
-    server = Server(broker, handler, concurrency=concurrency, queues={"bench-py": 1})
-    cpu0, start = time.process_time(), time.perf_counter()
-    await server.start()
-    await asyncio.wait_for(finished.wait(), 600)
-    active = keys.queue_keys("bench-py").active
-    # Polling Redis state (no event exists for it): the span covers the acks landing, as Go's.
-    while await redis.llen(active):  # noqa: ASYNC110
-        await asyncio.sleep(0.001)
-    elapsed_s, cpu_s = time.perf_counter() - start, time.process_time() - cpu0
-    await server.stop()
-    await broker.close_fast_lane()
+    queue = keys.queue_keys("bench-py")
+    await redis.set(queue.paused, "1")
+    await preload(redis, queue.name, n)
+    proc = subprocess.Popen(  # noqa: ASYNC220 - a fork, before the timed span
+        [sys.executable, str(HERE / "_noop_worker.py"), "--redis", url, "--queue", queue.name,
+         "--concurrency", str(concurrency), "--processes", str(processes)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while await redis.zcard(keys.ALL_SERVERS) < processes:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError("aqsh worker did not start")
+            await asyncio.sleep(0.02)
+        tree = psutil.Process(proc.pid)
+        cpu0 = tree_cpu_s(tree)
+        start = time.perf_counter()
+        await redis.delete(queue.paused)
+        await redis.publish(keys.WAKE_CHANNEL, queue.name)
+        # Polling Redis state (no event exists for it): the span covers the acks landing, as
+        # Go's bench-process does.
+        while await redis.llen(queue.pending) or await redis.llen(queue.active):  # noqa: ASYNC110
+            await asyncio.sleep(0.002)
+        elapsed_s = time.perf_counter() - start
+        cpu_s = tree_cpu_s(tree) - cpu0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(proc.wait, 60)
+    processed = int(await redis.get(queue.processed_total) or 0)
+    if processed != n:
+        raise RuntimeError(f"aqsh processed {processed} of {n}")
     return {"tasks_per_s": n / elapsed_s, "cpu_s_per_1000": cpu_s / n * 1000}
 
 
@@ -146,57 +169,78 @@ async def idle_profile(redis: aioredis.Redis, argv: list[str], window_s: float) 
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tasks", type=int, default=20_000)
-    parser.add_argument("--pickups", type=int, default=50)
-    parser.add_argument("--idle-window-s", type=float, default=10.0)
+    parser.add_argument("--rounds", type=int, default=_common.MIN_ROUNDS)
+    parser.add_argument("--pickups", type=int, default=20, help="per round")
+    parser.add_argument("--idle-window-s", type=float, default=5.0)
+    parser.add_argument("--concurrency", default="10,100")
+    parser.add_argument("--processes", type=int, default=len(os.sched_getaffinity(0)),
+                        help="the multi-process side (default: the cores this may use)")
+    parser.add_argument("--pin-redis", type=int, default=None, metavar="CORE",
+                        help="pin Redis to this core (taskset)")
     args = parser.parse_args()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
-    if not GO_BIN.exists():
-        sys.exit(f"{GO_BIN} missing: run `make interop` first")
-    figures: dict[str, float] = {"tasks": args.tasks, "cpus": os.cpu_count() or 0}
+    _common.go_binary()
+    samples = _common.Samples()
+    figures: dict[str, object] = {"tasks": args.tasks, "rounds": args.rounds,
+                                  "processes_multi": args.processes}
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
     with RedisProcess() as server:
+        if args.pin_redis is not None:
+            _common.pin(_common.redis_pid(server), args.pin_redis)
         redis = aioredis.Redis.from_url(server.url)
-        for concurrency in (10, 100):
-            go = await go_throughput(redis, server.url, args.tasks, concurrency)
-            py = await aqsh_throughput(redis, args.tasks, concurrency, fast_lane=True)
-            py_redis_py = await aqsh_throughput(redis, args.tasks, concurrency, fast_lane=False)
-            tag = f"c{concurrency}"
-            # The broker's script calls over redis-py instead of its fast lane.
-            figures[f"aqsh_redis_py_{tag}_tasks_per_s"] = round(py_redis_py["tasks_per_s"])
-            figures[f"aqsh_redis_py_{tag}_cpu_s_per_1000"] = round(
-                py_redis_py["cpu_s_per_1000"], 3)
-            figures[f"lane_vs_redis_py_{tag}_ratio"] = round(
-                py["tasks_per_s"] / py_redis_py["tasks_per_s"], 2)
-            figures[f"aqsh_{tag}_tasks_per_s"] = round(py["tasks_per_s"])
-            figures[f"go_{tag}_tasks_per_s"] = round(go["tasks_per_s"])
-            figures[f"throughput_{tag}_ratio"] = round(py["tasks_per_s"] / go["tasks_per_s"], 2)
-            figures[f"aqsh_{tag}_cpu_s_per_1000"] = round(py["cpu_s_per_1000"], 3)
-            figures[f"go_{tag}_cpu_s_per_1000"] = round(go["cpu_s_per_1000"], 3)
-            figures[f"cpu_{tag}_ratio"] = round(py["cpu_s_per_1000"] / go["cpu_s_per_1000"], 2)
-        await redis.flushall()
-        go_pick = await asyncio.to_thread(run_go, "bench-pickup", "-redis", server.url,
-                                          "-n", str(args.pickups))
-        py_pick = await aqsh_pickup(redis, args.pickups)
-        for name in ("p50_ms", "p99_ms"):
-            figures[f"aqsh_pickup_{name}"] = round(py_pick[name], 2)
-            figures[f"go_pickup_{name}"] = round(go_pick[name], 2)
-            figures[f"pickup_{name.removesuffix('_ms')}_ratio"] = round(
-                py_pick[name] / go_pick[name], 3)
-        py_idle = await idle_profile(redis, [
-            sys.executable, "-m", "aqsh.engine.server_demo", "--redis", server.url,
-            "--queues", IDLE_QUEUES, "--concurrency", "10"], args.idle_window_s)
-        go_idle = await idle_profile(redis, [
-            str(GO_BIN), "serve", "-redis", server.url, "-queues", IDLE_QUEUES,
-            "-concurrency", "10", "-duration", f"{int(args.idle_window_s) + 30}s"],
-            args.idle_window_s)
-        figures["aqsh_idle_commands_per_s"] = round(py_idle["commands_per_s"], 2)
-        figures["go_idle_commands_per_s"] = round(go_idle["commands_per_s"], 2)
-        figures["idle_commands_ratio"] = round(
-            py_idle["commands_per_s"] / go_idle["commands_per_s"], 2)
-        figures["aqsh_idle_rss_mb"] = round(py_idle["rss_mb"], 1)
-        figures["go_idle_rss_mb"] = round(go_idle["rss_mb"], 1)
-        figures["idle_rss_ratio"] = round(py_idle["rss_mb"] / go_idle["rss_mb"], 2)
+        for round_no in range(args.rounds):
+            print(f"# round {round_no + 1}/{args.rounds}", file=sys.stderr, flush=True)
+            for c in concurrencies:
+                sides: list[tuple[str, int]] = [("go", 0), ("aqsh_p1", 1)]
+                if args.processes > 1:
+                    sides.append((f"aqsh_p{args.processes}", args.processes))
+                if round_no % 2:
+                    sides.reverse()  # drift favours no side
+                for side, processes in sides:
+                    if side == "go":
+                        r = await go_throughput(redis, server.url, args.tasks, c)
+                    else:
+                        r = await aqsh_throughput(redis, server.url, args.tasks, c, processes)
+                    samples.add(f"{side}_c{c}_tasks_per_s", r["tasks_per_s"])
+                    samples.add(f"{side}_c{c}_cpu_s_per_1000", r["cpu_s_per_1000"])
+            await redis.flushall()
+            go_pick = await asyncio.to_thread(_common.go, "bench-pickup", server.url,
+                                              "-n", str(args.pickups))
+            py_pick = await aqsh_pickup(redis, args.pickups)
+            for name in ("p50_ms", "p99_ms"):
+                samples.add(f"aqsh_pickup_{name}", py_pick[name])
+                samples.add(f"go_pickup_{name}", float(go_pick[name]))
+            py_idle = await idle_profile(redis, [
+                sys.executable, "-m", "aqsh.engine.server_demo", "--redis", server.url,
+                "--queues", IDLE_QUEUES, "--concurrency", "10"], args.idle_window_s)
+            go_idle = await idle_profile(redis, [
+                _common.go_binary(), "serve", "-redis", server.url, "-queues", IDLE_QUEUES,
+                "-concurrency", "10", "-duration", f"{int(args.idle_window_s) + 30}s"],
+                args.idle_window_s)
+            samples.add("aqsh_idle_commands_per_s", py_idle["commands_per_s"])
+            samples.add("go_idle_commands_per_s", go_idle["commands_per_s"])
+            samples.add("aqsh_idle_rss_mb", py_idle["rss_mb"])
+            samples.add("go_idle_rss_mb", go_idle["rss_mb"])
+        figures.update(_common.placement(_common.redis_pid(server), args.pin_redis))
         await redis.aclose()
-    print(json.dumps(figures))
+    for c in concurrencies:
+        figures[f"throughput_c{c}_ratio"] = round(
+            samples.ratio(f"aqsh_p1_c{c}_tasks_per_s", f"go_c{c}_tasks_per_s"), 3)
+        figures[f"cpu_c{c}_ratio"] = round(
+            samples.ratio(f"aqsh_p1_c{c}_cpu_s_per_1000", f"go_c{c}_cpu_s_per_1000"), 3)
+        if args.processes > 1:
+            multi = f"aqsh_p{args.processes}_c{c}_tasks_per_s"
+            figures[f"throughput_p{args.processes}_c{c}_ratio"] = round(
+                samples.ratio(multi, f"go_c{c}_tasks_per_s"), 3)
+            figures[f"processes_scaling_c{c}_ratio"] = round(
+                samples.ratio(multi, f"aqsh_p1_c{c}_tasks_per_s"), 3)
+    for name in ("p50", "p99"):
+        figures[f"pickup_{name}_ratio"] = round(
+            samples.ratio(f"aqsh_pickup_{name}_ms", f"go_pickup_{name}_ms"), 4)
+    figures["idle_commands_ratio"] = round(
+        samples.ratio("aqsh_idle_commands_per_s", "go_idle_commands_per_s"), 2)
+    figures["idle_rss_ratio"] = round(samples.ratio("aqsh_idle_rss_mb", "go_idle_rss_mb"), 2)
+    _common.report("server", figures, samples)
 
 
 if __name__ == "__main__":

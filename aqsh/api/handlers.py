@@ -32,6 +32,7 @@ from aqsh.engine import keys
 from aqsh.engine.client import new_task_id
 from aqsh.engine.cron import CronSpec
 from aqsh.engine.inspect import QueueInfo
+from aqsh.engine.keys import log_key, log_meta_key
 from aqsh.engine.models import TaskInfo, TaskState
 from aqsh.engine.rdb import guarded
 from aqsh.runner.batches import DEFAULT_GROUP, GROUP_RE, group_name
@@ -65,6 +66,17 @@ def _links(request: web.Request, task_id: str) -> dict[str, str]:
     return _view_links(task_id)
 
 
+def json_response(body: Any, status: int = 200) -> web.Response:
+    """``web.json_response`` with msgspec's encoder (several times faster than the standard
+    library's on these small documents), same bytes on the wire up to whitespace and the same
+    Content-Type."""
+    return web.Response(body=msgspec.json.encode(body), status=status,
+                        headers={"Content-Type": _JSON_CONTENT_TYPE})
+
+
+_JSON_CONTENT_TYPE = "application/json; charset=utf-8"
+
+
 # ---------------------------------------------------------------------------- submit
 async def submit_task(request: web.Request) -> web.Response:
     state = _state(request)
@@ -91,7 +103,7 @@ async def submit_task(request: web.Request) -> web.Response:
         if idem.previous:
             try:
                 info = await state.inspector.find_task(task_id, [spec.queue])
-                return web.json_response(_accepted(request, info, name, caller), status=202)
+                return json_response(_accepted(request, info, name, caller), status=202)
             except errors.TaskNotFound:
                 if idem.previous == "enqueued":
                     raise ApiError(
@@ -126,9 +138,9 @@ async def submit_task(request: web.Request) -> web.Response:
         info = await state.inspector.find_task(task_id, [spec.queue])
     if idem is not None and idem.previous != "enqueued":
         await _mark_enqueued(state, idem)
-    state.metrics.tasks_submitted.labels(name).inc()
+    state.metrics.task_submitted(name)
     log.info("task.submitted", task_id=info.id, name=name, queue=spec.queue, user=caller.user)
-    return web.json_response(_accepted(request, info, name, caller), status=202)
+    return json_response(_accepted(request, info, name, caller), status=202)
 
 
 async def _riding_out_outages(state: ApiState, attempt: Callable[[], Awaitable[T]]) -> T:
@@ -180,13 +192,18 @@ async def _json_body(request: web.Request) -> Any:
         return {}
     if request.content_type not in ("application/json", ""):
         raise ApiError(415, "unsupported_media_type", "send the input as application/json")
-    timeout_s = _state(request).settings.http_body_timeout_s
-    try:
-        async with asyncio.timeout(timeout_s):
-            raw = await request.read()
-    except TimeoutError:
-        raise ApiError(408, "request_timeout",
-                       f"the request body did not arrive within {timeout_s:g} s") from None
+    if request.content.is_eof():
+        # The whole body came with the headers (the usual small POST): reading cannot wait,
+        # so no timer is armed for it.
+        raw = await request.read()
+    else:
+        timeout_s = _state(request).settings.http_body_timeout_s
+        try:
+            async with asyncio.timeout(timeout_s):
+                raw = await request.read()
+        except TimeoutError:
+            raise ApiError(408, "request_timeout",
+                           f"the request body did not arrive within {timeout_s:g} s") from None
     if not raw.strip():
         return {}
     check_json_shape(raw)
@@ -233,6 +250,8 @@ _MAX_SCHEDULE_PARAM_CHARS = 64
 
 
 def _schedule(request: web.Request) -> datetime | None:
+    if not request.query_string:
+        return None  # no query at all: nothing to parse
     process_in = request.query.get("process_in")
     process_at = request.query.get("process_at")
     if process_in is not None and process_at is not None:
@@ -369,8 +388,37 @@ async def _find_authorized(request: web.Request) -> tuple[TaskInfo, TaskSpec | N
 async def get_task(request: web.Request) -> web.Response:
     info, _, _ = await _find_authorized(request)
     state = _state(request)
-    started_ms, finished_ms = await attempt_times(state.redis, info.id)
-    return web.json_response(task_document(info, started_ms, finished_ms))
+    started_ms, finished_ms = await _attempt_times(state, info)
+    return json_response(task_document(info, started_ms, finished_ms))
+
+
+async def _attempt_times(state: ApiState, info: TaskInfo) -> tuple[int | None, int | None]:
+    """``view.attempt_times`` over the broker's fast lane where it has one: one multiplexed
+    connection costs a fraction of a redis-py pipeline's CPU (most of a GET otherwise)."""
+    lane = state.broker.lane
+    if lane is None:
+        return await attempt_times(state.redis, info.id)
+    meta, stream = log_meta_key(info.id), log_key(info.id)
+    replies = await lane.execute_many([
+        ("HMGET", meta, "started_ms", "finished_ms"),
+        ("XRANGE", stream, "-", "+", "COUNT", 1),
+        ("XREVRANGE", stream, "+", "-", "COUNT", 1)])
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise reply
+    (kept_start, kept_end), first, last = replies
+    if kept_start is not None:
+        return int(kept_start), int(kept_end) if kept_end is not None else None
+
+    def ms(entries: Any, marker: bytes) -> int | None:
+        if not entries:
+            return None
+        entry_id, fields = entries[0]
+        if marker in fields[0::2]:  # the raw reply: a flat [field, value, ...] list
+            return int(entry_id.split(b"-")[0])
+        return None
+
+    return ms(first, b"start"), ms(last, b"eof")
 
 
 async def task_logs(request: web.Request) -> web.StreamResponse:

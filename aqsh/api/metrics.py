@@ -6,12 +6,15 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from aqsh.engine.inspect import QueueInfo
 
+#: Labelled metric children kept per family for the request path (see Metrics.request_done).
+_MAX_CACHED_CHILDREN = 1024
 _STATES = ("active", "pending", "scheduled", "retry", "archived", "completed")
 
 
@@ -124,6 +127,40 @@ class Metrics:
             registry=self.registry)
         self.sse_clients = Gauge("aqsh_sse_clients", "SSE log followers connected",
                                  registry=self.registry)
+
+        # Labelled children by label values: ``labels()`` re-validates and hashes its arguments
+        # on every call, which costs more per request than the increment itself. Bounded like
+        # the label sets (route templates, configured task names); past the bound, uncached.
+        self._request_children: dict[tuple[str, str, int], Any] = {}
+        self._latency_children: dict[tuple[str, str], Any] = {}
+        self._submitted_children: dict[str, Any] = {}
+
+    def request_done(self, route: str, method: str, status: int,
+                     duration_s: float | None) -> None:
+        """One request answered: counted, and timed unless ``duration_s`` is None (streams)."""
+        key = (route, method, status)
+        counter = self._request_children.get(key)
+        if counter is None:
+            counter = self.http_requests.labels(route, method, str(status))
+            if len(self._request_children) < _MAX_CACHED_CHILDREN:
+                self._request_children[key] = counter
+        counter.inc()
+        if duration_s is None:
+            return
+        histogram = self._latency_children.get((route, method))
+        if histogram is None:
+            histogram = self.http_latency.labels(route, method)
+            if len(self._latency_children) < _MAX_CACHED_CHILDREN:
+                self._latency_children[(route, method)] = histogram
+        histogram.observe(duration_s)
+
+    def task_submitted(self, task: str) -> None:
+        counter = self._submitted_children.get(task)
+        if counter is None:
+            counter = self.tasks_submitted.labels(task)
+            if len(self._submitted_children) < _MAX_CACHED_CHILDREN:
+                self._submitted_children[task] = counter
+        counter.inc()
 
     def webhook_attempt(self, event: str, outcome: str, duration_s: float) -> None:
         self.webhook_deliveries.labels(event, outcome).inc()

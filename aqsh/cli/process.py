@@ -29,17 +29,37 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
-def run_service(mode: str | None) -> int:
+_processes_option = click.option(
+    "--processes", metavar="N|auto", default=None,
+    help="Run N processes under one supervisor, sharing the port (default: "
+         "AQSH_WORKER_PROCESSES, else 1; auto = the cores this process may use).")
+
+
+def run_service(mode: str | None, processes: str | None = None) -> int:
     from aqsh.settings import load_settings
 
+    if processes is not None:
+        os.environ["AQSH_WORKER_PROCESSES"] = processes  # parsed and checked as the setting
     try:
         settings = load_settings(None, **({"mode": mode} if mode else {}))
+        if settings.worker_processes > 1 and settings.redis_addr == "embedded":
+            raise ConfigError("AQSH_REDIS_ADDR=embedded runs in one process: set "
+                              "AQSH_WORKER_PROCESSES=1 or use an external Redis")
     except ConfigError as exc:
         return _fail(exc.message, EXIT_BAD_CONFIG)
     # Imported only now: the client and admin commands need none of the service's modules.
-    from aqsh.__main__ import StartupError, harden_process, serve
+    from aqsh.__main__ import StartupError, harden_process, make_non_dumpable, serve
     from aqsh.logging import configure_logging
 
+    if settings.worker_processes > 1:
+        from aqsh.supervisor import run_supervisor
+
+        # N children under a supervisor (aqsh/supervisor.py). It keeps the environment (the
+        # children read their settings from it), so it is made non-dumpable: a script of the
+        # same uid cannot read its environ.
+        configure_logging(settings.log_format, settings.log_level)
+        make_non_dumpable()
+        return run_supervisor(settings.worker_processes, settings.mode)
     harden_process(settings)  # before anything else runs: secrets out of reach of scripts
 
     embedded = None
@@ -83,21 +103,26 @@ Examples:
 """)
 @click.option("--mode", type=click.Choice(["api", "worker", "both"]),
               help="What to run (default: AQSH_MODE, else both).")
-def serve(mode: str | None) -> int:
+@_processes_option
+def serve(mode: str | None, processes: str | None) -> int:
     """Run the service: the HTTP API, the worker, or both. Settings come from AQSH_*."""
-    return run_service(mode)
+    return run_service(mode, processes)
 
 
-@click.command(epilog="\b\nExample (a Deployment's args):\n  python -m aqsh worker")
-def worker() -> int:
+@click.command(epilog="\b\nExamples:\n  python -m aqsh worker               # a Deployment's args"
+               "\n  aqsh worker --processes auto        # one worker process per core, on a VM")
+@_processes_option
+def worker(processes: str | None) -> int:
     """Run a worker: runs the scripts of tasks.yaml, serves /health and /metrics."""
-    return run_service("worker")
+    return run_service("worker", processes)
 
 
-@click.command(epilog="\b\nExample (a Deployment's args):\n  python -m aqsh api")
-def api() -> int:
+@click.command(epilog="\b\nExamples:\n  python -m aqsh api                  # a Deployment's args"
+               "\n  aqsh api --processes 4              # four processes on one port")
+@_processes_option
+def api(processes: str | None) -> int:
     """Run the HTTP API only (no scripts run in this process)."""
-    return run_service("api")
+    return run_service("api", processes)
 
 
 @click.command("check-config", epilog="\b\nExample:\n  aqsh check-config tasks.yaml "
