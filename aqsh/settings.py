@@ -15,8 +15,8 @@ from typing import Any, Literal
 
 import msgspec
 
+from aqsh.durations import parse_duration
 from aqsh.errors import ConfigError
-from aqsh.runner.spec import parse_duration
 
 Mode = Literal["api", "worker", "both"]
 
@@ -73,6 +73,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     #: How long a submission waits out an unreachable Redis (a restart, a Sentinel failover)
     #: before answering 503. Retries reuse the task id, so a submission is never stored twice.
     submit_retry_s: float = 5.0
+    #: Log followers (SSE streams) one process serves at once; more are answered 503.
+    max_sse_clients: int = 1000
 
     @property
     def uses_uvloop(self) -> bool:
@@ -200,6 +202,7 @@ _FIELDS: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "EVENT_LOOP": ("event_loop", _choice("auto", "asyncio", "uvloop"), "auto, asyncio or uvloop"),
     "SCHEDULER": ("scheduler", _bool, "true or false"),
     "SUBMIT_RETRY": ("submit_retry_s", _duration, "a duration like 5s (0 answers 503 at once)"),
+    "MAX_SSE_CLIENTS": ("max_sse_clients", _positive_int, "a positive integer"),
 }
 
 

@@ -63,7 +63,8 @@ def create_app(state: ApiState, *, api: bool = True) -> web.Application:
     app[STATE_KEY] = state
     state.metrics.registry.register(health.LoopErrorsCollector(state.loops))
     if api and state.log_hub is None and isinstance(state.blocking_redis, aioredis.Redis):
-        hub = state.log_hub = LogHub(state.blocking_redis)
+        hub = state.log_hub = LogHub(state.blocking_redis,
+                                     monitor=state.loops.monitor("sse_hub"))
 
         async def close_hub(_: web.Application) -> None:
             await hub.close()

@@ -24,19 +24,20 @@ from aqsh.api.errors import ApiError
 from aqsh.api.openapi import document
 from aqsh.api.sse import follow_logs, plain_logs, start_id
 from aqsh.api.state import STATE_KEY, ApiState
+from aqsh.durations import parse_duration
+from aqsh.engine import keys
 from aqsh.engine.client import new_task_id
 from aqsh.engine.cron import CronSpec
 from aqsh.engine.inspect import QueueInfo
+from aqsh.engine.keys import log_key, log_meta_key
 from aqsh.engine.models import TaskInfo, TaskState
 from aqsh.engine.rdb import guarded
-from aqsh.runner.logs import log_key
 from aqsh.runner.result import ScriptResult, decode_result, encode_result
 from aqsh.runner.spec import (
     HEADER_SUBMITTED_AT,
     HEADER_SUBMITTED_BY,
     TaskSpec,
     access_headers,
-    parse_duration,
 )
 from aqsh.runner.validate import json_schema, validate_input
 
@@ -44,7 +45,6 @@ log = structlog.get_logger("aqsh.api")
 T = TypeVar("T")
 
 CANCELED = "canceled"
-IDEMPOTENCY_PREFIX = "aqsh:idem:"
 _FINISHED = {TaskState.COMPLETED, TaskState.ARCHIVED}
 
 
@@ -278,7 +278,7 @@ async def _idempotent_id(state: ApiState, caller: Caller, name: str, key: str, p
     fingerprint = hashlib.sha256(
         payload + b"\0" + (process_at.isoformat().encode() if process_at else b"")
     ).hexdigest()
-    fresh = _IdempotencyRecord(IDEMPOTENCY_PREFIX + scope, str(uuid.uuid4()), fingerprint, "")
+    fresh = _IdempotencyRecord(keys.idempotency_key(scope), str(uuid.uuid4()), fingerprint, "")
     created = await state.redis.set(fresh.redis_key, fresh.encode(enqueued=False), nx=True,
                                     ex=max(1, int(state.settings.idempotency_ttl_s)))
     if created:
@@ -362,11 +362,16 @@ async def get_task(request: web.Request) -> web.Response:
 
 
 async def _attempt_times(state: ApiState, info: TaskInfo) -> tuple[int | None, int | None]:
-    """Start of the first attempt and end of the last, from the log stream's markers."""
+    """Start of the first attempt and end of the last: kept by the log writer in the hash
+    beside the log stream (they outlive markers the stream's cap trimmed); for logs written
+    before that hash existed, from the stream's first and last markers."""
     pipe = state.redis.pipeline(transaction=False)
+    pipe.hmget(log_meta_key(info.id), "started_ms", "finished_ms")
     pipe.xrange(log_key(info.id), count=1)
     pipe.xrevrange(log_key(info.id), count=1)
-    first, last = await pipe.execute()
+    (kept_start, kept_end), first, last = await pipe.execute()
+    if kept_start is not None:
+        return int(kept_start), int(kept_end) if kept_end is not None else None
 
     def ms(entries: Any, marker: bytes) -> int | None:
         if entries and marker in entries[0][1]:
@@ -384,7 +389,7 @@ async def task_logs(request: web.Request) -> web.StreamResponse:
     if follow not in ("true", "false"):
         raise ApiError(400, "invalid_follow", "follow must be true or false")
     if follow == "false":
-        return await plain_logs(state.redis, info.id, after)
+        return await plain_logs(request, state.redis, info.id, after)
 
     async def finished() -> bool:
         try:
@@ -395,7 +400,7 @@ async def task_logs(request: web.Request) -> web.StreamResponse:
 
     return await follow_logs(request, state.blocking_redis, info.id, after, finished,
                              state.metrics.sse_clients.inc, state.metrics.sse_clients.dec,
-                             hub=state.log_hub)
+                             hub=state.log_hub, max_clients=state.settings.max_sse_clients)
 
 
 # ---------------------------------------------------------------------------- cancel
@@ -408,8 +413,7 @@ async def cancel_task(request: web.Request) -> web.Response:
     if info.state is TaskState.ACTIVE:
         await state.inspector.cancel_processing(info.id)
         log.info("task.cancel_requested", task_id=info.id, user=caller.user)
-        return web.json_response({"id": info.id, "state": "canceling",
-                                  "links": _links(request, info.id)}, status=202)
+        return await _outcome_of_cancel(request, info)
     # Not running: archive it with a "canceled" result, so it stays readable (and re-runnable
     # from Asynqmon) instead of vanishing into a 404.
     try:
@@ -418,14 +422,45 @@ async def cancel_task(request: web.Request) -> web.Response:
         current = await state.inspector.find_task(info.id, [info.queue])
         if current.state is TaskState.ACTIVE:  # it started meanwhile
             await state.inspector.cancel_processing(info.id)
-            return web.json_response({"id": info.id, "state": "canceling",
-                                      "links": _links(request, info.id)}, status=202)
+            return await _outcome_of_cancel(request, info)
         raise ApiError(409, "task_finished", f"task {info.id} already finished") from None
     await state.broker.write_result(info.queue, info.id,
                                     encode_result(ScriptResult(exit_code=-1, error=CANCELED)))
     log.info("task.canceled", task_id=info.id, user=caller.user)
     return web.json_response({"id": info.id, "state": CANCELED,
                               "links": _links(request, info.id)}, status=200)
+
+
+#: How long DELETE of a running task waits to report what became of it before answering 202.
+CANCEL_SETTLE_S = 2.0
+
+
+async def _outcome_of_cancel(request: web.Request, info: TaskInfo) -> web.Response:
+    """A cancel can lose the race with completion: the script had exited and its ack was on
+    its way when the request came. Answer what really happened — 200 canceled, or 409 with the
+    state it finished in — and 202 only while it is genuinely still stopping."""
+    state = _state(request)
+    loop = asyncio.get_running_loop()
+    give_up_at = loop.time() + CANCEL_SETTLE_S
+    delay_s = 0.02
+    while loop.time() < give_up_at:
+        await asyncio.sleep(delay_s)
+        delay_s = min(delay_s * 2, 0.25)
+        try:
+            current = await state.inspector.find_task(info.id, [info.queue])
+        except errors.TaskNotFound:  # finished and not retained
+            raise ApiError(409, "task_finished",
+                           f"task {info.id} already finished") from None
+        if current.state is TaskState.ACTIVE:
+            continue
+        final = public_state(current)
+        if final == CANCELED:
+            return web.json_response({"id": info.id, "state": CANCELED,
+                                      "links": _links(request, info.id)}, status=200)
+        raise ApiError(409, "task_finished", f"task {info.id} already finished ({final})",
+                       details={"state": final})
+    return web.json_response({"id": info.id, "state": "canceling",
+                              "links": _links(request, info.id)}, status=202)
 
 
 # ---------------------------------------------------------------------------- catalogue

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from aqsh import __version__
+from aqsh.api.sse import STREAM_ID_PATTERN
 from aqsh.runner.spec import TaskSpec
 from aqsh.runner.validate import json_schema
 
@@ -33,9 +34,19 @@ _COMMON_ERRORS = {"400": _error("identity or groups header sent more than once")
                   "401": _error("identity header required and missing"),
                   "404": _error("no task with this id that the caller may see"),
                   "503": _error("Redis unreachable; retry after Retry-After seconds")}
-#: A stream entry id, as SSE ``id:`` carries it.
-STREAM_ID_PATTERN = r"^\d+-\d+$"
-#: aqsh.runner.spec.DURATION_RE, for JSON Schema.
+#: A Redis stream id: <ms>-<seq> (or <ms>), each part at most 2**64-1 (aqsh.api.sse).
+_STREAM_ID = {"type": "string", "pattern": STREAM_ID_PATTERN}
+_LOG_EVENTS = (
+    "text/event-stream, one event per log line: `id` = the stream entry id (<ms>-<n>, n "
+    "counting the log's entries), `data` = the line. Named events: `gap` (data "
+    '{"lost": <count>}: entries the log\'s length cap trimmed before this client read them), '
+    "`error` (data {\"code\", \"message\", \"retry_ms\"} and an SSE `retry:` hint: Redis "
+    "stayed unreachable, the stream ends; reconnect with Last-Event-ID to resume with no gap), "
+    "`eof` (data = the exit code: the task's last attempt finished, the stream ends). Comment "
+    "lines (`: ping`) keep idle connections open. With follow=false: text/plain, one line per "
+    "line, `[aqsh] <count> log lines lost: ...` where trimmed lines were."
+)
+#: aqsh.durations.DURATION_RE, for JSON Schema.
 DURATION_PATTERN = r"^(?:\d+h)?(?:\d+m(?!s))?(?:\d+s)?(?:\d+ms)?$"
 _TASK_LINKS = {
     "GetTask": {"operationId": "getTask", "parameters": {"id": "$response.body#/id"}},
@@ -140,19 +151,21 @@ def document(tasks: Sequence[TaskSpec] = (), *, max_string_len: int = 4096) -> d
                     _TASK_ID,
                     {"name": "follow", "in": "query", "schema": {"type": "boolean"},
                      "description": "false: return what exists as text/plain"},
-                    {"name": "Last-Event-ID", "in": "header",
-                     "schema": {"type": "string", "pattern": STREAM_ID_PATTERN},
+                    {"name": "Last-Event-ID", "in": "header", "schema": _STREAM_ID,
                      "description": "resume after this event id (what EventSource sends)"},
-                    {"name": "last_event_id", "in": "query",
-                     "schema": {"type": "string", "pattern": STREAM_ID_PATTERN}},
+                    {"name": "last_event_id", "in": "query", "schema": _STREAM_ID,
+                     "description": "the same, for clients that cannot set headers"},
                 ],
                 "responses": {
-                    "200": {"description": "SSE: id = stream entry id, data = one line; "
-                                           "event eof (data = exit code) at the end",
+                    "200": {"description": _LOG_EVENTS,
                             "content": {"text/event-stream": {"schema": {"type": "string"}},
                                         "text/plain": {"schema": {"type": "string"}}}},
-                    "400": _error("malformed Last-Event-ID"),
+                    "400": _error("Last-Event-ID / last_event_id is not a stream id "
+                                  "(code bad_last_event_id)"),
                     **_COMMON_ERRORS,
+                    "503": _error("Redis unreachable, or this server already streams "
+                                  "AQSH_MAX_SSE_CLIENTS logs (code too_many_followers); retry "
+                                  "after Retry-After seconds"),
                 },
             }},
             "/health": {"get": {"summary": "Version, mode and Redis reachability",

@@ -1,4 +1,4 @@
-"""Every asynq key name: the only module that spells ``asynq:``.
+"""Every Redis key name aqsh uses: the only module that spells ``asynq:``, ``aqsh:`` or ``logs:``.
 
 Per-queue keys carry the ``{qname}`` Redis Cluster hash tag so all keys of one queue share a
 slot and multi-key Lua scripts stay Cluster safe (protocol spec §1.2, §2).
@@ -20,6 +20,18 @@ CANCEL_CHANNEL = "asynq:cancel"
 #: aqsh-only pub/sub channel: our client publishes the queue name after an enqueue so idle aqsh
 #: workers wake at once instead of polling (Go components ignore it).
 WAKE_CHANNEL = "aqsh:wake"
+#: aqsh-only keys beside asynq's, spelled here too so that an ACL or a key scan has one list:
+#: a task's log stream, and the API's Idempotency-Key records.
+LOG_KEY_PREFIX = "logs:"
+IDEMPOTENCY_PREFIX = "aqsh:idem:"
+
+
+def log_key(task_id: str) -> str:
+    return f"{LOG_KEY_PREFIX}{task_id}"
+
+
+def idempotency_key(scope: str) -> str:
+    return f"{IDEMPOTENCY_PREFIX}{scope}"
 
 
 def server_key(host: str, pid: int, server_id: str) -> str:
@@ -111,3 +123,19 @@ def queue_keys(qname: str) -> QueueKeys:
         group_prefix=base + "g:",
         aggregation_sets=base + "aggregation_sets",
     )
+
+
+def log_meta_key(task_id: str) -> str:
+    """The hash kept beside the log stream ``logs:<task_id>`` (aqsh-only): attempt times, exit
+    code and the log writers' batch numbers, which must outlive the stream's trimmed markers.
+
+    The append script writes both keys, so on a Redis Cluster they must share a slot: the
+    stream's own hash tag when its name has one, else the whole stream name as the tag. An id
+    with a ``}`` but no tag leaves no name that shares the stream's slot; the writer checks the
+    slots and leaves this key out then.
+    """
+    stream = f"logs:{task_id}"
+    opening = stream.find("{")
+    if opening != -1 and stream.find("}", opening + 1) > opening + 1:
+        return stream + ":meta"  # the stream's tag (first "{", first "}" after it) is kept
+    return "{" + stream + "}:meta"

@@ -15,34 +15,47 @@ start marker of one that prints nothing, reach the stream at most ``linger_s`` l
 
 Back-pressure: when the buffer holds ``max_buffered`` lines (Redis slow or away), the pipe
 readers stop reading until there is room, the kernel pipe fills and the script blocks on write.
-Lines are delayed, never dropped (the buffer may overshoot by one read chunk). If Redis is away
-for longer than ``give_up_s`` the writer drops the buffer and records how many lines it lost in
-a final marker line, so a dead Redis cannot hang a task forever.
+Lines are delayed, never dropped (the buffer may overshoot by one read chunk).
+
+Faults: whatever a batch write raises — a lost connection, or an error reply (``OOM``,
+``MISCONF``, ``READONLY``, ``BUSY``, ``LOADING``, ``NOPERM``, ...) — is logged with its kind,
+backed off with jitter and retried; the flusher itself is supervised (restarted if it ever ends
+early), so the readers never wait for room that nobody will make. If a batch cannot be written
+for ``give_up_s`` the writer drops the buffer and records how many lines it lost in a final
+marker line, so a dead or refusing Redis cannot hang a task forever.
+
+Exactly once: each batch carries this writer's id and its number, and the append script skips a
+batch it has already applied, so a retry after a lost reply never duplicates lines. The script
+also chooses the entry ids (``<ms>-<n>``, ``n`` counting the stream's entries), which lets a
+follower count the lines the stream's cap trimmed before it read them (``aqsh.api.sse``), and
+keeps the attempt's start, end and exit code in a hash beside the stream
+(``keys.log_meta_key``), so they outlive trimmed markers.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import secrets
 
 import structlog
+from redis.crc import key_slot
 
 from aqsh.engine.connection import RedisClient
 from aqsh.engine.fastlane import FastLane
-from aqsh.engine.rdb import REDIS_DOWN
+from aqsh.engine.faults import Backoff, classify, redis_error_code
+from aqsh.engine.keys import log_key, log_meta_key
 from aqsh.engine.scripts import Scripts, script_sha
 
 log = structlog.get_logger("aqsh.runner")
 
-LOG_KEY_PREFIX = "logs:"
 DEFAULT_MAX_LINE_BYTES = 16 * 1024
 DEFAULT_MAX_STREAM_LEN = 100_000
 DEFAULT_BATCH_LINES = 2000
 DEFAULT_LINGER_S = 0.005
-
-
-def log_key(task_id: str) -> str:
-    return f"{LOG_KEY_PREFIX}{task_id}"
+#: The supervised loop's name in logs.
+LOOP_NAME = "log_writer"
+_FIRST_RETRY_S = 0.05
+_LONGEST_RETRY_S = 2.0
 
 
 class LogWriter:
@@ -63,6 +76,12 @@ class LogWriter:
         self.redis = redis
         self.lane = lane
         self.key = log_key(task_id)
+        meta = log_meta_key(task_id)
+        # Both keys go in one script call: on a Cluster they must share a slot. Only an id
+        # with an unmatched "}" gives a meta key that cannot; then the stream goes alone (no
+        # repeat detection, no kept times: the API falls back to the stream's markers).
+        self._keys = [self.key, meta] if key_slot(meta.encode()) == key_slot(
+            self.key.encode()) else [self.key]
         self.retention_s = max(1, int(retention_s))
         self.max_stream_len = max_stream_len
         self.max_buffered = max_buffered
@@ -72,6 +91,12 @@ class LogWriter:
         self.scripts = Scripts(redis)
         self.lines_written = 0
         self.lines_dropped = 0
+        #: Batch writes that failed and were retried (a test and tuning figure).
+        self.write_retries = 0
+        #: Batches the script had already applied when they were sent again (a lost reply).
+        self.repeats_skipped = 0
+        self._writer_id = secrets.token_hex(8)
+        self._batch_number = 0
         self._buffer: list[tuple[str, str]] = []
         self._has_data = asyncio.Event()
         self._has_room = asyncio.Event()
@@ -93,6 +118,7 @@ class LogWriter:
         """Always takes the lines (a reader's chunk at most); readers check ``full`` after."""
         self._buffer.extend([(stream, line) for line in lines])
         if self._flusher is not None:
+            self._ensure_flusher()
             self._has_data.set()
         elif len(self._buffer) >= self.batch_lines:
             self._start_flusher()  # a full batch does not wait for the linger
@@ -104,10 +130,19 @@ class LogWriter:
         return len(self._buffer) >= self.max_buffered
 
     async def wait_for_room(self) -> None:
-        while self.full:
+        """Returns once there is room, or once nothing can make room any more (the writer was
+        aborted). Waits on the flusher too, so a flusher that ended is restarted instead of
+        being waited for forever."""
+        while self.full and not self._closing:
             self._start_flusher()
+            flusher = self._flusher
+            assert flusher is not None
             self._has_room.clear()
-            await self._has_room.wait()
+            room = asyncio.ensure_future(self._has_room.wait())
+            try:
+                await asyncio.wait({room, flusher}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                room.cancel()
 
     def _arm(self) -> None:
         if self._flusher is None and self._linger is None:
@@ -118,11 +153,21 @@ class LogWriter:
         if self._linger is not None:
             self._linger.cancel()
             self._linger = None
+        self._ensure_flusher()
+        self._has_data.set()
+
+    def _ensure_flusher(self) -> None:
+        """Start the flusher, or start it again if it ended while there is work: it only ends
+        by itself when closing, so an end before that is a fault to recover from."""
+        if self._flusher is not None and self._flusher.done():
+            if not self._flusher.cancelled() and self._flusher.exception() is not None:
+                log.error("logs.flusher_failed", loop=LOOP_NAME, key=self.key,
+                          error=repr(self._flusher.exception()))
+            self._flusher = None
         if self._flusher is None:
             self._flusher = asyncio.create_task(
                 self._flush_loop(), name=f"aqsh-logs-{self._task_id}"
             )
-        self._has_data.set()
 
     @property
     def closed(self) -> bool:
@@ -140,20 +185,36 @@ class LogWriter:
                 self._linger = None
             await self._flush_loop()
             return
-        self._has_data.set()
-        await self._flusher
+        while self._buffer:
+            self._ensure_flusher()
+            self._has_data.set()
+            flusher = self._flusher
+            assert flusher is not None
+            await asyncio.wait({flusher})
 
     async def abort(self) -> None:
         self._closing = True
+        self._has_room.set()  # readers waiting for room: there will be none
         if self._linger is not None:
             self._linger.cancel()
             self._linger = None
         if self._flusher is not None:
             self._flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._flusher
+            await asyncio.wait({self._flusher})
 
     async def _flush_loop(self) -> None:
+        """Supervised: anything but cancellation is logged, backed off and resumed."""
+        backoff = Backoff(_FIRST_RETRY_S, _LONGEST_RETRY_S)
+        while True:
+            try:
+                await self._flush_until_done()
+                return
+            except Exception as exc:  # a bug or a reply of a shape never seen: keep going
+                log.error("logs.flusher_failed", loop=LOOP_NAME, key=self.key,
+                          kind=classify(exc).kind, error=repr(exc), exc_info=True)
+                await asyncio.sleep(backoff.next_delay_s())
+
+    async def _flush_until_done(self) -> None:
         while True:
             if not self._buffer:
                 if self._closing:
@@ -162,16 +223,21 @@ class LogWriter:
                 await self._has_data.wait()
                 continue
             batch = self._buffer[: self.batch_lines]
-            args: list[str | int] = [self.max_stream_len, self.retention_s]
+            self._batch_number += 1
+            args: list[str | int] = [self.max_stream_len, self.retention_s, self._writer_id,
+                                     self._batch_number]
             for stream, line in batch:
                 args += [stream, line]
-            if not await self._send(args):
+            failure = await self._send(args)
+            if failure is not None:
                 lost = [entry for entry in self._buffer if entry[0] != "eof"]
                 self.lines_dropped += len(lost)
-                log.error("logs.dropped", key=self.key, lines=len(lost))
+                log.error("logs.dropped", loop=LOOP_NAME, key=self.key, lines=len(lost),
+                          reason=failure)
                 if self._closing:
-                    return  # Redis has been away for give_up_s: nothing more can be done
-                marker = f"[aqsh] {len(lost)} log lines lost: Redis unreachable"
+                    self._buffer.clear()
+                    return  # nothing more can be done for this attempt's log
+                marker = f"[aqsh] {len(lost)} log lines lost: {failure}"
                 self._buffer = [("stderr", marker)]
                 self._has_room.set()
                 continue
@@ -181,25 +247,37 @@ class LogWriter:
 
     async def _append(self, args: list[str | int]) -> None:
         if self.lane is None:
-            await self.scripts.run("append_log_lines", [self.key], args)
-            return
-        command = ("EVALSHA", script_sha("append_log_lines"), 1, self.key, *args)
-        reply = (await self.lane.execute_scripts([command], ["append_log_lines"]))[0]
-        if isinstance(reply, Exception):
-            raise reply
+            reply = await self.scripts.run("append_log_lines", self._keys, args)
+        else:
+            command = ("EVALSHA", script_sha("append_log_lines"), len(self._keys),
+                       *self._keys, *args)
+            reply = (await self.lane.execute_scripts([command], ["append_log_lines"]))[0]
+            if isinstance(reply, Exception):
+                raise reply
+        if isinstance(reply, list) and len(reply) == 2 and reply[1] == 0:
+            self.repeats_skipped += 1
+            log.info("logs.repeat_skipped", loop=LOOP_NAME, key=self.key)
 
-    async def _send(self, args: list[str | int]) -> bool:
-        """Retry a batch while Redis is away, for up to ``give_up_s``."""
+    async def _send(self, args: list[str | int]) -> str | None:
+        """Write one batch, retrying whatever fails for up to ``give_up_s``; returns None once
+        written, else why it could not be (for the lost-lines marker)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.give_up_s
-        delay_s = 0.05
+        backoff = Backoff(_FIRST_RETRY_S, _LONGEST_RETRY_S)
         while True:
             try:
                 await self._append(args)
-                return True
-            except REDIS_DOWN as exc:
+                return None
+            except Exception as exc:  # every failure is retried: a dead writer hangs the task
+                fault = classify(exc)
                 if loop.time() > deadline:
-                    return False
-                log.warning("logs.write_retry", key=self.key, error=str(exc))
-                await asyncio.sleep(delay_s)
-                delay_s = min(delay_s * 2, 2.0)
+                    if fault.kind in ("connection", "timeout"):
+                        return "Redis unreachable"
+                    code = redis_error_code(exc)
+                    return f"Redis refused the writes ({code or str(exc)[:120]})"
+                self.write_retries += 1
+                # Operator faults (NOPERM, WRONGTYPE) are retried too, but loudly.
+                report = log.warning if fault.transient else log.error
+                report("logs.write_retry", loop=LOOP_NAME, key=self.key, kind=fault.kind,
+                       error=str(exc) or type(exc).__name__)
+                await asyncio.sleep(backoff.next_delay_s())

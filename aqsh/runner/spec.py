@@ -17,9 +17,9 @@ from typing import Any
 import msgspec
 import yaml
 
+from aqsh.durations import parse_duration
 from aqsh.errors import ConfigError
 
-DURATION_RE = re.compile(r"^(?:(\d+)h)?(?:(\d+)m(?!s))?(?:(\d+)s)?(?:(\d+)ms)?$")
 ENV_NAME_RE = re.compile(r"^[A-Z_][A-Z0-9_]*$")
 INPUT_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 TASK_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
@@ -97,23 +97,6 @@ class TaskSpec(msgspec.Struct, frozen=True, kw_only=True):
 class TasksConfig(msgspec.Struct, frozen=True):
     path: str
     tasks: dict[str, TaskSpec]
-
-
-def parse_duration(text: object) -> float:
-    """``90s``, ``10m``, ``1h30m``, ``24h``, ``250ms`` (or a bare number of seconds) → seconds."""
-    if isinstance(text, bool):
-        raise ValueError("a duration like 90s, 10m or 1h30m")
-    if isinstance(text, int | float):
-        if text < 0:
-            raise ValueError("a non-negative duration")
-        return float(text)
-    if not isinstance(text, str):
-        raise ValueError("a duration like 90s, 10m or 1h30m")
-    match = DURATION_RE.match(text.strip())
-    if not text.strip() or match is None or not any(match.groups()):
-        raise ValueError(f"a duration like 90s, 10m or 1h30m, not {text!r}")
-    hours, minutes, seconds, millis = (int(g) if g else 0 for g in match.groups())
-    return hours * 3600 + minutes * 60 + seconds + millis / 1000
 
 
 _TASK_KEYS = {"script", "description", "timeout", "max_retry", "retry_delay", "queue",

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 
 from aqsh.api.loghub import Follower, LogHub, stream_id
+from aqsh.engine.faults import Loops
 from tests.api.conftest import ServiceFactory, sse_events
 from tests.support import redis_answers, wait_until
 
@@ -26,7 +28,7 @@ async def hub(redis_url: str) -> AsyncIterator[LogHub]:
 async def received(follower: Follower, count: int) -> list[str]:
     out: list[str] = []
     while len(out) < count:
-        batch = await asyncio.wait_for(follower.entries.get(), 5)
+        batch = await follower.take(5)
         out.extend(entry_id for entry_id, _ in batch)
     return out
 
@@ -51,7 +53,7 @@ async def test_one_reader_serves_many_streams(redis: aioredis.Redis, hub: LogHub
     for n in range(20):
         await redis.xadd(f"logs:{n}", {"line": f"line {n}"})
     for n, follower in enumerate(followers):
-        [(_, fields)] = (await asyncio.wait_for(follower.entries.get(), 5))
+        [(_, fields)] = await follower.take(5)
         assert fields[b"line"] == f"line {n}".encode()
     assert await _blocked_xreads(redis) <= 1
 
@@ -140,4 +142,50 @@ async def test_a_follower_joining_behind_during_a_read_loses_nothing(
     hub._deliver("logs:j", [(i.decode(), f) for i, f in raw], read_from=stream_id("0-0"))
     assert [e for e, _ in behind.entries.get_nowait()] == ids
     assert ahead.entries.empty()  # nothing twice
+    await reader.aclose()
+
+
+async def test_a_follower_over_its_byte_bound_is_dropped_not_buffered(
+    redis: aioredis.Redis, redis_url: str
+) -> None:
+    reader = aioredis.Redis.from_url(redis_url, socket_timeout=30)
+    hub = LogHub(reader, follower_max_bytes=1000)
+    slow = hub.join("logs:b", "0-0")
+    await redis.xadd("logs:b", {"line": "x" * 600})
+    await wait_until(lambda: slow.entries.qsize() == 1, message="first batch")
+    assert 600 < slow.queued_bytes < 1000
+    await redis.xadd("logs:b", {"line": "y" * 600})
+    await wait_until(lambda: slow.dropped, message="dropped for its bytes")
+    assert "logs:b" not in hub._followers
+    await slow.take(1)
+    assert slow.queued_bytes == 0
+    await hub.close()
+    await reader.aclose()
+
+
+async def test_a_failing_read_is_recorded_wakes_followers_and_is_retried(
+    redis: aioredis.Redis, redis_url: str
+) -> None:
+    """An error reply (the key of the wrong type) fails the hub's read: its monitor records
+    it, the followers are woken to look for themselves, and the hub keeps reading."""
+    loops = Loops()
+    monitor = loops.monitor("sse_hub")
+    reader = aioredis.Redis.from_url(redis_url, socket_timeout=30)
+    hub = LogHub(reader, block_ms=200, monitor=monitor)
+    assert monitor.parked  # nobody follows yet: idle is not a stall
+    await redis.set("logs:w", "not a stream")
+    follower = hub.join("logs:w", "0-0")
+    assert await follower.take(10) == []  # the wake-up
+    assert monitor.errors_by_kind["wrongtype"] >= 1
+    assert hub.read_failures >= 1
+    await redis.delete("logs:w")
+    added = (await redis.xadd("logs:w", {"line": "back"})).decode()
+    batch: list[Any] = []
+    while not batch:
+        batch = await follower.take(10)  # further wake-ups may come before the news
+    assert [entry_id for entry_id, _ in batch] == [added]
+    assert monitor.consecutive_errors == 0
+    hub.leave(follower)
+    await hub.close()
+    assert monitor.parked
     await reader.aclose()

@@ -299,7 +299,8 @@ def test_split_deployment_api_on_uvloop_and_a_separate_worker(tmp_path: Path) ->
 
             def cancel_once_started(lines: list[str]) -> None:
                 if lines == ["started"]:
-                    assert http("DELETE", f"{urls['api']}/tasks/{slow['id']}")[0] == 202
+                    # 200 once the script has stopped (it does on SIGTERM), else 202.
+                    assert http("DELETE", f"{urls['api']}/tasks/{slow['id']}")[0] in (200, 202)
 
             seen = sse_to_eof(f"{urls['api']}/tasks/{slow['id']}/logs", cancel_once_started)
             assert seen == ["started", "eof:-15"]

@@ -19,12 +19,12 @@ import redis.asyncio as aioredis
 
 from aqsh.engine import keys
 from aqsh.engine.client import Client
+from aqsh.engine.keys import log_key
 from aqsh.engine.models import TaskMessage
 from aqsh.engine.rdb import RedisBroker
 from aqsh.engine.server import Server
 from aqsh.engine.task import Task, TaskContext
 from aqsh.redis_process import free_port
-from aqsh.runner.logs import log_key
 from tests.api.conftest import write_tasks
 from tests.support import wait_until_sync
 

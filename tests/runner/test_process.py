@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
+from aqsh.engine.keys import log_key
 from aqsh.runner.handler import RunnerSettings, ShellRunner
-from aqsh.runner.logs import LogWriter, log_key
+from aqsh.runner.logs import LogWriter
 from aqsh.runner.process import run_process
 from aqsh.runner.spec import TasksConfig, TaskSpec
 from tests.runner.test_runner import Ctx, task

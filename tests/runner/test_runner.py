@@ -16,11 +16,11 @@ import redis.asyncio as aioredis
 from aqsh.clock import ManualClock
 from aqsh.engine import keys, wire
 from aqsh.engine.client import Client
+from aqsh.engine.keys import log_key
 from aqsh.engine.rdb import RedisBroker
 from aqsh.engine.server import Server
 from aqsh.engine.task import CancelReason, SkipRetry, Task
 from aqsh.runner.handler import RunnerSettings, ScriptFailed, ShellRunner, shell_retry_delay
-from aqsh.runner.logs import log_key
 from aqsh.runner.result import decode_result
 from aqsh.runner.spec import InputSpec, TasksConfig, TaskSpec
 from tests.support import wait_until

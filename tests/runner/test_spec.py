@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from aqsh.durations import parse_duration
 from aqsh.errors import ConfigError
-from aqsh.runner.spec import InputType, load_tasks, parse_duration
+from aqsh.runner.spec import InputType, load_tasks
 
 
 def script(tmp_path: Path, name: str = "deploy.sh", executable: bool = True) -> Path:

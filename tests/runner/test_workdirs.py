@@ -10,8 +10,8 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 
+from aqsh.engine.keys import log_key
 from aqsh.runner.handler import RunnerSettings, ShellRunner
-from aqsh.runner.logs import log_key
 from aqsh.runner.spec import TasksConfig, TaskSpec
 from aqsh.runner.workdirs import SPARE_PREFIX, WorkDirs
 from tests.runner.test_runner import Ctx, make_script, task
