@@ -7,7 +7,8 @@
 -- ARGV[4] -> optional: wake-up channel (aqsh:wake) to PUBLISH the queue name on, once, when at
 --            least one task was enqueued (after the tasks exist, so a woken worker finds them)
 -- ARGV[5] -> optional: the queue name
--- Returns one integer per task, in order: 1 enqueued, 0 a task with this id already exists.
+-- Returns one integer per task, in order: 1 enqueued, 0 a task with this id already exists,
+-- 2 enqueued but the wake-up was refused (pcall: the enqueues stand; see enqueue.lua).
 -- Each task gets exactly the single-task enqueue treatment. Packing the batch into one argument
 -- spares the client encoding thousands of arguments (its main cost in profiles).
 local out = {}
@@ -33,6 +34,13 @@ while pos <= #blob do
   end
 end
 if enqueued and ARGV[4] and ARGV[4] ~= "" then
-  redis.call("PUBLISH", ARGV[4], ARGV[5])
+  local sent = redis.pcall("PUBLISH", ARGV[4], ARGV[5])
+  if type(sent) == "table" and sent.err then
+    for i = 1, #out do
+      if out[i] == 1 then
+        out[i] = 2
+      end
+    end
+  end
 end
 return out
