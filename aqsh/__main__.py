@@ -26,6 +26,7 @@ from aqsh.api.metrics import Metrics
 from aqsh.api.state import ApiState
 from aqsh.config_holder import ConfigHolder
 from aqsh.engine.client import Client
+from aqsh.engine.compat import UnsupportedServer, check_server
 from aqsh.engine.connection import RedisSettings, create_client
 from aqsh.engine.faults import Loops
 from aqsh.engine.inspect import Inspector
@@ -78,6 +79,16 @@ async def serve(settings: Settings) -> int:
         cluster_addrs=settings.redis_cluster_addrs,
     )
     redis = create_client(redis_settings)
+    try:
+        server_label = await check_server(redis)
+    except UnsupportedServer as exc:
+        print(f"aqsh: {exc.message}", file=sys.stderr)
+        await redis.aclose()
+        if embedded is not None:
+            embedded.stop_keep_data()
+        return 2
+    if server_label is not None:
+        log.info("redis.checked", server=server_label)
     blocking = create_client(
         RedisSettings(url=url, password=settings.redis_password,
                       sentinel_addrs=settings.redis_sentinel_addrs,
