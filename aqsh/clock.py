@@ -7,6 +7,7 @@ read Redis ``TIME`` (asynq writes times from the writer's clock; so do we).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Protocol
 
@@ -51,3 +52,27 @@ class ManualClock:
 def unix_s(clock: Clock) -> int:
     """Whole Unix seconds, as asynq writes every score (truncated, never rounded)."""
     return clock.now_ns() // 1_000_000_000
+
+
+async def wait_event(event: asyncio.Event, timeout_s: float) -> bool:
+    """Wait for ``event`` at most ``timeout_s``; True when it was set.
+
+    Every loop naps this way, never with ``asyncio.wait_for``: on Python 3.11 that swallows a
+    cancellation arriving as its timeout fires, and a cancelled loop that goes on running makes
+    the ``stop()`` awaiting it hang for ever (seen: a scheduler that kept firing after its
+    stop). ``asyncio.timeout`` tells the two apart.
+
+    It also re-raises a cancellation that something below swallowed: redis-py 8 can return
+    normally from a command whose task was cancelled meanwhile, and the loop would go on
+    napping and firing. A task with a cancel pending never starts a nap."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+    if event.is_set():
+        return True
+    try:
+        async with asyncio.timeout(timeout_s):
+            await event.wait()
+    except TimeoutError:
+        return False
+    return True

@@ -19,6 +19,8 @@ def parse_duration(text: object) -> float:
         return float(text)
     if not isinstance(text, str):
         raise ValueError("a duration like 90s, 10m or 1h30m")
+    if text.strip() == "0":  # zero needs no unit (``AQSH_SUBMIT_RETRY=0``); "10" stays refused
+        return 0.0
     match = DURATION_RE.match(text.strip())
     if not text.strip() or match is None or not any(match.groups()):
         raise ValueError(f"a duration like 90s, 10m or 1h30m, not {text!r}")

@@ -21,6 +21,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +118,8 @@ class RedisProcess:
         self.extra_args = extra_args
         self.debug_command = debug_command
         self._proc: subprocess.Popen[bytes] | None = None
+        #: Runs in the child between fork and exec (aqsh.embedded: die with the parent).
+        self.preexec_fn: Callable[[], None] | None = None
 
     @property
     def url(self) -> str:
@@ -143,7 +146,8 @@ class RedisProcess:
     def start(self, timeout_s: float = 10.0) -> RedisProcess:
         Path(self.data_dir).mkdir(parents=True, exist_ok=True)
         self._proc = subprocess.Popen(
-            self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            preexec_fn=self.preexec_fn,
         )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

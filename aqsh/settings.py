@@ -34,6 +34,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     #: Seed nodes of a Redis Cluster; set, it replaces redis_addr (and excludes Sentinel).
     redis_cluster_addrs: tuple[str, ...] = ()
     redis_password: str | None = None
+    #: A file holding the password (a mounted Secret): read at start into redis_password, so
+    #: the password never has to be in the environment.
+    redis_password_file: str | None = None
+    #: What a worker does with a task whose type is not in tasks.yaml: ``retry`` it with asynq's
+    #: back-off and "handler not found", as a Go server would (another server on the queue may
+    #: have the handler), or ``archive`` it at once.
+    unknown_tasks: Literal["retry", "archive"] = "retry"
     worker_concurrency: int = 10
     #: Empty: every queue named in tasks.yaml, weight 1.
     worker_queues: tuple[tuple[str, int], ...] = ()
@@ -73,6 +80,27 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     #: How long a submission waits out an unreachable Redis (a restart, a Sentinel failover)
     #: before answering 503. Retries reuse the task id, so a submission is never stored twice.
     submit_retry_s: float = 5.0
+    #: Webhooks (aqsh.webhooks). Deliveries run on a server of their own in worker mode, with
+    #: its own concurrency, so a slow receiver never holds a slot a script could use.
+    webhook_worker: bool = True
+    webhook_concurrency: int = 20
+    webhook_timeout_s: float = 15.0
+    #: Delay before each attempt (the first is immediate): the Standard Webhooks schedule.
+    webhook_schedule_s: tuple[float, ...] = (0, 5, 300, 1800, 7200, 18000, 36000, 36000)
+    #: A body over this drops result.data (and says so in ``result.data_omitted``).
+    webhook_max_body_bytes: int = 64 * 1024
+    #: How often a worker looks for ended tasks whose deliveries were never enqueued (the
+    #: process that ended them died first).
+    webhook_sweep_interval_s: float = 30.0
+    #: Makes the links in webhook bodies absolute (e.g. https://aqsh.example.com).
+    public_url: str | None = None
+    #: Per-submission callbacks: the operator's signing secret(s), and where they may point.
+    callback_secret: str | None = None
+    callback_secret_file: str | None = None
+    callback_allowed_hosts: tuple[str, ...] = ()
+    callback_allow_http: bool = False
+    #: Networks a callback may reach although they are loopback/private/link-local.
+    callback_allowed_networks: tuple[str, ...] = ()
     #: Log followers (SSE streams) one process serves at once; more are answered 503.
     max_sse_clients: int = 1000
 
@@ -121,7 +149,11 @@ def _cidrs(text: str) -> tuple[str, ...]:
 def _queues(text: str) -> tuple[tuple[str, int], ...]:
     out = []
     for part in _csv(text):
-        name, _, weight = part.partition(":")
+        # The weight follows the last colon; aqsh's reserved queues (aqsh:webhooks) have a
+        # colon of their own, so for them a weight is optional.
+        name, sep, weight = part.rpartition(":")
+        if not sep or (part.startswith("aqsh:") and not weight.strip().isdigit()):
+            name, weight = part, ""
         if not name.strip():
             raise ValueError("queue names, optionally name:weight, comma separated")
         out.append((name.strip(), _positive_int(weight) if weight else 1))
@@ -137,6 +169,29 @@ def _addrs(text: str) -> tuple[str, ...]:
     if not addrs:
         raise ValueError("host:port,host:port")
     return addrs
+
+
+def _schedule(text: str) -> tuple[float, ...]:
+    delays = tuple(parse_duration(part) for part in _csv(text))
+    if not delays:
+        raise ValueError("durations, comma separated")
+    return delays
+
+
+def _whsec(text: str) -> str:
+    from aqsh.webhooks.signing import InvalidSecret, parse_secrets
+
+    try:
+        parse_secrets(text)
+    except InvalidSecret:
+        raise ValueError("whsec_ secrets") from None
+    return text
+
+
+def _url(text: str) -> str:
+    if not text.startswith(("http://", "https://")):
+        raise ValueError("an http(s) URL")
+    return text.rstrip("/")
 
 
 def _bind(text: str) -> str:
@@ -161,6 +216,21 @@ def _text(text: str) -> str:
     return text
 
 
+def _password_file(path: str) -> str:
+    """The password from a mounted Secret: the file's text without its trailing line break
+    (``echo pw > file`` and a Kubernetes Secret key read the same). Nothing of it is logged."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise ConfigError(f"AQSH_REDIS_PASSWORD_FILE={path!r} cannot be read: {reason}") from None
+    password = text.rstrip("\r\n")
+    if not password:
+        raise ConfigError(f"AQSH_REDIS_PASSWORD_FILE={path!r} is empty")
+    return password
+
+
 #: variable suffix → (field, parser, what it accepts)
 _FIELDS: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "MODE": ("mode", _choice("api", "worker", "both"), "api, worker or both"),
@@ -176,6 +246,8 @@ _FIELDS: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "REDIS_CLUSTER_ADDRS": ("redis_cluster_addrs", _addrs,
                             "cluster seed nodes as host:port,host:port"),
     "REDIS_PASSWORD": ("redis_password", str, "a password"),
+    "REDIS_PASSWORD_FILE": ("redis_password_file", _text, "a file path"),
+    "UNKNOWN_TASKS": ("unknown_tasks", _choice("retry", "archive"), "retry or archive"),
     "WORKER_CONCURRENCY": ("worker_concurrency", _positive_int, "a positive integer"),
     "WORKER_QUEUES": ("worker_queues", _queues, "name[:weight],name[:weight]"),
     "WORKER_STRICT_PRIORITY": ("worker_strict_priority", _bool, "true or false"),
@@ -202,6 +274,23 @@ _FIELDS: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "EVENT_LOOP": ("event_loop", _choice("auto", "asyncio", "uvloop"), "auto, asyncio or uvloop"),
     "SCHEDULER": ("scheduler", _bool, "true or false"),
     "SUBMIT_RETRY": ("submit_retry_s", _duration, "a duration like 5s (0 answers 503 at once)"),
+    "WEBHOOK_WORKER": ("webhook_worker", _bool, "true or false"),
+    "WEBHOOK_CONCURRENCY": ("webhook_concurrency", _positive_int, "a positive integer"),
+    "WEBHOOK_TIMEOUT": ("webhook_timeout_s", _duration, "a duration like 15s"),
+    "WEBHOOK_SCHEDULE": ("webhook_schedule_s", _schedule,
+                         "delays before each attempt, e.g. 0s,5s,5m,30m,2h,5h,10h,10h"),
+    "WEBHOOK_MAX_BODY_BYTES": ("webhook_max_body_bytes", _positive_int,
+                               "a positive integer (bytes)"),
+    "WEBHOOK_SWEEP_INTERVAL": ("webhook_sweep_interval_s", _duration, "a duration like 30s"),
+    "PUBLIC_URL": ("public_url", _url, "an http(s) URL, e.g. https://aqsh.example.com"),
+    "CALLBACK_SECRET": ("callback_secret", _whsec,
+                        "whsec_<base64> secrets (at least 24 bytes), space separated"),
+    "CALLBACK_SECRET_FILE": ("callback_secret_file", _text, "a file path"),
+    "CALLBACK_ALLOWED_HOSTS": ("callback_allowed_hosts", _csv,
+                               "host patterns, comma separated, e.g. hooks.example.com,*.ci.io"),
+    "CALLBACK_ALLOW_HTTP": ("callback_allow_http", _bool, "true or false"),
+    "CALLBACK_ALLOWED_NETWORKS": ("callback_allowed_networks", _cidrs,
+                                  "CIDRs, comma separated, e.g. 10.1.0.0/16"),
     "MAX_SSE_CLIENTS": ("max_sse_clients", _positive_int, "a positive integer"),
 }
 
@@ -223,7 +312,17 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) ->
                 f"{name}={env[name]!r} is not valid: expected {accepts}"
             ) from None
     values.update(overrides)
+    if values.get("redis_password_file") is not None:
+        if values.get("redis_password") is not None:
+            raise ConfigError("AQSH_REDIS_PASSWORD and AQSH_REDIS_PASSWORD_FILE are mutually "
+                              "exclusive: set one of them")
+        values["redis_password"] = _password_file(values["redis_password_file"])
     if values.get("redis_cluster_addrs") and values.get("redis_sentinel_addrs"):
         raise ConfigError("AQSH_REDIS_CLUSTER_ADDRS and AQSH_REDIS_SENTINEL_ADDRS are mutually "
                           "exclusive: set one of them")
+    if values.get("callback_secret") and values.get("callback_secret_file"):
+        raise ConfigError("AQSH_CALLBACK_SECRET and AQSH_CALLBACK_SECRET_FILE are mutually "
+                          "exclusive: set one of them")
+    if values.get("webhook_sweep_interval_s", 1.0) <= 0:
+        raise ConfigError("AQSH_WEBHOOK_SWEEP_INTERVAL must be positive")
     return Settings(**values)

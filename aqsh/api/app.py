@@ -26,7 +26,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
-from aqsh.api import handlers, health
+from aqsh.api import deliveries, handlers, health
 from aqsh.api.errors import Handler, error_middleware, error_response
 from aqsh.api.loghub import LogHub
 from aqsh.api.state import STATE_KEY, ApiState
@@ -81,6 +81,9 @@ def create_app(state: ApiState, *, api: bool = True) -> web.Application:
         task.add_route("HEAD", handlers.get_task)  # as router.add_get would
         task.add_route("DELETE", handlers.cancel_task)
         app.router.add_get("/tasks/{id}/logs", handlers.task_logs)
+        app.router.add_get("/tasks/{id}/deliveries", deliveries.list_deliveries)
+        app.router.add_post("/tasks/{id}/deliveries/{delivery}/retry",
+                            deliveries.retry_delivery)
     app.router.add_get("/health", health.health)
     app.router.add_get("/health/live", health.live)
     app.router.add_get("/health/ready", health.ready)

@@ -24,28 +24,32 @@ from aqsh.api.errors import ApiError
 from aqsh.api.openapi import document
 from aqsh.api.sse import follow_logs, plain_logs, start_id
 from aqsh.api.state import STATE_KEY, ApiState
+from aqsh.api.view import CANCELED, FINISHED, attempt_times, public_state, task_document
+from aqsh.api.view import iso as _iso
+from aqsh.api.view import links as _view_links
 from aqsh.durations import parse_duration
 from aqsh.engine import keys
 from aqsh.engine.client import new_task_id
 from aqsh.engine.cron import CronSpec
 from aqsh.engine.inspect import QueueInfo
-from aqsh.engine.keys import log_key, log_meta_key
 from aqsh.engine.models import TaskInfo, TaskState
 from aqsh.engine.rdb import guarded
-from aqsh.runner.result import ScriptResult, decode_result, encode_result
+from aqsh.runner.batches import DEFAULT_GROUP, GROUP_RE, group_name
+from aqsh.runner.result import ScriptResult, encode_result
 from aqsh.runner.spec import (
+    HEADER_CALLBACK_URL,
     HEADER_SUBMITTED_AT,
     HEADER_SUBMITTED_BY,
     TaskSpec,
     access_headers,
 )
 from aqsh.runner.validate import json_schema, validate_input
+from aqsh.webhooks.ssrf import CallbackRefused, callback_policy
 
 log = structlog.get_logger("aqsh.api")
 T = TypeVar("T")
 
-CANCELED = "canceled"
-_FINISHED = {TaskState.COMPLETED, TaskState.ARCHIVED}
+_FINISHED = FINISHED
 
 
 def _state(request: web.Request) -> ApiState:
@@ -58,13 +62,7 @@ def _caller(request: web.Request) -> Caller:
 
 
 def _links(request: web.Request, task_id: str) -> dict[str, str]:
-    return {"self": f"/tasks/{task_id}", "logs": f"/tasks/{task_id}/logs"}
-
-
-def _iso(unix_s: float | None) -> str | None:
-    if not unix_s:
-        return None
-    return datetime.fromtimestamp(unix_s, UTC).isoformat().replace("+00:00", "Z")
+    return _view_links(task_id)
 
 
 # ---------------------------------------------------------------------------- submit
@@ -79,6 +77,8 @@ async def submit_task(request: web.Request) -> web.Response:
     body = await _json_body(request)
     values = validate_input(spec, body, max_string_len=state.settings.max_input_length)
     process_at = _schedule(request)
+    group = _group(request, spec, process_at)
+    callback_url = _callback_url(request)
     payload = msgspec.json.encode(values)
     idem_key = request.headers.get("Idempotency-Key")
     task_id: str | None = None
@@ -86,7 +86,7 @@ async def submit_task(request: web.Request) -> web.Response:
     if idem_key is not None:
         key = idem_key
         idem = await _riding_out_outages(state, lambda: guarded(
-            _idempotent_id(state, caller, name, key, payload, process_at)))
+            _idempotent_id(state, caller, name, key, payload, process_at, group)))
         task_id = idem.task_id
         if idem.previous:
             try:
@@ -106,6 +106,8 @@ async def submit_task(request: web.Request) -> web.Response:
     headers = {HEADER_SUBMITTED_AT: str(time.time_ns()), **access_headers(spec.allowed_groups)}
     if caller.user:
         headers[HEADER_SUBMITTED_BY] = caller.user
+    if callback_url is not None:
+        headers[HEADER_CALLBACK_URL] = callback_url
     # The id is fixed before the first attempt: when an attempt's answer is lost (Redis went
     # away mid-call), the next attempt meets its own task as a TaskIdConflict, never a twin.
     task_id = task_id or new_task_id()
@@ -114,7 +116,7 @@ async def submit_task(request: web.Request) -> web.Response:
         return await state.client.enqueue(
             name, payload, queue=spec.queue, max_retry=spec.max_retry, timeout=spec.timeout_s,
             retention=state.settings.result_retention_s, headers=headers, task_id=task_id,
-            process_at=process_at,
+            process_at=process_at, group=group,
         )
 
     try:
@@ -145,6 +147,26 @@ async def _riding_out_outages(state: ApiState, attempt: Callable[[], Awaitable[T
         state.metrics.submit_retries.inc()
         await asyncio.sleep(delay_s)
         delay_s = min(delay_s * 2, 1.0)
+
+
+def _group(request: web.Request, spec: TaskSpec, process_at: datetime | None) -> str | None:
+    """``?group=``: the batch a run of a task that aggregates joins (``default`` if none)."""
+    given = request.query.getall("group", ())
+    if spec.aggregate is None:
+        if given:
+            raise ApiError(400, "invalid_group",
+                           f"task {spec.name!r} does not batch its runs (no 'aggregate:')")
+        return None
+    if len(given) > 1:
+        raise ApiError(400, "invalid_group", "give group once")
+    group = given[0] if given else DEFAULT_GROUP
+    if not GROUP_RE.match(group):
+        raise ApiError(400, "invalid_group",
+                       "group must be 1-128 letters, digits or _ . : @ = - "
+                       "(starting with a letter or digit)")
+    if process_at is not None:
+        raise ApiError(400, "invalid_group", "a run that joins a batch cannot be scheduled")
+    return group_name(spec.name, group)
 
 
 def _accepted(request: web.Request, info: TaskInfo, name: str, caller: Caller) -> dict[str, Any]:
@@ -250,6 +272,35 @@ def _schedule(request: web.Request) -> datetime | None:
     return None
 
 
+#: The header form of the ``callback_url`` query parameter.
+CALLBACK_HEADER = "Aqsh-Callback-Url"
+
+
+def _callback_url(request: web.Request) -> str | None:
+    """A submission's ``callback_url`` (query parameter or header, never an input: inputs are
+    the script's), checked against the operator's callback policy now, so a refused URL is a
+    400 to its caller rather than a failed delivery nobody reads."""
+    given = [*request.query.getall("callback_url", ()),
+             *request.headers.getall(CALLBACK_HEADER, ())]
+    if not given:
+        return None
+    if len(given) > 1:
+        raise ApiError(400, "invalid_callback_url",
+                       f"give callback_url once (query parameter or {CALLBACK_HEADER} header)")
+    settings = _state(request).settings
+    policy = callback_policy(settings.callback_allowed_hosts, settings.callback_allow_http,
+                             settings.callback_allowed_networks)
+    if not policy.enabled or not (settings.callback_secret or settings.callback_secret_file):
+        raise ApiError(400, "callbacks_disabled",
+                       "this service accepts no callback_url (the operator has not configured "
+                       "AQSH_CALLBACK_ALLOWED_HOSTS and AQSH_CALLBACK_SECRET)")
+    try:
+        policy.check_url(given[0])
+    except CallbackRefused as exc:
+        raise ApiError(400, "invalid_callback_url", f"callback_url refused: {exc}") from None
+    return str(given[0])
+
+
 class _IdempotencyRecord(msgspec.Struct, frozen=True):
     redis_key: str
     task_id: str
@@ -264,7 +315,8 @@ class _IdempotencyRecord(msgspec.Struct, frozen=True):
 
 
 async def _idempotent_id(state: ApiState, caller: Caller, name: str, key: str, payload: bytes,
-                         process_at: datetime | None) -> _IdempotencyRecord:
+                         process_at: datetime | None, group: str | None = None
+                         ) -> _IdempotencyRecord:
     """The task id for this Idempotency-Key and what earlier requests with it did.
 
     SET NX makes two concurrent requests with one key agree on one id. The record holds a hash
@@ -277,6 +329,7 @@ async def _idempotent_id(state: ApiState, caller: Caller, name: str, key: str, p
     scope = hashlib.sha256(f"{caller.user or ''}\0{name}\0{key}".encode()).hexdigest()
     fingerprint = hashlib.sha256(
         payload + b"\0" + (process_at.isoformat().encode() if process_at else b"")
+        + (b"\0group=" + group.encode() if group else b"")  # a batch's run: which batch
     ).hexdigest()
     fresh = _IdempotencyRecord(keys.idempotency_key(scope), str(uuid.uuid4()), fingerprint, "")
     created = await state.redis.set(fresh.redis_key, fresh.encode(enqueued=False), nx=True,
@@ -313,72 +366,11 @@ async def _find_authorized(request: web.Request) -> tuple[TaskInfo, TaskSpec | N
     return info, spec, caller
 
 
-def public_state(info: TaskInfo) -> str:
-    if info.state is TaskState.ARCHIVED and info.result:
-        try:
-            if decode_result(info.result).error == CANCELED:
-                return CANCELED
-        except msgspec.DecodeError:
-            pass
-    return info.state.value
-
-
 async def get_task(request: web.Request) -> web.Response:
     info, _, _ = await _find_authorized(request)
     state = _state(request)
-    started_ms, finished_ms = await _attempt_times(state, info)
-    msg = info.message
-    try:
-        task_input: Any = msgspec.json.decode(msg.payload) if msg.payload else None
-    except msgspec.DecodeError:
-        task_input = None
-    submitted_at_ns = int(msg.headers.get(HEADER_SUBMITTED_AT, "0") or 0)
-    result: Any = None
-    if info.result:
-        try:
-            result = msgspec.json.decode(info.result)
-        except msgspec.DecodeError:
-            result = {"raw": info.result.decode("utf-8", "replace")}
-    body = {
-        "id": info.id,
-        "name": info.type,
-        "queue": info.queue,
-        "state": public_state(info),
-        "input": task_input,
-        "submitted_by": msg.headers.get(HEADER_SUBMITTED_BY),
-        "enqueued_at": _iso(submitted_at_ns / 1e9),
-        "started_at": _iso(started_ms / 1000 if started_ms else None),
-        "finished_at": _iso(finished_ms / 1000 if finished_ms else None)
-        if info.state in _FINISHED else None,
-        "next_process_at": _iso(info.next_process_at_s)
-        if info.state in (TaskState.SCHEDULED, TaskState.RETRY) else None,
-        "retries": msg.retried,
-        "max_retry": msg.retry,
-        "last_error": msg.error_msg or None,
-        "result": result,
-        "links": _links(request, info.id),
-    }
-    return web.json_response(body)
-
-
-async def _attempt_times(state: ApiState, info: TaskInfo) -> tuple[int | None, int | None]:
-    """Start of the first attempt and end of the last: kept by the log writer in the hash
-    beside the log stream (they outlive markers the stream's cap trimmed); for logs written
-    before that hash existed, from the stream's first and last markers."""
-    pipe = state.redis.pipeline(transaction=False)
-    pipe.hmget(log_meta_key(info.id), "started_ms", "finished_ms")
-    pipe.xrange(log_key(info.id), count=1)
-    pipe.xrevrange(log_key(info.id), count=1)
-    (kept_start, kept_end), first, last = await pipe.execute()
-    if kept_start is not None:
-        return int(kept_start), int(kept_end) if kept_end is not None else None
-
-    def ms(entries: Any, marker: bytes) -> int | None:
-        if entries and marker in entries[0][1]:
-            return int(entries[0][0].split(b"-")[0])
-        return None
-
-    return ms(first, b"start"), ms(last, b"eof")
+    started_ms, finished_ms = await attempt_times(state.redis, info.id)
+    return web.json_response(task_document(info, started_ms, finished_ms))
 
 
 async def task_logs(request: web.Request) -> web.StreamResponse:
@@ -415,7 +407,12 @@ async def cancel_task(request: web.Request) -> web.Response:
         log.info("task.cancel_requested", task_id=info.id, user=caller.user)
         return await _outcome_of_cancel(request, info)
     # Not running: archive it with a "canceled" result, so it stays readable (and re-runnable
-    # from Asynqmon) instead of vanishing into a 404.
+    # from Asynqmon) instead of vanishing into a 404. No worker ends it, so the webhook intent
+    # is stored here first (a sweep delivers task.canceled if this process dies meanwhile).
+    notifier = state.notifier
+    notify = notifier is not None and bool(notifier.targets(info.type, info.message.headers))
+    if notify and notifier is not None:
+        await notifier.register_intent(info.queue, info.id, info.message.retried)
     try:
         await state.inspector.archive_task(info.queue, info.id)
     except errors.TaskStateConflict:
@@ -427,6 +424,8 @@ async def cancel_task(request: web.Request) -> web.Response:
     await state.broker.write_result(info.queue, info.id,
                                     encode_result(ScriptResult(exit_code=-1, error=CANCELED)))
     log.info("task.canceled", task_id=info.id, user=caller.user)
+    if notify and notifier is not None:
+        await notifier.canceled(info.message)
     return web.json_response({"id": info.id, "state": CANCELED,
                               "links": _links(request, info.id)}, status=200)
 

@@ -97,7 +97,8 @@ class Follower:
 
     async def take(self, timeout_s: float) -> list[Entry]:
         """The next batch, ``[]`` for a wake-up; TimeoutError after ``timeout_s`` of nothing."""
-        batch = await asyncio.wait_for(self.entries.get(), timeout_s)
+        async with asyncio.timeout(timeout_s):  # (not wait_for: see aqsh.clock.wait_event)
+            batch = await self.entries.get()
         self.queued_bytes -= self._sizes.popleft()
         return batch
 

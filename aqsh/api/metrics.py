@@ -114,8 +114,20 @@ class Metrics:
             "aqsh_schedule_fires", "Schedule fires by outcome: stored (by this worker), "
             "elsewhere (another replica stored it), failed (Redis away), refused",
             ["task", "outcome"], registry=self.registry)
+        self.webhook_deliveries = Counter(
+            "aqsh_webhook_deliveries", "Webhook delivery attempts by event and outcome: "
+            "delivered, retrying, failed (no attempt left), gone (410), refused (URL, address "
+            "or secret not allowed)", ["event", "outcome"], registry=self.registry)
+        self.webhook_duration = Histogram(
+            "aqsh_webhook_delivery_duration_seconds", "Webhook delivery attempt time",
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15, 30),
+            registry=self.registry)
         self.sse_clients = Gauge("aqsh_sse_clients", "SSE log followers connected",
                                  registry=self.registry)
+
+    def webhook_attempt(self, event: str, outcome: str, duration_s: float) -> None:
+        self.webhook_deliveries.labels(event, outcome).inc()
+        self.webhook_duration.observe(duration_s)
 
     def script_finished(self, task: str, outcome: str, duration_s: float) -> None:
         self.tasks_finished.labels(task, outcome).inc()

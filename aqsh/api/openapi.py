@@ -109,14 +109,24 @@ def document(tasks: Sequence[TaskSpec] = (), *, max_string_len: int = 4096) -> d
                         {"name": "Idempotency-Key", "in": "header",
                          "schema": {"type": "string", "minLength": 1, "maxLength": 255,
                                     "pattern": r"\S"}},
+                        {"name": "callback_url", "in": "query",
+                         "schema": {"type": "string", "format": "uri", "maxLength": 2048},
+                         "description": "POST a signed webhook (Standard Webhooks) here when "
+                                        "the task completes, fails or is canceled; https, a "
+                                        "host the operator allows, a public address. Not "
+                                        "with the Aqsh-Callback-Url header"},
+                        {"name": "Aqsh-Callback-Url", "in": "header",
+                         "schema": {"type": "string", "format": "uri", "maxLength": 2048},
+                         "description": "callback_url as a header"},
                     ],
                     "requestBody": {"required": False, "content": {"application/json": {
                         "schema": _body_schema(tasks, max_string_len)}}},
                     "responses": {
                         "202": {**_json("accepted", {"$ref": "#/components/schemas/Accepted"}),
                                 "links": _TASK_LINKS},
-                        "400": _error("malformed JSON, schedule or Idempotency-Key, or both "
-                                      "process_in and process_at"),
+                        "400": _error("malformed JSON, schedule or Idempotency-Key, both "
+                                      "process_in and process_at, or a callback_url that "
+                                      "is refused or not accepted here"),
                         "401": _COMMON_ERRORS["401"],
                         "403": _error("caller is not in the task's allowed groups"),
                         "404": _error("no such task type"),
@@ -166,6 +176,30 @@ def document(tasks: Sequence[TaskSpec] = (), *, max_string_len: int = 4096) -> d
                     "503": _error("Redis unreachable, or this server already streams "
                                   "AQSH_MAX_SSE_CLIENTS logs (code too_many_followers); retry "
                                   "after Retry-After seconds"),
+                },
+            }},
+            "/tasks/{id}/deliveries": {"get": {
+                "summary": "The task's webhook deliveries and each attempt",
+                "operationId": "listDeliveries",
+                "parameters": [_TASK_ID],
+                "responses": {"200": _json("deliveries",
+                                           {"$ref": "#/components/schemas/Deliveries"}),
+                              **_COMMON_ERRORS},
+            }},
+            "/tasks/{id}/deliveries/{delivery}/retry": {"post": {
+                "summary": "Send a delivery again (same body and webhook-id, fresh schedule)",
+                "operationId": "retryDelivery",
+                "parameters": [_TASK_ID, {"name": "delivery", "in": "path", "required": True,
+                                          "schema": {"type": "string"},
+                                          "description": "a delivery id from the list"}],
+                "responses": {
+                    "202": _json("queued", {"type": "object", "required": ["id", "state"],
+                                            "properties": {"id": {"type": "string"},
+                                                           "task_id": {"type": "string"},
+                                                           "state": {"const": "pending"},
+                                                           "links": {"type": "object"}}}),
+                    "409": _error("being attempted right now, or no longer retained"),
+                    **_COMMON_ERRORS,
                 },
             }},
             "/health": {"get": {"summary": "Version, mode and Redis reachability",
@@ -240,6 +274,36 @@ def document(tasks: Sequence[TaskSpec] = (), *, max_string_len: int = 4096) -> d
                                         "schedules": {
                                             "type": "array",
                                             "items": {"$ref": "#/components/schemas/Schedule"}}}},
+            "Deliveries": {"type": "object", "required": ["task_id", "deliveries"],
+                           "properties": {"task_id": {"type": "string"}, "deliveries": {
+                               "type": "array",
+                               "items": {"$ref": "#/components/schemas/Delivery"}}}},
+            "Delivery": {
+                "type": "object",
+                "required": ["id", "event", "url", "webhook_id", "state", "attempts"],
+                "properties": {
+                    "id": {"type": "string"},
+                    "event": {"enum": ["task.completed", "task.failed", "task.canceled",
+                                       "task.retrying", "task.started"]},
+                    "url": {"type": "string", "description": "without credentials or query"},
+                    "webhook_id": {"type": "string"},
+                    "created_at": {"type": "string", "format": "date-time"},
+                    "state": {"enum": ["pending", "delivering", "retrying", "delivered",
+                                       "failed", "gone", "refused", "expired"]},
+                    "next_attempt_at": {"type": ["string", "null"], "format": "date-time"},
+                    "attempts": {"type": "array",
+                                 "items": {"$ref": "#/components/schemas/DeliveryAttempt"}}}},
+            "DeliveryAttempt": {
+                "type": "object",
+                "required": ["delivery", "attempt", "at", "duration_ms", "outcome"],
+                "properties": {
+                    "delivery": {"type": "string"}, "attempt": {"type": "integer"},
+                    "at": {"type": "string", "format": "date-time"},
+                    "duration_ms": {"type": "number"},
+                    "outcome": {"enum": ["delivered", "retrying", "failed", "gone", "refused"]},
+                    "status": {"type": ["integer", "null"]},
+                    "error": {"type": ["string", "null"]},
+                    "next_attempt_at": {"type": ["string", "null"], "format": "date-time"}}},
             "Schedule": {"type": "object", "required": ["cron", "input", "next_run_at"],
                          "description": "a periodic run from tasks.yaml (worker scheduler)",
                          "properties": {"cron": {"type": "string"},

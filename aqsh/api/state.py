@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -16,6 +17,9 @@ from aqsh.engine.faults import Loops
 from aqsh.engine.inspect import Inspector
 from aqsh.engine.rdb import RedisBroker
 from aqsh.settings import Settings
+
+if TYPE_CHECKING:
+    from aqsh.webhooks.notifier import Notifier
 
 
 @dataclass
@@ -34,6 +38,8 @@ class ApiState:
     log_hub: LogHub | None = None
     #: The process's supervised loops (worker, scheduler, log hub): what the probes report.
     loops: Loops = field(default_factory=Loops)
+    #: Turns ended tasks into webhook deliveries (None: webhooks not wired, as in bare tests).
+    notifier: Notifier | None = None
     #: Which peers' identity headers are believed (from settings.trusted_proxies).
     trust: PeerTrust = field(init=False)
 

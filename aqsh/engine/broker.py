@@ -27,6 +27,9 @@ ARCHIVED_EXPIRATION_S = 90 * 24 * 3600
 #: The archive keeps fewer than this many tasks (asynq's maxArchiveSize).
 MAX_ARCHIVE_SIZE = 10_000
 MAX_INT64 = 9_223_372_036_854_775_807
+#: An aggregation set must be enqueued and deleted within this time of its making, or the
+#: recoverer gives its tasks back to their group (asynq's aggregationTimeout).
+AGGREGATION_TIMEOUT_S = 120
 
 
 class Leased(msgspec.Struct, frozen=True):
@@ -147,6 +150,29 @@ class Broker(Protocol):
         ...
 
     async def unpause(self, qname: str) -> None:
+        ...
+
+    # --- group aggregation (asynq §4.20) --------------------------------------------------
+    async def list_groups(self, qname: str) -> list[str]:
+        ...
+
+    async def aggregation_check(
+        self, qname: str, group: str, *, now_s: int, grace_period_s: int, max_delay_s: int,
+        max_size: int,
+    ) -> str | None:
+        """The id of a new aggregation set holding the group's due tasks, or None."""
+        ...
+
+    async def read_aggregation_set(
+        self, qname: str, group: str, set_id: str
+    ) -> tuple[list[TaskMessage], int]:
+        """The set's messages (oldest first) and its deadline in Unix s (0 if gone)."""
+        ...
+
+    async def delete_aggregation_set(self, qname: str, group: str, set_id: str) -> None:
+        ...
+
+    async def reclaim_stale_aggregation_sets(self, qname: str, *, now_s: int) -> None:
         ...
 
     # --- server state --------------------------------------------------------------------

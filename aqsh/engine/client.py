@@ -30,7 +30,7 @@ from aqsh.engine.connection import RedisClient
 from aqsh.engine.fastlane import FastLane
 from aqsh.engine.models import TaskInfo, TaskMessage, TaskState
 from aqsh.engine.rdb import REDIS_DOWN, RedisBroker, broker_error, guarded, raise_for_produce
-from aqsh.engine.scripts import Batch, script_sha
+from aqsh.engine.scripts import Batch, evalsha
 
 log = structlog.get_logger("aqsh.engine")
 
@@ -75,6 +75,7 @@ class EnqueueRequest(msgspec.Struct, kw_only=True):
     task_id: str | None = None
     retention: Duration | None = None
     headers: dict[str, str] | None = None
+    group: str | None = None
 
 
 class _Plan(msgspec.Struct):
@@ -135,7 +136,7 @@ class Client:
     async def _run_script(self, name: str, key_list: list[str], args: list[Any]) -> Any:
         if self._lane is None:
             return await guarded(self.broker.scripts.run(name, key_list, args))
-        command = ("EVALSHA", script_sha(name), len(key_list), *key_list, *args)
+        command = evalsha(name, key_list, args)
         try:  # guarded() inlined: one coroutine less on the hot path
             reply = (await self._lane.execute_scripts([command], [name]))[0]
         except REDIS_DOWN as exc:
@@ -163,7 +164,12 @@ class Client:
         task_id: str | None = None,
         retention: Duration | None = None,
         headers: dict[str, str] | None = None,
+        group: str | None = None,
     ) -> TaskInfo:
+        """``group``: the task joins that group (state ``aggregating``) and runs only as part
+        of one task aggregated from the group by a server with a group aggregator (asynq's
+        ``Group``). With a process time in the future it is scheduled instead and, as asynq
+        does, goes to ``pending`` rather than to the group when it comes due."""
         request = EnqueueRequest(
             type=type,
             payload=payload,
@@ -177,6 +183,7 @@ class Client:
             task_id=task_id,
             retention=retention,
             headers=headers,
+            group=group,
         )
         plan = self._plan(request)
         qname = plan.message.queue
@@ -306,6 +313,8 @@ class Client:
             raise errors.InvalidArgument("give process_at or process_in, not both")
         if r.task_id is not None and not r.task_id.strip():
             raise errors.InvalidArgument("task_id must not be blank")
+        if r.group is not None and (not isinstance(r.group, str) or not r.group.strip()):
+            raise errors.InvalidArgument("group must be a non-blank string")
         if unique_ttl is not None and unique_ttl < 1:
             raise errors.InvalidArgument("unique_ttl must be at least 1 second")
         for name, when in (("deadline", r.deadline), ("process_at", r.process_at)):
@@ -332,6 +341,7 @@ class Client:
             unique_key=q.unique(r.type, payload) if unique_ttl is not None else "",
             retention_s=int(retention) if retention is not None else 0,
             headers=dict(r.headers or {}),
+            group_key=r.group or "",
         )
         # asynq compares the process time with now at full precision (a time half a second
         # ahead is scheduled, scored by its whole second); so do we, in integer nanoseconds.
@@ -355,6 +365,16 @@ class Client:
                 message, "schedule", [task_key, q.scheduled],
                 [encoded, process_at_s, task_id], TaskState.SCHEDULED, process_at_s,
             )
+        if r.group:
+            group_args = [encoded, task_id, now_s, r.group]
+            group_keys = [task_key, q.group(r.group), q.groups]
+            if unique_ttl is not None:
+                return _Plan(
+                    message, "add_to_group_unique", [*group_keys, message.unique_key],
+                    [*group_args, int(unique_ttl)], TaskState.AGGREGATING, 0,
+                )
+            return _Plan(message, "add_to_group", group_keys, group_args,
+                         TaskState.AGGREGATING, 0)
         if unique_ttl is not None:
             return _Plan(
                 message, "enqueue_unique", [message.unique_key, task_key, q.pending],

@@ -67,8 +67,9 @@ async def check_server(client: RedisClient) -> str | None:
     except ResponseError as exc:
         # Redis < 6.0 has no HELLO; 6.0 wants a protocol version: both are older than 6.2.
         raise UnsupportedServer(
-            f"aqsh needs Redis >= {'.'.join(map(str, MIN_VERSION))} (or Valkey); the server "
-            f"refused HELLO, which older servers lack: {exc}") from exc
+            f"the Redis server refused HELLO, which servers older than Redis "
+            f"{'.'.join(map(str, MIN_VERSION))} lack (aqsh needs Redis >= "
+            f"{'.'.join(map(str, MIN_VERSION))} or Valkey): {exc}") from exc
     fields = _hello_fields(reply)
     flavour = fields.get("server", "redis")
     version_text = fields.get("version", "")
@@ -76,8 +77,8 @@ async def check_server(client: RedisClient) -> str | None:
     # Valkey numbers from 7.2 on (a Redis 7.2 fork); any Valkey is new enough.
     if flavour == "redis" and version < MIN_VERSION:
         raise UnsupportedServer(
-            f"aqsh needs Redis >= {'.'.join(map(str, MIN_VERSION))} (or Valkey); this server "
-            f"is {flavour} {version_text or 'of unknown version'}")
+            f"the Redis server is {flavour} {version_text or 'of unknown version'}: aqsh needs "
+            f"Redis >= {'.'.join(map(str, MIN_VERSION))} or Valkey")
     try:
         await client.script_load(script_source("enqueue"))
     except REDIS_DOWN as exc:
@@ -85,6 +86,7 @@ async def check_server(client: RedisClient) -> str | None:
         return None
     except ResponseError as exc:
         raise UnsupportedServer(
-            "aqsh needs Lua scripting (SCRIPT LOAD and EVALSHA, with the right to run them: "
-            f"see the README's ACL); the server answered SCRIPT LOAD with: {exc}") from exc
+            f"no Lua scripting: the Redis server answered SCRIPT LOAD with {exc!s} (aqsh "
+            "needs SCRIPT LOAD and EVALSHA, and the right to run them: see the README's "
+            "ACL)") from exc
     return f"{flavour} {version_text}"

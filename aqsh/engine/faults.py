@@ -29,6 +29,7 @@ import structlog
 from redis import exceptions as rex
 
 from aqsh import errors
+from aqsh.clock import wait_event
 
 log = structlog.get_logger("aqsh.engine")
 
@@ -244,6 +245,7 @@ async def supervise(monitor: LoopMonitor, body: Callable[[], Awaitable[None]],
     monitor, backed off with jitter, and ``body`` is called again: a loop never dies on an
     error. Cancellation is the only way to end it early."""
     backoff = backoff or Backoff()
+    task = asyncio.current_task()
     while True:
         try:
             await body()
@@ -251,6 +253,9 @@ async def supervise(monitor: LoopMonitor, body: Callable[[], Awaitable[None]],
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the point of a supervisor
+            if task is not None and task.cancelling():
+                # A library turned our cancellation into another error: stop, don't retry.
+                raise asyncio.CancelledError from exc
             monitor.failed(exc)
             await asyncio.sleep(backoff.next_delay_s())
 
@@ -264,5 +269,4 @@ async def pause_after_failure(monitor: LoopMonitor, exc: BaseException, backoff:
     if stop is None:
         await asyncio.sleep(delay)
         return
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), timeout=delay)
+    await wait_event(stop, delay)

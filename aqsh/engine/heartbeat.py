@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 import structlog
 
-from aqsh.clock import Clock
+from aqsh.clock import Clock, wait_event
 from aqsh.engine.broker import Broker
 from aqsh.engine.faults import Loops, supervise
 from aqsh.engine.models import ServerInfo, WorkerInfo
@@ -147,8 +147,7 @@ class Heartbeater:
     async def _beats(self) -> None:
         while not self._stop.is_set():
             await self.beat()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), timeout=self.interval_s)
+            await wait_event(self._stop, self.interval_s)
 
     async def stop(self) -> None:
         self._stop.set()

@@ -20,6 +20,8 @@ from aqsh.engine import keys, wire
 from aqsh.engine.broker import ARCHIVED_EXPIRATION_S, MAX_ARCHIVE_SIZE
 from aqsh.engine.connection import RedisClient
 from aqsh.engine.models import (
+    SchedulerEnqueueEvent,
+    SchedulerEntry,
     ServerInfo,
     TaskInfo,
     TaskMessage,
@@ -242,21 +244,43 @@ class Inspector:
             raise errors.TaskNotFound(f"task {task_id} not found")
         return found[0]
 
+    async def find_many(self, tasks: Sequence[tuple[str, str]]) -> list[TaskInfo | None]:
+        """(queue, task id) pairs → each task (None when absent), in one round trip: for
+        callers that look up many tasks whose queues they know."""
+        if not tasks:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for qname, task_id in tasks:
+            self._queue_lookup(pipe, qname, task_id)
+        replies = await guarded(pipe.execute())
+        out: list[TaskInfo | None] = []
+        for i in range(len(tasks)):
+            found = self._infos(replies[4 * i: 4 * i + 4], 1)
+            out.append(found[0] if found else None)
+        return out
+
+    @staticmethod
+    def _queue_lookup(pipe: Any, qname: str, task_id: str) -> None:
+        q = keys.queue_keys(qname)
+        pipe.hmget(q.task(task_id), "msg", "state", "result", "pending_since")
+        # Scores for the states that report one; cheap misses for the others.
+        pipe.zscore(q.scheduled, task_id)
+        pipe.zscore(q.retry, task_id)
+        pipe.zscore(q.lease, task_id)
+
     async def _fetch(self, queues: Sequence[str], task_id: str) -> list[TaskInfo]:
         if not queues:
             return []
         pipe = self.redis.pipeline(transaction=False)
         for qname in queues:
-            q = keys.queue_keys(qname)
-            pipe.hmget(q.task(task_id), "msg", "state", "result", "pending_since")
-            # Scores for the states that report one; cheap misses for the others.
-            pipe.zscore(q.scheduled, task_id)
-            pipe.zscore(q.retry, task_id)
-            pipe.zscore(q.lease, task_id)
+            self._queue_lookup(pipe, qname, task_id)
         replies = await guarded(pipe.execute())
+        return self._infos(replies, len(queues))
+
+    def _infos(self, replies: Sequence[Any], count: int) -> list[TaskInfo]:
         now = unix_s(self.clock)
         out: list[TaskInfo] = []
-        for i in range(len(queues)):
+        for i in range(count):
             (raw_msg, raw_state, result, since), sched, retry, lease = replies[4 * i: 4 * i + 4]
             message = _decode_or_none(raw_msg)
             if message is None or raw_state is None:
@@ -404,6 +428,32 @@ class Inspector:
                 if worker.server_id in statuses:
                     statuses[worker.server_id].workers.append(worker)
         return sorted(statuses.values(), key=lambda s: (s.info.host, s.info.pid))
+
+    # ------------------------------------------------------------------ scheduler
+    async def scheduler_entries(self) -> list[SchedulerEntry]:
+        """Every live scheduler's entries (asynq's SchedulerEntries): schedulers in the order
+        of their expiry, each one's entries as it wrote them."""
+        now = unix_s(self.clock)
+        entry_keys: list[Any] = await guarded(
+            self.redis.zrangebyscore(keys.ALL_SCHEDULERS, now, "+inf"))
+        if not entry_keys:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for key in entry_keys:
+            pipe.lrange(key, 0, -1)
+        replies = await guarded(pipe.execute())
+        return [wire.decode_scheduler_entry(raw) for values in replies for raw in values or []]
+
+    async def scheduler_events(self, entry_id: str, *, page: int = 1,
+                               page_size: int = DEFAULT_PAGE_SIZE,
+                               ) -> list[SchedulerEnqueueEvent]:
+        """One entry's enqueue history, newest first (asynq's ListSchedulerEnqueueEvents)."""
+        if page < 1 or page_size < 1:
+            raise errors.InvalidArgument("page and page_size start at 1")
+        start = (page - 1) * page_size
+        raw: list[Any] = await guarded(self.redis.zrevrange(
+            keys.scheduler_history_key(entry_id), start, start + page_size - 1))
+        return [wire.decode_enqueue_event(item) for item in raw]
 
 
 def _decode_or_none(raw: bytes | None) -> TaskMessage | None:

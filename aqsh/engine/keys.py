@@ -34,6 +34,19 @@ def idempotency_key(scope: str) -> str:
     return f"{IDEMPOTENCY_PREFIX}{scope}"
 
 
+#: aqsh-only keys of the webhook deliveries (what they hold: aqsh/webhooks/store.py): the
+#: intents of running attempts, and per task its deliveries and their attempts (one hash tag).
+WEBHOOK_INTENTS = "aqsh:webhooks:intents"
+
+
+def webhook_deliveries_key(task_id: str) -> str:
+    return f"aqsh:webhooks:{{{task_id}}}:deliveries"
+
+
+def webhook_attempts_key(task_id: str) -> str:
+    return f"aqsh:webhooks:{{{task_id}}}:attempts"
+
+
 def server_key(host: str, pid: int, server_id: str) -> str:
     return f"asynq:servers:{{{host}:{pid}:{server_id}}}"
 
@@ -91,6 +104,14 @@ class QueueKeys:
 
     def group(self, group: str) -> str:
         return self.group_prefix + group
+
+    def aggregation_set(self, group: str, set_id: str) -> str:
+        """``asynq:{q}:g:<group>:<set_id>``: tasks taken out of a group for one aggregation.
+
+        The recoverer finds the group again by cutting this name at its last ``:`` (as
+        asynq's script does), so a set id must never contain one.
+        """
+        return f"{self.group_prefix}{group}:{set_id}"
 
     def unique(self, task_type: str, payload: bytes | None) -> str:
         """asynq's lock key: ``asynq:{q}:unique:<type>:<md5 hex of payload>``.

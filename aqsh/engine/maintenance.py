@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 import structlog
 
 from aqsh import errors
-from aqsh.clock import Clock
+from aqsh.clock import Clock, wait_event
 from aqsh.engine.broker import Broker
 from aqsh.engine.faults import Backoff, Loops
 from aqsh.engine.processor import LEASE_EXPIRED_ERROR, RetryDelayFn
@@ -23,6 +23,18 @@ log = structlog.get_logger("aqsh.engine")
 
 #: How long past its lease an active task waits before it is recovered (see Recoverer).
 RECOVER_GRACE_S = 1
+#: How often the recoverer looks for stale aggregation sets. A set is stale two minutes after
+#: it was made, so half a minute more costs little and saves a script call per queue in most
+#: of the recoverer's 2 s rounds.
+RECLAIM_INTERVAL_S = 30
+
+
+class LeaseExpired(Exception):
+    """What the retry-delay and is-failure functions are shown for a task whose worker
+    vanished (asynq's ErrLeaseExpired, same text)."""
+
+    def __init__(self) -> None:
+        super().__init__(LEASE_EXPIRED_ERROR)
 
 
 class Periodic:
@@ -34,6 +46,7 @@ class Periodic:
         self.interval_s = interval_s
         self.run_first = run_first
         self._stop = asyncio.Event()
+        self._wake = asyncio.Event()  # stop() or poke(): cut the wait short
         self._task: asyncio.Task[None] | None = None
         self.monitor = (loops if loops is not None else Loops()).monitor(
             self.name, ready_after_s=max(30.0, 3 * interval_s),
@@ -45,8 +58,13 @@ class Periodic:
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name=f"aqsh-{self.name}")
 
+    def poke(self) -> None:
+        """Run a round now instead of at the end of the interval."""
+        self._wake.set()
+
     async def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         if self._task is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
@@ -59,8 +77,8 @@ class Periodic:
         delay_s = self.interval_s
         while not self._stop.is_set():
             if not first:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), timeout=delay_s)
+                await wait_event(self._wake, delay_s)
+                self._wake.clear()
                 if self._stop.is_set():
                     return
             first = False
@@ -105,10 +123,19 @@ class Recoverer(Periodic):
 
     def __init__(self, broker: Broker, queues: Sequence[str], clock: Clock,
                  retry_delay: RetryDelayFn, interval_s: float = 2.0,
-                 loops: Loops | None = None) -> None:
+                 loops: Loops | None = None,
+                 on_recovered: Callable[[], None] | None = None,
+                 is_failure: Callable[[BaseException], bool] = lambda exc: True) -> None:
+        """``on_recovered`` hears of every round that put tasks back: the server pokes its
+        forwarder with it, so a recovered task whose retry is due runs now rather than after
+        the forwarder's next 5 s round. ``is_failure`` is the server's: as in asynq, a lease
+        expiry it does not count as a failure retries without using up a retry."""
         super().__init__(interval_s, run_first=True, loops=loops)
         self.broker, self.queues, self.clock = broker, list(queues), clock
         self.retry_delay = retry_delay
+        self.on_recovered = on_recovered
+        self.is_failure = is_failure
+        self._next_reclaim_s = 0.0
 
     async def run_once(self) -> int:
         now_s = int(self.clock.now_s())
@@ -123,15 +150,23 @@ class Recoverer(Periodic):
                 else:
                     task = Task(id=msg.id, type=msg.type, payload=msg.payload, queue=msg.queue,
                                 headers=msg.headers, retried=msg.retried, max_retry=msg.retry)
-                    delay_s = self.retry_delay(msg.retried, RuntimeError(LEASE_EXPIRED_ERROR),
-                                               task)
+                    error = LeaseExpired()
+                    delay_s = self.retry_delay(msg.retried, error, task)
                     await self.broker.retry(msg, retry_at_s=int(now_s + delay_s),
-                                            error_msg=LEASE_EXPIRED_ERROR, is_failure=True,
-                                            now_s=now_s)
+                                            error_msg=LEASE_EXPIRED_ERROR,
+                                            is_failure=self.is_failure(error), now_s=now_s)
                 recovered += 1
                 log.info("task.recovered", task_id=msg.id, queue=msg.queue)
             except errors.TaskNotFound:
                 continue  # finished or recovered by someone else meanwhile
+        if recovered and self.on_recovered is not None:
+            self.on_recovered()
+        if now_s >= self._next_reclaim_s:
+            # Sets whose aggregator died or failed (any server's, Go's too) give their tasks
+            # back to their groups; see aqsh.engine.aggregator.
+            for qname in self.queues:
+                await self.broker.reclaim_stale_aggregation_sets(qname, now_s=now_s)
+            self._next_reclaim_s = now_s + RECLAIM_INTERVAL_S
         return recovered
 
 

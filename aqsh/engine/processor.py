@@ -21,7 +21,7 @@ from functools import reduce
 import structlog
 
 from aqsh import errors
-from aqsh.clock import Clock
+from aqsh.clock import Clock, wait_event
 from aqsh.engine.broker import Broker, Leased
 from aqsh.engine.faults import Backoff, Loops, pause_after_failure
 from aqsh.engine.models import TaskMessage
@@ -34,6 +34,10 @@ FALLBACK_TIMEOUT_S = 30 * 60
 LEASE_EXPIRED_ERROR = "asynq: task lease expired"
 
 RetryDelayFn = Callable[[int, BaseException, Task], float]
+#: Told after a finishing write is stored: (the message as it was leased, the transition —
+#: "completed", "archived", "retry" or "revoked" —, the error text or ""). Called on the
+#: event loop; it must return quickly and never raise (an observer, not a participant).
+TransitionHook = Callable[[TaskMessage, str, str], None]
 
 
 def default_retry_delay(retried: int, error: BaseException, task: Task) -> float:
@@ -146,8 +150,12 @@ class Processor:
         poll_interval_s: float = 1.0,
         max_batch: int = 32,
         loops: Loops | None = None,
+        cancel_retries: bool = False,
+        on_transition: TransitionHook | None = None,
     ) -> None:
+        """``cancel_retries``: see Server."""
         self.broker = broker
+        self.on_transition = on_transition
         self.handler = handler
         self.clock = clock
         self.concurrency = max(1, concurrency)
@@ -158,6 +166,7 @@ class Processor:
         self.on_write_failure = on_write_failure
         self.poll_interval_s = poll_interval_s
         self.max_batch = max_batch
+        self.cancel_retries = cancel_retries
         self.running: dict[str, Running] = {}
         self._wake = asyncio.Event()
         #: While idle: the event-loop time of the next poll (what a wake-up cuts short).
@@ -276,8 +285,7 @@ class Processor:
             delay = min(self.poll_interval_s, 0.05 * (2**min(idle_polls, 10)))
             loop = asyncio.get_running_loop()
             self.next_poll_at = loop.time() + delay
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=delay)
+            await wait_event(self._wake, delay)
             self.next_poll_at = None
 
     def _spawn(self, leased: Leased) -> None:
@@ -355,26 +363,45 @@ class Processor:
             log.debug("task.succeeded", task_id=msg.id, type=msg.type)
             return
         if isinstance(outcome, RevokeTask):
-            await self._write(run, lambda: self.broker.done(msg, now_s=now_s))
+            if await self._write(run, lambda: self.broker.done(msg, now_s=now_s)):
+                self._told(msg, "revoked", "")
             return
         error_msg = _error_text(outcome)
-        if isinstance(outcome, SkipRetry) or msg.retried >= msg.retry:
+        # A handler that let a cancellation (asynq:cancel) end it: aqsh ends the task, as
+        # someone asked it to stop; asynq retries it (cancel_retries=True).
+        cancelled = (reason is CancelReason.CANCELED
+                     and isinstance(outcome, asyncio.CancelledError))
+        if (isinstance(outcome, SkipRetry) or msg.retried >= msg.retry
+                or (cancelled and not self.cancel_retries)):
             log.info("task.archived", task_id=msg.id, type=msg.type, error=error_msg)
-            await self._write(run, lambda: self.broker.archive(msg, error_msg=error_msg,
-                                                               now_s=now_s))
+            if await self._write(run, lambda: self.broker.archive(msg, error_msg=error_msg,
+                                                                  now_s=now_s)):
+                self._told(msg, "archived", error_msg)
             return
         delay_s = self.retry_delay(msg.retried, outcome, task)
         retry_at_s = int(now_s + delay_s)
         failure = self.is_failure(outcome)
         log.info("task.retry", task_id=msg.id, type=msg.type, error=error_msg,
                  retry_in_s=delay_s)
-        await self._write(
+        if await self._write(
             run,
             lambda: self.broker.retry(msg, retry_at_s=retry_at_s, error_msg=error_msg,
                                       is_failure=failure, now_s=now_s),
-        )
+        ):
+            self._told(msg, "retry", error_msg)
 
-    async def _write(self, run: Running, write: Callable[[], object]) -> None:
+    def _told(self, msg: TaskMessage, transition: str, error_msg: str) -> None:
+        """Writes deferred to the syncer are not told: an observer that must not miss one
+        has to look at the stored state itself (aqsh.webhooks sweeps for that)."""
+        if self.on_transition is None:
+            return
+        try:
+            self.on_transition(msg, transition, error_msg)
+        except Exception:
+            log.exception("task.transition_hook_failed", task_id=msg.id)
+
+    async def _write(self, run: Running, write: Callable[[], object]) -> bool:
+        """True when the write is stored."""
         try:
             await write()  # type: ignore[misc]
         except _RETRIABLE_WRITE as exc:
@@ -383,6 +410,9 @@ class Processor:
                 self.on_write_failure(run, write)
         except errors.AqshError as exc:
             log.warning("task.write_failed", task_id=run.task_id, error=str(exc))
+        else:
+            return True
+        return False
 
     async def _flush_acks(self) -> None:
         """One pipelined round trip acknowledges every success that finished meanwhile.
@@ -415,6 +445,8 @@ class Processor:
                                                               self.clock))
                 elif err is not None:
                     log.warning("task.ack_failed", task_id=run.task_id, error=str(err))
+                else:
+                    self._told(run.message, "completed", "")
                 if not fut.done():
                     fut.set_result(None)
 

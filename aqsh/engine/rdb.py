@@ -8,6 +8,7 @@ processor's syncer and the HTTP layer can tell "Redis is away" from a logic erro
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -25,6 +26,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from aqsh import errors
 from aqsh.engine import keys, wire
 from aqsh.engine.broker import (
+    AGGREGATION_TIMEOUT_S,
     ARCHIVED_EXPIRATION_S,
     LEASE_DURATION_S,
     MAX_ARCHIVE_SIZE,
@@ -403,6 +405,55 @@ class RedisBroker:
         if written < 0:
             raise errors.TaskNotFound(f"task {task_id} not found in queue {qname!r}")
         return written
+
+    # ---------------------------------------------------------------- group aggregation
+    async def list_groups(self, qname: str) -> list[str]:
+        """Names of the queue's groups that hold aggregating tasks (asynq §4.20.1)."""
+        names = await guarded(self.client.smembers(keys.queue_keys(qname).groups))
+        return sorted(n.decode() if isinstance(n, bytes) else str(n) for n in names)
+
+    async def aggregation_check(
+        self, qname: str, group: str, *, now_s: int, grace_period_s: int, max_delay_s: int,
+        max_size: int,
+    ) -> str | None:
+        """Move the group's due tasks into a new aggregation set; its id, or None when the
+        group is not due (asynq §4.20.2). The set must be read, enqueued as one task and
+        deleted before ``now_s + AGGREGATION_TIMEOUT_S``, or the recoverer gives the tasks
+        back to the group."""
+        q = keys.queue_keys(qname)
+        set_id = str(uuid.uuid4())
+        made = await guarded(self.scripts.run(
+            "aggregation_check",
+            [q.group(group), q.aggregation_set(group, set_id), q.aggregation_sets, q.groups],
+            [int(max_size), int(max_delay_s), int(grace_period_s),
+             int(now_s) + AGGREGATION_TIMEOUT_S, int(now_s), group]))
+        return set_id if int(made) == 1 else None
+
+    async def read_aggregation_set(
+        self, qname: str, group: str, set_id: str
+    ) -> tuple[list[TaskMessage], int]:
+        """The set's messages, oldest first, and its deadline (Unix s; 0 when the set is no
+        longer listed, i.e. it was reclaimed or deleted meanwhile)."""
+        q = keys.queue_keys(qname)
+        reply = await guarded(self.scripts.run(
+            "read_aggregation_set", [q.aggregation_set(group, set_id), q.aggregation_sets],
+            [q.task_prefix]))
+        deadline = reply[0]
+        deadline_s = int(float(deadline)) if deadline is not None else 0
+        return [wire.decode_task(m) for m in reply[1:]], deadline_s
+
+    async def delete_aggregation_set(self, qname: str, group: str, set_id: str) -> None:
+        """The aggregated task is enqueued: the set's tasks and the set itself go."""
+        q = keys.queue_keys(qname)
+        await guarded(self.scripts.run(
+            "delete_aggregation_set", [q.aggregation_set(group, set_id), q.aggregation_sets],
+            [q.task_prefix]))
+
+    async def reclaim_stale_aggregation_sets(self, qname: str, *, now_s: int) -> None:
+        """Sets past their deadline give their tasks back to their groups (asynq §4.20.5)."""
+        await guarded(self.scripts.run(
+            "reclaim_stale_aggregation_sets", [keys.queue_keys(qname).aggregation_sets],
+            [int(now_s)]))
 
     # ---------------------------------------------------------------- queue control
     async def pause(self, qname: str, *, now_s: int) -> None:

@@ -34,7 +34,7 @@ import msgspec
 import structlog
 
 from aqsh import errors
-from aqsh.clock import Clock, SystemClock
+from aqsh.clock import Clock, SystemClock, wait_event
 from aqsh.engine import keys
 from aqsh.engine.client import DEFAULT_MAX_RETRY, DEFAULT_QUEUE, Client
 from aqsh.engine.cron import CronSpec, go_duration
@@ -280,5 +280,4 @@ class Scheduler:
             wake_s = min([max(e.next_s, e.retry_at_s) for e in self._entries.values()]
                          + [next_beat_s])
             nap_s = min(max(wake_s - self.clock.now_s(), 0.0), _LONGEST_NAP_S)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), timeout=nap_s)
+            await wait_event(self._changed, nap_s)

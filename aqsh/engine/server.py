@@ -1,5 +1,5 @@
-"""Server: wires processor, heartbeater, forwarder, recoverer, janitor, syncer and the
-cancellation/wake-up subscribers, and stops them in an order that loses nothing.
+"""Server: wires processor, heartbeater, forwarder, recoverer, janitor, aggregator, syncer and
+the cancellation/wake-up subscribers, and stops them in an order that loses nothing.
 
 A handler registry (``ServeMux``) routes task types like asynq's: exact match first, then the
 longest registered prefix; middleware wraps every handler.
@@ -8,7 +8,6 @@ longest registered prefix; middleware wraps every handler.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
@@ -17,7 +16,9 @@ import structlog
 
 from aqsh import errors
 from aqsh.clock import Clock, SystemClock
+from aqsh.engine.aggregator import Aggregator, GroupAggregator, GroupSettings
 from aqsh.engine.broker import Broker
+from aqsh.engine.client import Client
 from aqsh.engine.faults import Backoff, Loops, redis_error_code, supervise
 from aqsh.engine.heartbeat import HEARTBEAT_INTERVAL_S, Heartbeater
 from aqsh.engine.maintenance import Forwarder, Janitor, Recoverer
@@ -25,9 +26,11 @@ from aqsh.engine.processor import (
     Processor,
     RetryDelayFn,
     Running,
+    TransitionHook,
     default_retry_delay,
     normalise_queues,
 )
+from aqsh.engine.rdb import RedisBroker
 from aqsh.engine.syncer import Syncer
 from aqsh.engine.task import CancelReason, Handler, Task, TaskContext
 
@@ -101,9 +104,32 @@ class Server:
         recover_interval_s: float = 2.0,
         janitor_interval_s: float = 8.0,
         loops: Loops | None = None,
+        group_aggregator: GroupAggregator | None = None,
+        group_grace_period_s: float = 60.0,
+        group_max_delay_s: float = 0.0,
+        group_max_size: int = 0,
+        aggregation_interval_s: float | None = None,
+        group_settings: Callable[[str, str], GroupSettings | None] | None = None,
+        cancel_retries: bool = False,
+        on_transition: TransitionHook | None = None,
     ) -> None:
         """``loops``: where the server's loops report their health (``/health`` reads it);
-        pass the process's one registry when other components report there too."""
+        pass the process's one registry when other components report there too.
+
+        ``group_aggregator`` turns the tasks of a due group into one task (see
+        aqsh.engine.aggregator; asynq's GroupAggregator); without one, grouped tasks wait and
+        the log says so. ``group_grace_period_s`` (≥ 1 s), ``group_max_delay_s`` and
+        ``group_max_size`` (0 = no limit) are asynq's GroupGracePeriod/MaxDelay/MaxSize;
+        ``group_settings(queue, group)`` chooses them per group instead (None: not this
+        server's group), and then ``aggregation_interval_s`` should be at most the shortest
+        grace period.
+
+        ``cancel_retries``: a task cancelled while running (``asynq:cancel``) is archived at
+        once by default, since someone asked it to stop; True retries it under the usual
+        rules, as asynq does. A handler that raises on cancellation decides for itself.
+
+        ``on_transition``: told after each finishing write this server stores (see
+        ``aqsh.engine.processor.TransitionHook``)."""
         self.broker = broker
         self.clock = clock or SystemClock()
         self.queues = normalise_queues(queues or {"critical": 6, "default": 3})
@@ -114,6 +140,8 @@ class Server:
             broker, handler, clock=self.clock, concurrency=concurrency, queues=self.queues,
             strict_priority=strict_priority, retry_delay=retry_delay, is_failure=is_failure,
             on_write_failure=self._defer_write, poll_interval_s=poll_interval_s, loops=loops,
+            cancel_retries=cancel_retries,
+            on_transition=on_transition,
         )
         names = list(self.queues)
         self.heartbeater = Heartbeater(
@@ -124,7 +152,19 @@ class Server:
         self.forwarder = Forwarder(broker, names, self.clock, forward_interval_s,
                                    on_forward=self.processor.wake, loops=loops)
         self.recoverer = Recoverer(broker, names, self.clock, retry_delay, recover_interval_s,
-                                   loops=loops)
+                                   loops=loops, on_recovered=self.forwarder.poke,
+                                   is_failure=is_failure)
+        settings = GroupSettings(grace_period_s=group_grace_period_s,
+                                 max_delay_s=group_max_delay_s, max_size=group_max_size)
+        aggregator_client: Client | None = None
+        if group_aggregator is not None:
+            if not isinstance(broker, RedisBroker):
+                raise TypeError("a group aggregator needs a RedisBroker to enqueue with")
+            aggregator_client = Client(broker, clock=self.clock)
+        self.aggregator = Aggregator(broker, aggregator_client, names, self.clock,
+                                     group_aggregator, settings,
+                                     interval_s=aggregation_interval_s, loops=loops,
+                                     group_settings=group_settings)
         self.janitor = Janitor(broker, names, self.clock, janitor_interval_s, loops=loops)
         self._listeners: list[asyncio.Task[None]] = []
         self._started = False
@@ -156,6 +196,7 @@ class Server:
         self.recoverer.start()
         self.forwarder.start()
         self.janitor.start()
+        self.aggregator.start()
         self.processor.start()
         log.info("server.started", server_id=self.server_id, queues=self.queues,
                  concurrency=self.processor.concurrency)
@@ -201,6 +242,7 @@ class Server:
         self.heartbeater.status = "closed"
         log.info("server.stopping", server_id=self.server_id, running=len(self.processor.running))
         await self.forwarder.stop()
+        await self.aggregator.stop()
         await self.processor.stop_fetching()
         leftovers = await self._drain(timeout_s)
         if leftovers:
@@ -211,9 +253,11 @@ class Server:
         await self.syncer.stop()
         for listener in self._listeners:
             listener.cancel()
-        for listener in self._listeners:
-            with contextlib.suppress(asyncio.CancelledError):
-                await listener
+        # Bounded: a subscription blocked in a read whose cancellation a client library
+        # swallowed would otherwise hold the whole stop (its connection closes with the pool).
+        _, stuck = await asyncio.wait(self._listeners, timeout=5.0)
+        if stuck:
+            log.warning("server.subscriber_did_not_stop", count=len(stuck))
         await self.janitor.stop()
         await self.heartbeater.stop()
         self._stopped.set()

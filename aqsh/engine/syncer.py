@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import structlog
 
 from aqsh import errors
-from aqsh.clock import Clock
+from aqsh.clock import Clock, wait_event
 from aqsh.engine.faults import Loops
 
 log = structlog.get_logger("aqsh.engine")
@@ -94,6 +94,5 @@ class Syncer:
                 stop.cancel()
                 added.cancel()
                 continue
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), timeout=self.interval_s)
+            await wait_event(self._stop, self.interval_s)
             await self.run_once()

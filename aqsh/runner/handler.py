@@ -4,7 +4,10 @@ Outcomes, as the engine sees them:
 - exit 0 → success; the result JSON is returned (the processor stores it with the ack);
 - exit ≠ 0 or killed by a signal → ScriptFailed → retried after the task's fixed retry_delay
   until max_retry, then archived (``shell_retry_delay`` gives the engine that delay);
-- payload that fails validation, or an unknown task name → SkipRetry: archived, never run;
+- payload that fails validation → SkipRetry: archived, never run;
+- a task type that is not in tasks.yaml → HandlerNotFound, retried with asynq's back-off, exactly
+  as a Go server without the handler answers: another server on the queue (a Go service) may
+  have it. ``unknown_tasks="archive"`` archives it at once instead (SkipRetry);
 - cancelled through ``asynq:cancel`` (API DELETE, Inspector CancelProcessing) → the group is
   stopped and the task ends for good (SkipRetry "canceled"): a human asked for it to stop;
 - timeout (the task's own or the engine deadline) → group stopped, ScriptFailed → retry rules;
@@ -17,7 +20,10 @@ from __future__ import annotations
 import asyncio
 import os
 import tempfile
+import time
+import unicodedata
 from collections.abc import Callable, Mapping, Sequence
+from typing import Literal
 
 import msgspec
 import structlog
@@ -26,9 +32,10 @@ from aqsh.engine.connection import RedisClient
 from aqsh.engine.fastlane import FastLane
 from aqsh.engine.processor import default_retry_delay
 from aqsh.engine.task import CancelReason, SkipRetry, Task, TaskContext, TaskError
+from aqsh.runner.batches import HEADER_BATCH_GROUP, batch_inputs
 from aqsh.runner.logs import DEFAULT_LINGER_S, LogWriter
-from aqsh.runner.process import ProcessExit, run_process
-from aqsh.runner.result import ScriptResult, encode_result, read_result_file
+from aqsh.runner.process import ExitRecord, ProcessExit, run_process
+from aqsh.runner.result import ScriptResult, encode_result, read_result_file_async
 from aqsh.runner.spec import TasksConfig, TaskSpec
 from aqsh.runner.validate import DEFAULT_MAX_STRING_LEN, InvalidInput, to_env, validate_input
 from aqsh.runner.workdirs import WorkDirs
@@ -37,14 +44,44 @@ log = structlog.get_logger("aqsh.runner")
 
 DEFAULT_ENV_ALLOWLIST = ("PATH", "LANG", "HOME", "TZ")
 CANCELED_ERROR = "canceled"
+RESULT_NAME = ".aqsh-result"
+#: A batch's inputs, one JSON object a line, in the work directory ($AQSH_BATCH_FILE).
+BATCH_NAME = ".aqsh-batch.jsonl"
 
 
 class ScriptFailed(TaskError):
     """The script exited non-zero or was killed; retried by the task's rules."""
 
 
+class HandlerNotFound(TaskError):
+    """No script for this task type; retried by asynq's default rules, like Go's NotFound."""
+
+
+def go_quote(text: str) -> str:
+    """``text`` as Go's ``%q`` prints it, so the error of an unknown type reads exactly as a Go
+    server's (``handler not found for task "x"``), whatever the type contains."""
+    named = {"\a": "\\a", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r",
+             "\t": "\\t", "\v": "\\v", "\\": "\\\\", '"': '\\"'}
+    out = []
+    for char in text:
+        code = ord(char)
+        if char in named:
+            out.append(named[char])
+        elif 0xDC80 <= code <= 0xDCFF:  # a byte that was not UTF-8 (surrogateescape)
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif code < 0x20 or code == 0x7F:
+            out.append(f"\\x{code:02x}")
+        elif char != " " and unicodedata.category(char)[0] in "CZ":
+            out.append(f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}")
+        else:
+            out.append(char)
+    return '"' + "".join(out) + '"'
+
+
 class RunnerSettings(msgspec.Struct, frozen=True, kw_only=True):
-    work_root: str = tempfile.gettempdir()
+    #: Must be private to the worker (see aqsh.runner.workdirs.check_work_root), so never the
+    #: shared temporary directory itself.
+    work_root: str = os.path.join(tempfile.gettempdir(), f"aqsh-{os.geteuid()}")
     keep_work_dirs: bool = False
     env_allowlist: tuple[str, ...] = DEFAULT_ENV_ALLOWLIST
     #: Values for allowlisted variables; defaults to the worker's own values for those names.
@@ -55,6 +92,8 @@ class RunnerSettings(msgspec.Struct, frozen=True, kw_only=True):
     max_stream_len: int = 100_000
     #: How long the first log batch of an attempt waits for more lines (see LogWriter).
     log_linger_s: float = DEFAULT_LINGER_S
+    #: A type not in tasks.yaml: "retry" (as asynq does) or "archive" at once.
+    unknown_tasks: Literal["retry", "archive"] = "retry"
 
 
 class ShellRunner:
@@ -86,7 +125,9 @@ class ShellRunner:
         self.work_dirs = WorkDirs(self.settings.work_root, keep=self.settings.keep_work_dirs)
 
     async def aclose(self) -> None:
-        """Closes the fast lane, if any; the redis client stays the caller's to close."""
+        """Closes the fast lane, if any, and removes the spare work directories; the redis
+        client stays the caller's to close."""
+        self.work_dirs.close()
         if self._lane is not None:
             await self._lane.aclose()
 
@@ -96,8 +137,14 @@ class ShellRunner:
     async def __call__(self, task: Task, ctx: TaskContext) -> bytes | None:
         spec = self.spec_for(task.type)
         if spec is None:
+            if self.settings.unknown_tasks == "retry":
+                # No result is written: the task may belong to another server on the queue, and
+                # its result is that server's to write.
+                raise HandlerNotFound(f"handler not found for task {go_quote(task.type)}")
             await self._fail_without_running(ctx, f"unknown task type {task.type!r}")
             raise SkipRetry(f"no script is configured for task {task.type!r}")
+        if spec.aggregate is not None:
+            return await self._run_batch(spec, task, ctx)
         try:
             payload = msgspec.json.decode(task.payload) if task.payload else {}
             values = validate_input(spec, payload, max_string_len=self.settings.max_string_len)
@@ -106,6 +153,29 @@ class ShellRunner:
             await self._fail_without_running(ctx, message)
             raise SkipRetry(message) from None
         return await self._run(spec, task, ctx, to_env(spec, values))
+
+    async def _run_batch(self, spec: TaskSpec, task: Task, ctx: TaskContext) -> bytes:
+        """A task that aggregates runs once for its batch, its inputs in $AQSH_BATCH_FILE;
+        one invalid run (from a foreign enqueuer: aqsh checked its own at submit) fails the
+        whole batch before the script starts."""
+        lines = bytearray()
+        problem: str | None = None
+        runs: list[object] = []
+        try:
+            runs = batch_inputs(task)
+        except msgspec.DecodeError as exc:
+            problem = f"invalid payload: {exc}"
+        for number, raw in enumerate(runs, start=1):
+            try:
+                values = validate_input(spec, raw, max_string_len=self.settings.max_string_len)
+            except InvalidInput as exc:
+                problem = f"invalid payload: run {number} of {len(runs)}: {exc}"
+                break
+            lines += msgspec.json.encode(values) + b"\n"
+        if problem is not None:
+            await self._fail_without_running(ctx, problem)
+            raise SkipRetry(problem)
+        return await self._run(spec, task, ctx, {}, batch=(bytes(lines), len(runs)))
 
     async def _fail_without_running(self, ctx: TaskContext, error: str) -> None:
         await ctx.result_writer.write(encode_result(ScriptResult(exit_code=-1, error=error)))
@@ -125,10 +195,15 @@ class ShellRunner:
         return env
 
     async def _run(self, spec: TaskSpec, task: Task, ctx: TaskContext,
-                   inputs: Mapping[str, str]) -> bytes:
+                   inputs: Mapping[str, str], batch: tuple[bytes, int] | None = None) -> bytes:
         work_dir = self.work_dirs.create(task.id)
-        result_file = os.path.join(work_dir, ".aqsh-result")
+        result_file = os.path.join(work_dir, RESULT_NAME)
         env = self.environment(spec, task, inputs, work_dir, result_file)
+        if batch is not None:
+            batch_file = os.path.join(work_dir, BATCH_NAME)
+            await asyncio.to_thread(_write_new_file, batch_file, batch[0])
+            env.update({"AQSH_BATCH_FILE": batch_file, "AQSH_BATCH_SIZE": str(batch[1]),
+                        "AQSH_BATCH_GROUP": task.headers.get(HEADER_BATCH_GROUP, "")})
         logs = LogWriter(self.redis, task.id, retention_s=spec.log_retention_s,
                          max_stream_len=self.settings.max_stream_len, lane=self._lane,
                          linger_s=self.settings.log_linger_s)
@@ -137,41 +212,56 @@ class ShellRunner:
         bound.info("task.started", retry=task.retried)
         loop = asyncio.get_running_loop()
         started = loop.time()
+        started_wall_s = time.time()
         timed_out = False
+        #: The engine's deadline (the task message's own timeout or deadline, e.g. Go's
+        #: asynq.Timeout) fired rather than tasks.yaml's timeout.
+        enqueuer_deadline = False
+        record = ExitRecord()
+        # Held while the script runs: the result is read through it, whatever the script does
+        # to the path of its directory.
+        work_fd = os.open(work_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             try:
                 async with asyncio.timeout(spec.timeout_s):
                     outcome = await run_process(
                         [spec.script], env=env, cwd=work_dir, sink=logs,
                         kill_grace_s=self.settings.kill_grace_s,
-                        max_line_bytes=self.settings.max_line_bytes,
+                        max_line_bytes=self.settings.max_line_bytes, record=record,
                     )
             except TimeoutError:
                 timed_out = True
-                outcome = ProcessExit(exit_code=-15, signal_name="SIGTERM")
+                outcome = record.exit or _STOPPED
             except asyncio.CancelledError:
-                # run_process has already stopped the process group.
-                await logs.close(-15)
+                # run_process has already stopped the process group and noted how it ended.
+                outcome = record.exit or _STOPPED
+                await logs.close(outcome.exit_code)
                 if ctx.cancel_reason is CancelReason.CANCELED:
-                    await self._store(ctx, ScriptResult(exit_code=-15, error=CANCELED_ERROR))
-                    bound.info("task.canceled")
+                    await self._store(ctx, ScriptResult(exit_code=outcome.exit_code,
+                                                        error=CANCELED_ERROR))
+                    bound.info("task.canceled", exit_code=outcome.exit_code)
                     self._report(spec.name, "canceled", loop.time() - started)
                     raise SkipRetry(CANCELED_ERROR) from None
                 if ctx.cancel_reason is not CancelReason.DEADLINE:
                     raise  # shutdown or lost lease: the engine decides what happens next
                 timed_out = True
-                outcome = ProcessExit(exit_code=-15, signal_name="SIGTERM")
-            else:
-                await logs.close(outcome.exit_code)
-            if timed_out and not logs.closed:
-                await logs.close(outcome.exit_code)
-            data, file_error = read_result_file(result_file)
-        finally:
+                # aqsh's own submissions carry tasks.yaml's timeout, so the two fire together;
+                # a deadline well before it was set by whoever enqueued the task.
+                enqueuer_deadline = (ctx.deadline_s
+                                     < started_wall_s + spec.timeout_s - _DEADLINE_SLACK_S)
             if not logs.closed:
-                await logs.abort()
-            await self.work_dirs.release(work_dir, result_file)
+                await logs.close(outcome.exit_code)
+            data, file_error = await read_result_file_async(RESULT_NAME, dir_fd=work_fd)
+        finally:
+            try:
+                if not logs.closed:
+                    await logs.abort()
+                await self.work_dirs.release(work_dir, result_file, dir_fd=work_fd)
+            finally:
+                os.close(work_fd)
         duration_s = loop.time() - started
-        error = _error_text(outcome, file_error, timed_out, spec.timeout_s)
+        error = _error_text(outcome, file_error, timed_out, spec.timeout_s,
+                            loop.time() - started if enqueuer_deadline else None)
         result = ScriptResult(exit_code=outcome.exit_code)
         if data is not None:
             result.data = data
@@ -195,14 +285,36 @@ class ShellRunner:
         await ctx.result_writer.write(encode_result(result))
 
 
+def _write_new_file(path: str, data: bytes) -> None:
+    """Into a fresh work directory: never through a link, never over a file."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(data)
+
+
+#: Stands in if run_process was cancelled before it could record an exit (it always records
+#: one once the script has started).
+_STOPPED = ProcessExit(exit_code=-15, signal_name="SIGTERM")
+
+
+#: How much earlier than tasks.yaml's timeout the engine's deadline must fall to be reported
+#: as the enqueuer's (the engine computes its deadline a moment before the script starts).
+_DEADLINE_SLACK_S = 1.0
+
+
 def _error_text(outcome: ProcessExit, file_error: str | None, timed_out: bool,
-                timeout_s: float) -> str | None:
+                timeout_s: float, deadline_after_s: float | None = None) -> str | None:
+    """``deadline_after_s``: set when the task's own timeout/deadline fired (after that many
+    seconds), which is then named with asynq's words, not tasks.yaml's timeout."""
+    if deadline_after_s is not None:
+        return (f"context deadline exceeded: the task's own timeout or deadline (set when it "
+                f"was enqueued) passed after {deadline_after_s:.1f}s; process group stopped: "
+                f"{outcome.describe()}")
     if timed_out:
-        return f"timed out after {timeout_s:g}s; process group stopped (SIGTERM)"
-    if outcome.signal_name is not None:
-        return f"killed by signal {outcome.signal_name}"
-    if outcome.exit_code != 0:
-        return f"exit code {outcome.exit_code}"
+        return f"timed out after {timeout_s:g}s; process group stopped: {outcome.describe()}"
+    if outcome.signal_name is not None or outcome.exit_code != 0:
+        return outcome.describe()
     return file_error
 
 

@@ -44,7 +44,7 @@ from aqsh.engine.connection import RedisClient
 from aqsh.engine.fastlane import FastLane
 from aqsh.engine.faults import Backoff, classify, redis_error_code
 from aqsh.engine.keys import log_key, log_meta_key
-from aqsh.engine.scripts import Scripts, script_sha
+from aqsh.engine.scripts import Scripts, evalsha
 
 log = structlog.get_logger("aqsh.runner")
 
@@ -249,8 +249,7 @@ class LogWriter:
         if self.lane is None:
             reply = await self.scripts.run("append_log_lines", self._keys, args)
         else:
-            command = ("EVALSHA", script_sha("append_log_lines"), len(self._keys),
-                       *self._keys, *args)
+            command = evalsha("append_log_lines", self._keys, args)
             reply = (await self.lane.execute_scripts([command], ["append_log_lines"]))[0]
             if isinstance(reply, Exception):
                 raise reply

@@ -7,7 +7,10 @@ and APIs, and replacement keeps them valid without hiding that something odd was
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import os
+import stat
 
 import msgspec
 
@@ -33,17 +36,77 @@ def decode_result(raw: bytes) -> ScriptResult:
 
 
 def read_result_file(
-    path: str, *, max_bytes: int = MAX_RESULT_BYTES
+    path: str, *, max_bytes: int = MAX_RESULT_BYTES, dir_fd: int | None = None
 ) -> tuple[str | None, str | None]:
-    """(data, error): data None when no file was written; error set when it is unusable."""
+    """(data, error): data None when no file was written; error set when it is unusable.
+
+    The script owns its work directory, so the file is hostile input: ``O_NOFOLLOW`` refuses a
+    symlink (``ln -s /etc/shadow`` would otherwise publish the worker's files as the result),
+    ``O_NONBLOCK`` keeps a FIFO from blocking the open, and ``fstat`` on the opened descriptor —
+    not the path, which the script could swap — decides that it is a regular file of an
+    acceptable size; a file with other hard links is refused too (a link to a file the script
+    could not read itself, where the kernel's protected_hardlinks is off). ``dir_fd``: the work
+    directory, opened before the script ran, with ``path`` relative to it — so a script that
+    swaps its directory for a symlink cannot redirect the read either. It blocks on disk reads
+    all the same: call it off the event loop (``read_result_file_async``)."""
     try:
-        size = os.stat(path).st_size
+        # Not a regular file: say so without opening it (a device).
+        seen = os.stat(path, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
         return None, None
+    if stat.S_ISLNK(seen.st_mode):
+        return None, "result file is a symbolic link; write a regular file"
+    if not stat.S_ISREG(seen.st_mode):
+        return None, f"result file is a {_kind(seen.st_mode)}, not a regular file"
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None, None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return None, "result file is a symbolic link; write a regular file"
+        return None, f"result file cannot be opened: {exc.strerror or type(exc).__name__}"
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None, f"result file is a {_kind(st.st_mode)}, not a regular file"
+        if st.st_nlink > 1:
+            return None, "result file has other hard links; write a file of its own"
+        if st.st_size > max_bytes:
+            return None, f"result file is {st.st_size} bytes, over the {max_bytes} byte limit"
+        chunks: list[bytes] = []
+        size = 0
+        while size <= max_bytes:  # a file still growing is cut off at the limit
+            chunk = os.read(fd, max_bytes + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as exc:
+        return None, f"result file cannot be read: {exc.strerror or type(exc).__name__}"
+    finally:
+        os.close(fd)
     if size > max_bytes:
-        return None, f"result file is {size} bytes, over the {max_bytes} byte limit"
-    with open(path, "rb") as handle:
-        raw = handle.read(max_bytes + 1)
-    if len(raw) > max_bytes:
         return None, f"result file is over the {max_bytes} byte limit"
-    return raw.decode("utf-8", errors="replace"), None
+    return b"".join(chunks).decode("utf-8", errors="replace"), None
+
+
+async def read_result_file_async(
+    path: str, *, max_bytes: int = MAX_RESULT_BYTES, dir_fd: int | None = None
+) -> tuple[str | None, str | None]:
+    """``read_result_file`` in a thread: a slow disk (or a file system a script made slow)
+    stalls that thread, never the event loop with its heartbeats and other tasks."""
+    return await asyncio.to_thread(read_result_file, path, max_bytes=max_bytes, dir_fd=dir_fd)
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "FIFO"
+    if stat.S_ISDIR(mode):
+        return "directory"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "device"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    return "special file"

@@ -7,7 +7,6 @@ never turns into a file path.
 
 from __future__ import annotations
 
-import enum
 import os
 import re
 from collections.abc import Iterator
@@ -19,6 +18,8 @@ import yaml
 
 from aqsh.durations import parse_duration
 from aqsh.errors import ConfigError
+from aqsh.runner.inputs import InputSpec, InputType, Scalar
+from aqsh.runner.validate import InvalidInput, check_value, validate_input
 
 ENV_NAME_RE = re.compile(r"^[A-Z_][A-Z0-9_]*$")
 INPUT_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
@@ -42,34 +43,19 @@ HEADER_SUBMITTED_AT = "aqsh-submitted-at"
 HEADER_ALLOWED_GROUPS = "aqsh-allowed-groups"
 #: ``submitted_by`` of the tasks the scheduler submits.
 SCHEDULER_USER = "aqsh-scheduler"
+#: A submission's ``callback_url``, checked against the operator's callback policy at submit.
+#: It travels with the task, so the worker that ends the task knows whom to tell.
+HEADER_CALLBACK_URL = "aqsh-callback-url"
+
+#: Webhook events a ``notify`` entry may ask for; the first three when it names none.
+WEBHOOK_EVENTS = ("task.completed", "task.failed", "task.canceled", "task.retrying",
+                  "task.started")
+DEFAULT_WEBHOOK_EVENTS = WEBHOOK_EVENTS[:3]
 
 
 def access_headers(allowed_groups: tuple[str, ...]) -> dict[str, str]:
     """The access record a submission stores with its task (see HEADER_ALLOWED_GROUPS)."""
     return {HEADER_ALLOWED_GROUPS: msgspec.json.encode(sorted(set(allowed_groups))).decode()}
-
-
-class InputType(enum.StrEnum):
-    STRING = "string"
-    INT = "int"
-    FLOAT = "float"
-    BOOL = "bool"
-
-
-Scalar = str | int | float | bool
-
-
-class InputSpec(msgspec.Struct, frozen=True, kw_only=True):
-    name: str
-    env: str
-    type: InputType = InputType.STRING
-    required: bool = False
-    default: Scalar | None = None
-    pattern: str | None = None
-    enum: tuple[str, ...] | None = None
-    min: float | None = None
-    max: float | None = None
-    description: str = ""
 
 
 class ScheduleSpec(msgspec.Struct, frozen=True, kw_only=True):
@@ -78,6 +64,27 @@ class ScheduleSpec(msgspec.Struct, frozen=True, kw_only=True):
 
     cron: str
     input: dict[str, Scalar] = msgspec.field(default_factory=dict)
+
+
+class AggregateSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """``aggregate:`` — runs submitted with the same group wait and the script runs once for
+    the whole group (asynq group aggregation): when no run joined for ``grace_s``, when the
+    oldest waited ``max_delay_s``, or when ``max_size`` are waiting (0 = no limit)."""
+
+    grace_s: float = 60.0
+    max_size: int = 0
+    max_delay_s: float = 0.0
+
+
+class NotifySpec(msgspec.Struct, frozen=True, kw_only=True):
+    """A webhook the operator configured for every task of a type (trusted: no SSRF checks).
+    The secret is named, never written here: read from the worker's environment or a file
+    at each delivery, so rotating it needs no reload."""
+
+    url: str
+    events: tuple[str, ...] = DEFAULT_WEBHOOK_EVENTS
+    secret_env: str | None = None
+    secret_file: str | None = None
 
 
 class TaskSpec(msgspec.Struct, frozen=True, kw_only=True):
@@ -92,6 +99,8 @@ class TaskSpec(msgspec.Struct, frozen=True, kw_only=True):
     allowed_groups: tuple[str, ...] = ()
     inputs: tuple[InputSpec, ...] = ()
     schedules: tuple[ScheduleSpec, ...] = ()
+    aggregate: AggregateSpec | None = None
+    notify: tuple[NotifySpec, ...] = ()
 
 
 class TasksConfig(msgspec.Struct, frozen=True):
@@ -100,7 +109,8 @@ class TasksConfig(msgspec.Struct, frozen=True):
 
 
 _TASK_KEYS = {"script", "description", "timeout", "max_retry", "retry_delay", "queue",
-              "log_retention", "allowed_groups", "input", "schedules"}
+              "log_retention", "allowed_groups", "input", "schedules", "aggregate",
+              "notify"}
 _DEFAULT_KEYS = {"timeout", "max_retry", "retry_delay", "queue", "log_retention"}
 _INPUT_KEYS = {"name", "env", "required", "type", "pattern", "enum", "min", "max", "default",
                "description"}
@@ -230,6 +240,11 @@ def _check_task_field(key: str, node: _Node, errs: _Errors, where: str) -> Any:
         if not isinstance(value, str) or not value.strip():
             errs.add(node.line, f"{where}: field 'queue'", "must be a non-blank string")
             return None
+        if value.startswith("aqsh:"):
+            errs.add(node.line, f"{where}: field 'queue'",
+                     "queue names starting with 'aqsh:' are reserved (aqsh:webhooks carries "
+                     "webhook deliveries)")
+            return None
         return value
     return value
 
@@ -262,12 +277,13 @@ def _check_task(
                          "must be a list of group names")
             else:
                 fields[key] = tuple(groups)
-        elif key not in ("script", "input", "schedules"):
+        elif key not in ("script", "input", "schedules", "aggregate", "notify"):
             checked = _check_task_field(key, value, errs, where)
             if checked is not None:
                 fields[key] = checked
     script = _check_script(node.value.get("script"), node.line, where, tasks_dir, errs)
     inputs = _check_inputs(node.value.get("input"), where, errs)
+    notify = _check_notify(node.value.get("notify"), where, errs)
     if len(errs.items) > before or script is None:
         return None
     spec = TaskSpec(
@@ -281,11 +297,51 @@ def _check_task(
         log_retention_s=fields.get("log_retention", 86400.0),
         allowed_groups=fields.get("allowed_groups", ()),
         inputs=tuple(inputs),
+        notify=tuple(notify),
     )
     schedules = _check_schedules(node.value.get("schedules"), spec, where, errs)
+    aggregate = _check_aggregate(node.value.get("aggregate"), where, errs)
     if len(errs.items) > before:
         return None
-    return msgspec.structs.replace(spec, schedules=tuple(schedules))
+    return msgspec.structs.replace(spec, schedules=tuple(schedules), aggregate=aggregate)
+
+
+def _check_aggregate(node: _Node | None, where: str, errs: _Errors) -> AggregateSpec | None:
+    """``aggregate: {grace: 30s, max_size: 100, max_delay: 5m}``; every key is optional
+    (``aggregate: {}`` batches with asynq's defaults: a 1 min grace period, no limits)."""
+    if node is None:
+        return None
+    here = f"{where}: field 'aggregate"
+    if not isinstance(node.value, dict):
+        errs.add(node.line, here + "'", "must be a mapping of grace, max_size, max_delay")
+        return None
+    fields: dict[str, Any] = {}
+    ok = True
+    for key, value in node.value.items():
+        if key in ("grace", "max_delay"):
+            try:
+                seconds = parse_duration(value.value)
+            except ValueError as exc:
+                errs.add(value.line, f"{here}.{key}'", f"expected {exc}")
+                ok = False
+                continue
+            if key == "grace" and seconds < 1:
+                errs.add(value.line, f"{here}.grace'", "must be at least 1s (as asynq's)")
+                ok = False
+            elif seconds < 0:
+                errs.add(value.line, f"{here}.{key}'", "must not be negative")
+                ok = False
+            fields[f"{key}_s"] = seconds
+        elif key == "max_size":
+            size = value.value
+            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+                errs.add(value.line, f"{here}.max_size'", "must be a non-negative integer")
+                ok = False
+            fields["max_size"] = size
+        else:
+            errs.add(_line(node, key), f"{here}.{key}'", "unknown key")
+            ok = False
+    return AggregateSpec(**fields) if ok else None
 
 
 def _check_schedules(
@@ -294,7 +350,6 @@ def _check_schedules(
     """Each schedule's cron spec parses and its input passes the task's own validation now, so
     a bad schedule stops the config load instead of failing at 3 a.m."""
     from aqsh.engine.cron import CronSpec  # cron needs parse_duration from this module
-    from aqsh.runner.validate import InvalidInput, validate_input
 
     if node is None:
         return []
@@ -330,6 +385,72 @@ def _check_schedules(
                 errs.add(line, f"{here}.input{field}'", problem.message)
             continue
         out.append(ScheduleSpec(cron=cron_node.value.strip(), input=values))
+    return out
+
+
+_NOTIFY_KEYS = {"url", "events", "secret_env", "secret_file"}
+
+
+def _check_notify(node: _Node | None, where: str, errs: _Errors) -> list[NotifySpec]:
+    """Each entry: an absolute http(s) URL, known events, and exactly one secret source (every
+    delivery is signed). Whether the secret exists is checked at delivery, in the worker's
+    environment: ``check-config`` runs where the secrets are not."""
+    from urllib.parse import urlsplit
+
+    if node is None:
+        return []
+    if not isinstance(node.value, list):
+        errs.add(node.line, f"{where}: field 'notify'", "must be a list")
+        return []
+    out: list[NotifySpec] = []
+    for index, item in enumerate(node.value):
+        here = f"{where}: field 'notify[{index}]"
+        if not isinstance(item.value, dict):
+            errs.add(item.line, here + "'", "must be a mapping with 'url' and a secret")
+            continue
+        before = len(errs.items)
+        for key in item.value:
+            if key not in _NOTIFY_KEYS:
+                errs.add(_line(item, key), f"{here}.{key}'", "unknown key")
+        url_node = item.value.get("url")
+        url = url_node.value if url_node is not None else None
+        if not isinstance(url, str):
+            errs.add(url_node.line if url_node else item.line, f"{here}.url'", "is required")
+        else:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                errs.add(url_node.line if url_node else item.line, f"{here}.url'",
+                         "must be an absolute http:// or https:// URL")
+        events: tuple[str, ...] = DEFAULT_WEBHOOK_EVENTS
+        events_node = item.value.get("events")
+        if events_node is not None:
+            raw = _plain(events_node)
+            if not isinstance(raw, list) or not raw or not all(
+                isinstance(e, str) for e in raw
+            ):
+                errs.add(events_node.line, f"{here}.events'", "must be a non-empty list")
+            else:
+                unknown = [e for e in raw if e not in WEBHOOK_EVENTS]
+                if unknown:
+                    errs.add(events_node.line, f"{here}.events'",
+                             f"unknown event(s) {', '.join(unknown)}; known: "
+                             + ", ".join(WEBHOOK_EVENTS))
+                events = tuple(dict.fromkeys(raw))
+        sources = {k: item.value[k] for k in ("secret_env", "secret_file") if k in item.value}
+        if len(sources) != 1:
+            errs.add(item.line, f"{here}'", "needs exactly one of secret_env, secret_file")
+        for key, value in sources.items():
+            if not isinstance(value.value, str) or not value.value.strip():
+                errs.add(value.line, f"{here}.{key}'", "must be a non-blank string")
+            elif key == "secret_env" and not ENV_NAME_RE.match(value.value):
+                errs.add(value.line, f"{here}.secret_env'", "must match [A-Z_][A-Z0-9_]*")
+        if len(errs.items) > before:
+            continue
+        out.append(NotifySpec(
+            url=str(url), events=events,
+            secret_env=sources["secret_env"].value if "secret_env" in sources else None,
+            secret_file=sources["secret_file"].value if "secret_file" in sources else None,
+        ))
     return out
 
 
@@ -453,7 +574,6 @@ def _check_input(
         description=str(raw.get("description", "")),
     )
     if "default" in raw and raw["default"] is not None:
-        from aqsh.runner.validate import check_value
 
         problems = list(_default_problems(spec, raw["default"], check_value))
         for message in problems:

@@ -15,7 +15,7 @@ from typing import Any
 import msgspec
 
 from aqsh.errors import AqshError
-from aqsh.runner.spec import InputSpec, InputType, Scalar, TaskSpec
+from aqsh.runner.inputs import HasInputs, InputSpec, InputType, Scalar
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 DEFAULT_MAX_STRING_LEN = 4096
@@ -103,7 +103,7 @@ def _normalise(spec: InputSpec, value: Scalar) -> Scalar:
 
 
 def validate_input(
-    task: TaskSpec, payload: Any, *, max_string_len: int = DEFAULT_MAX_STRING_LEN
+    task: HasInputs, payload: Any, *, max_string_len: int = DEFAULT_MAX_STRING_LEN
 ) -> dict[str, Scalar]:
     """Check a JSON object against the task's inputs; return the values with defaults applied.
 
@@ -136,7 +136,7 @@ def validate_input(
     return values
 
 
-def to_env(task: TaskSpec, values: dict[str, Scalar]) -> dict[str, str]:
+def to_env(task: HasInputs, values: dict[str, Scalar]) -> dict[str, str]:
     """Validated values → environment variables (never shell text)."""
     env: dict[str, str] = {}
     for spec in task.inputs:
@@ -152,7 +152,7 @@ def to_env(task: TaskSpec, values: dict[str, Scalar]) -> dict[str, str]:
     return env
 
 
-def json_schema(task: TaskSpec, *, max_string_len: int = DEFAULT_MAX_STRING_LEN) -> dict[str, Any]:
+def json_schema(task: HasInputs, *, max_string_len: int = DEFAULT_MAX_STRING_LEN) -> dict[str, Any]:
     """The task's inputs as JSON Schema (draft 2020-12), for ``GET /tasks``."""
     properties: dict[str, Any] = {}
     for spec in task.inputs:
@@ -162,7 +162,9 @@ def json_schema(task: TaskSpec, *, max_string_len: int = DEFAULT_MAX_STRING_LEN)
         if spec.type is InputType.STRING:
             prop.update(type="string", maxLength=max_string_len)
             if spec.pattern is not None:
-                prop["pattern"] = spec.pattern
+                # JSON Schema patterns search; aqsh matches the whole value. Anchored, a
+                # client (a form, a fuzzer) checks what the server will check.
+                prop["pattern"] = f"^(?:{spec.pattern})$"
             if spec.enum is not None:
                 prop["enum"] = list(spec.enum)
             if spec.min is not None:

@@ -17,8 +17,14 @@ directory, so it could later write into a run that reuses it, where it would hav
 directory before. Scripts share a user, so tasks were never isolated from each other's
 directories; this only removes an accident-stopper for such escaped processes.
 
-Spares left by a worker that stopped (or crashed) are removed by the next worker that starts on
-the same root; spares of a live worker are left alone (the pid is in the name).
+Spares are removed when the runner closes (a graceful stop); those left by a worker that crashed
+are removed by the next worker that starts on the same root; spares of a live worker are left
+alone (the pid is in the name).
+
+The root itself is private: created 0700, and refused (``check_work_root``) when it is a
+symlink, someone else's, or writable by group or others — anyone who can write there could
+swap a run's directory, or its result file, under the worker. Task ids come from any asynq
+client, so they reach directory names only through ``safe_name``.
 """
 
 from __future__ import annotations
@@ -26,16 +32,53 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import shutil
 import stat
 
 import structlog
+
+from aqsh.errors import ConfigError
 
 log = structlog.get_logger("aqsh.runner")
 
 SPARE_PREFIX = ".aqsh-spare-"
 MAX_SPARES = 256
 _MODE = 0o700
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+#: How much of the task id a directory name keeps: a UUID, whole.
+ID_CHARS = 36
+
+
+def safe_name(task_id: str) -> str:
+    """The part of a task id that may go into a file name: letters, digits, ``_`` and ``-``
+    (anything else — ``/``, ``..``, NUL, newlines — becomes ``_``), at most ``ID_CHARS``."""
+    return _UNSAFE.sub("_", task_id[:ID_CHARS]) or "_"
+
+
+def check_work_root(root: str) -> None:
+    """Create the work root (0700) if it is missing; raise ConfigError with one line saying
+    what is wrong if it is not a private directory of this user."""
+    uid = os.geteuid()
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(root)), exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(root, _MODE)
+        st = os.lstat(root)
+    except OSError as exc:
+        raise ConfigError(f"work root {root!r} cannot be created: "
+                          f"{exc.strerror or type(exc).__name__}") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise ConfigError(f"work root {root!r} is a symbolic link; point AQSH_RESULTS_DIR at a "
+                          f"real directory")
+    if not stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"work root {root!r} is not a directory")
+    if st.st_uid != uid:
+        raise ConfigError(f"work root {root!r} belongs to uid {st.st_uid}, not to this worker "
+                          f"(uid {uid}); it must be the worker's own")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise ConfigError(f"work root {root!r} is writable by group or others (mode "
+                          f"{stat.S_IMODE(st.st_mode):o}); make it 0700")
 
 
 class WorkDirs:
@@ -53,14 +96,20 @@ class WorkDirs:
         self._counter = 0
         self._uid = os.geteuid()
 
-    def create(self, task_id: str) -> str:
+    def check(self) -> None:
+        """Check (or create) the root and sweep dead workers' spares; done before the first
+        run, and at start-up by a worker so a bad root stops it with one clear line."""
         if not self._ready:
-            os.makedirs(self.root, exist_ok=True)
+            check_work_root(self.root)
             self._sweep()
             self._ready = True
+
+    def create(self, task_id: str) -> str:
+        self.check()
+        name = safe_name(task_id)
         while True:
             self._counter += 1
-            path = os.path.join(self.root, f"aqsh-{task_id[:36]}-{self._token}{self._counter:x}")
+            path = os.path.join(self.root, f"aqsh-{name}-{self._token}{self._counter:x}")
             while self._spares:
                 spare = self._spares.pop()
                 try:
@@ -77,13 +126,19 @@ class WorkDirs:
                 continue
             return path
 
-    async def release(self, work_dir: str, result_file: str) -> None:
+    async def release(self, work_dir: str, result_file: str, *,
+                      dir_fd: int | None = None) -> None:
         """After the run: recycle the directory if the script left it as it got it, else delete
-        it (a small tree inline, anything bigger in a thread so the event loop never stalls)."""
+        it (a small tree inline, anything bigger in a thread so the event loop never stalls).
+
+        ``dir_fd``: the directory as opened before the run; the result file is removed through
+        it, since the path may now lead elsewhere (a script can replace its directory with a
+        symlink, and the worker must not delete files through that). A symlink found at the
+        directory's path is removed itself, never followed."""
         if self.keep:
             return
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(result_file)
+        if not _remove_result(work_dir, result_file, dir_fd):
+            return
         try:
             if len(self._spares) < self.max_spares and self._recyclable(work_dir):
                 spare = os.path.join(self.root, f"{SPARE_PREFIX}{self._pid}-{self._token}"
@@ -95,6 +150,13 @@ class WorkDirs:
             os.rmdir(work_dir)
         except OSError:
             await asyncio.to_thread(shutil.rmtree, work_dir, True)
+
+    def close(self) -> None:
+        """Remove this worker's spares (a graceful stop leaves nothing behind)."""
+        spares, self._spares = self._spares, []
+        for spare in spares:
+            with contextlib.suppress(OSError):
+                os.rmdir(spare)  # spares are empty; anything else is not ours to delete
 
     def _recyclable(self, work_dir: str) -> bool:
         st = os.lstat(work_dir)
@@ -112,6 +174,29 @@ class WorkDirs:
             if pid_text.isdigit() and int(pid_text) != self._pid and _alive(int(pid_text)):
                 continue
             shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
+
+
+def _remove_result(work_dir: str, result_file: str, dir_fd: int | None) -> bool:
+    """Remove the result file; False (and the symlink removed) when ``work_dir`` is no longer
+    a directory but a symlink the script put there."""
+    is_link = stat.S_ISLNK(_lstat_mode(work_dir))
+    with contextlib.suppress(OSError):  # missing, or a directory the script made there
+        if dir_fd is not None:
+            os.unlink(os.path.basename(result_file), dir_fd=dir_fd)
+        elif not is_link:
+            os.unlink(result_file)
+    if is_link:
+        with contextlib.suppress(OSError):
+            os.unlink(work_dir)
+        return False
+    return True
+
+
+def _lstat_mode(path: str) -> int:
+    try:
+        return os.lstat(path).st_mode
+    except OSError:
+        return 0
 
 
 def _alive(pid: int) -> bool:

@@ -38,10 +38,11 @@ DEPLOYMENT_ACL = (
     "resetchannels &asynq:cancel &aqsh:wake "
     "-@all +ping +time +evalsha +script|load +publish +subscribe +unsubscribe "
     "+exists +get +set +setex +setnx +del +incr +expire +expireat "
-    "+hget +hmget +hset +hsetnx +hdel "
+    "+hget +hmget +hgetall +hset +hsetnx +hdel "
     "+lpush +rpush +lrange +llen +lpos +lrem +rpoplpush "
     "+sadd +srem +smembers +sismember "
-    "+zadd +zrem +zcard +zscore +zrange +zrangebyscore +zremrangebyscore +zremrangebyrank "
+    "+zadd +zrem +zcard +zscore +zrange +zrevrange +zrangebyscore +zremrangebyscore "
+    "+zremrangebyrank "
     "+xadd +xread +xrange +xrevrange +memory|usage"
 )
 #: What a Go asynq deployment's ACL grants: asynq's channel only.

@@ -246,7 +246,7 @@ async def test_catalogue_health_metrics_and_openapi(make_service: ServiceFactory
     echo = next(t for t in body["tasks"] if t["name"] == "echo")
     assert echo["description"] == "Echo a name"
     assert echo["input_schema"]["required"] == ["name"]
-    assert echo["input_schema"]["properties"]["name"]["pattern"] == "[a-z]+"
+    assert echo["input_schema"]["properties"]["name"]["pattern"] == "^(?:[a-z]+)$"
     status, body, _ = await service.request("GET", "/health")
     assert status == 200
     assert body["redis"]["reachable"] is True

@@ -323,6 +323,27 @@ async def test_recoverer_retries_or_archives_abandoned_tasks(
     assert await redis.llen(Q.active) == 0
 
 
+async def test_a_recovered_task_runs_without_waiting_for_the_forwarders_round(
+    redis: aioredis.Redis, make_server: ServerFactory, clock: ManualClock
+) -> None:
+    from aqsh.engine.models import TaskMessage
+
+    m = TaskMessage(type="x", id="abandoned", queue="default", retry=3, timeout_s=60)
+    await redis.hset(Q.task("abandoned"), mapping={"msg": wire.encode_task(m), "state": "active"})
+    await redis.lpush(Q.active, "abandoned")
+    await redis.zadd(Q.lease, {"abandoned": unix_s(clock) - 2})  # its worker died
+    ran = asyncio.Event()
+
+    async def handler(task: Task, ctx: TaskContext) -> bytes | None:
+        ran.set()
+        return None
+
+    # The forwarder's own round is an hour away: only the recoverer's poke can move it.
+    server = make_server(handler, retry_delay=lambda n, e, t: 0.0, recover_interval_s=0.2)
+    await server.start()
+    await asyncio.wait_for(ran.wait(), 10)
+
+
 async def test_janitor_deletes_expired_completed(
     redis: aioredis.Redis, make_server: ServerFactory, clock: ManualClock
 ) -> None:

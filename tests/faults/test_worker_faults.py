@@ -49,6 +49,8 @@ class Rig:
     primary: RedisProcess
     admin: aioredis.Redis
     client: aioredis.Redis
+    #: What the worker's client connects to (with the ACL user's credentials for NOPERM).
+    url: str
     cleanup: list[Callable[[], Awaitable[Any]]] = field(default_factory=list)
     spare: RedisProcess | None = None
     busy: asyncio.Task[Any] | None = None
@@ -83,6 +85,7 @@ class Rig:
         elif self.kind == "busy":
             await admin.config_set("lua-time-limit", 50)
             self.busy = asyncio.create_task(self._long_script())
+            await wait_until(self._answers_busy, message="script running, Redis busy")
         elif self.kind == "noperm":
             await admin.execute_command("ACL", "SETUSER", "worker", "-@scripting")
         elif self.kind == "loading":
@@ -120,11 +123,19 @@ class Rig:
                     and not info.get("master_sync_in_progress"))
 
     async def _long_script(self) -> None:
-        """A read-only script that spins for ~3 s: every other client gets BUSY meanwhile."""
+        """A read-only script that spins for 3–4 s: every other client gets BUSY meanwhile."""
         async with aioredis.Redis(port=self.primary.port, socket_timeout=30) as conn:
             await conn.eval(
                 "local t = tonumber(redis.call('TIME')[1]) "
-                "while tonumber(redis.call('TIME')[1]) < t + 3 do end return 1", 0)
+                "while tonumber(redis.call('TIME')[1]) < t + 4 do end return 1", 0)
+
+    async def _answers_busy(self) -> bool:
+        async with aioredis.Redis(port=self.primary.port) as probe:
+            try:
+                await probe.get("probe")
+            except aioredis.ResponseError as exc:
+                return str(exc).startswith("BUSY")
+        return False
 
     async def _restart_loading(self) -> None:
         """Restart with enough data and a per-key load delay that loading takes seconds."""
@@ -183,7 +194,7 @@ async def rig(request: pytest.FixtureRequest) -> AsyncIterator[Rig]:
         url = url.replace("redis://", "redis://worker:pw@")
     client = create_client(RedisSettings(url=url))  # the worker's client, as aqsh serve makes it
     assert isinstance(client, aioredis.Redis)
-    r = Rig(kind, primary, admin, client, spare=spare, tmp=tmp)
+    r = Rig(kind, primary, admin, client, url, spare=spare, tmp=tmp)
     try:
         yield r
     finally:

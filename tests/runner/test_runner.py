@@ -21,8 +21,9 @@ from aqsh.engine.rdb import RedisBroker
 from aqsh.engine.server import Server
 from aqsh.engine.task import CancelReason, SkipRetry, Task
 from aqsh.runner.handler import RunnerSettings, ScriptFailed, ShellRunner, shell_retry_delay
+from aqsh.runner.inputs import InputSpec
 from aqsh.runner.result import decode_result
-from aqsh.runner.spec import InputSpec, TasksConfig, TaskSpec
+from aqsh.runner.spec import TasksConfig, TaskSpec
 from tests.support import wait_until
 
 
@@ -202,7 +203,12 @@ async def test_timeout_kills_the_group_including_grandchildren(
         await runner_for(redis, tmp_path, spec)(task("slow"), ctx)
     child = int(pidfile.read_text())
     await wait_until(lambda: not alive(child), message="grandchild gone")
-    assert msgspec.json.decode(ctx.result_writer.written[-1])["exit_code"] == -15
+    # The script ignores SIGTERM: what ended it was the SIGKILL after the grace period, and
+    # that is what is reported (not the SIGTERM that was sent first).
+    assert msgspec.json.decode(ctx.result_writer.written[-1]) == {
+        "exit_code": -9, "error": "timed out after 0.5s; process group stopped: killed by signal "
+                                  "SIGKILL after the grace period"}
+    assert (await stream(redis))[-1][b"exit_code"] == b"-9"
     assert (await stream(redis))[-1][b"eof"] == b"1"
 
 
@@ -220,8 +226,9 @@ async def test_cancel_kills_grandchildren_and_ends_the_task(
     with pytest.raises(SkipRetry, match="canceled"):
         await running
     await wait_until(lambda: not alive(int(pidfile.read_text())), message="grandchild gone")
+    # It ignores SIGTERM, so the SIGKILL after the grace period ended it.
     assert msgspec.json.decode(ctx.result_writer.written[-1]) == {
-        "exit_code": -15, "error": "canceled"}
+        "exit_code": -9, "error": "canceled"}
 
 
 async def _has_line(redis: aioredis.Redis, line: bytes) -> bool:

@@ -8,7 +8,8 @@ import pytest
 
 from aqsh.durations import parse_duration
 from aqsh.errors import ConfigError
-from aqsh.runner.spec import InputType, load_tasks
+from aqsh.runner.inputs import InputType
+from aqsh.runner.spec import load_tasks
 
 
 def script(tmp_path: Path, name: str = "deploy.sh", executable: bool = True) -> Path:
@@ -63,7 +64,8 @@ def test_loads_the_seed_example(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("text", "seconds"), [
-    ("90s", 90), ("10m", 600), ("1h30m", 5400), ("24h", 86400), ("250ms", 0.25), (45, 45)])
+    ("90s", 90), ("10m", 600), ("1h30m", 5400), ("24h", 86400), ("250ms", 0.25), (45, 45),
+    ("0", 0)])
 def test_durations(text: object, seconds: float) -> None:
     assert parse_duration(text) == seconds
 

@@ -6,7 +6,8 @@ from typing import Any
 
 import pytest
 
-from aqsh.runner.spec import InputSpec, InputType, TaskSpec
+from aqsh.runner.inputs import InputSpec, InputType
+from aqsh.runner.spec import TaskSpec
 from aqsh.runner.validate import InvalidInput, json_schema, to_env, validate_input
 
 TASK = TaskSpec(
@@ -82,7 +83,7 @@ def test_json_schema_describes_inputs() -> None:
     assert schema["required"] == ["version", "environment"]
     assert schema["additionalProperties"] is False
     props = schema["properties"]
-    assert props["version"]["pattern"] == r"^v?\d+\.\d+\.\d+$"
+    assert props["version"]["pattern"] == r"^(?:^v?\d+\.\d+\.\d+$)$"
     assert props["environment"]["enum"] == ["dev", "staging", "prod"]
     assert props["days"] == {"type": "integer", "minimum": 1, "maximum": 365, "x-env": "DAYS"}
     assert props["force"]["type"] == "boolean"

@@ -34,6 +34,9 @@ func main() {
 	duration := fs.Duration("duration", 10*time.Second, "how long to serve")
 	n := fs.Int("n", 1000, "number of tasks")
 	out := fs.String("out", "", "output directory")
+	groupGrace := fs.Duration("group-grace", 0, "serve: aggregate groups with this grace period (0 = no aggregator)")
+	groupMaxSize := fs.Int("group-max-size", 0, "serve: GroupMaxSize")
+	groupMaxDelay := fs.Duration("group-max-delay", 0, "serve: GroupMaxDelay")
 	if err := fs.Parse(args); err != nil {
 		fail(err.Error())
 	}
@@ -54,6 +57,14 @@ func main() {
 		withInspector(opt, func(i *asynq.Inspector) any { return must(i.Queues()) })
 	case "history":
 		withInspector(opt, func(i *asynq.Inspector) any { return must(i.History(*queue, 3)) })
+	case "groups":
+		withInspector(opt, func(i *asynq.Inspector) any {
+			out := map[string]int{}
+			for _, g := range must(i.Groups(*queue)) {
+				out[g.Group] = g.Size
+			}
+			return out
+		})
 	case "servers":
 		servers(opt)
 	case "cron":
@@ -61,7 +72,8 @@ func main() {
 	case "mutate":
 		mutate(opt, *op, *queue, *id)
 	case "serve":
-		serve(opt, parseQueues(*queues), *concurrency, *duration)
+		serve(opt, parseQueues(*queues), *concurrency, *duration,
+			groupConfig{*groupGrace, *groupMaxSize, *groupMaxDelay})
 	case "golden":
 		golden(opt, *out)
 	case "bench-enqueue":
@@ -240,6 +252,7 @@ func queueInfo(opt asynq.RedisConnOpt, queue string) {
 			"completed": q.Completed, "aggregating": q.Aggregating, "processed": q.Processed,
 			"failed": q.Failed, "processed_total": q.ProcessedTotal, "failed_total": q.FailedTotal,
 			"paused": q.Paused, "latency_s": q.Latency.Seconds(), "memory": q.MemoryUsage,
+			"groups": q.Groups,
 		}
 	})
 }
@@ -338,12 +351,21 @@ func parseQueues(spec string) map[string]int {
 	return out
 }
 
+// groupConfig is the server's group aggregation; a zero grace period means no aggregator.
+type groupConfig struct {
+	grace    time.Duration
+	maxSize  int
+	maxDelay time.Duration
+}
+
 // serve runs a Go asynq.Server whose handlers record what they saw in the Redis list
 // "interop:seen". Task types choose the behaviour: "ok*" succeed, "fail*" return an error,
-// "sleep:<ms>" sleep then succeed, "result*" write a result, "skip*" skip retry.
-func serve(opt asynq.RedisConnOpt, queues map[string]int, concurrency int, duration time.Duration) {
+// "sleep:<ms>" sleep then succeed, "result*" write a result, "skip*" skip retry. With a group
+// grace period, groups aggregate into one "batch:<group>" task whose payload is the tasks'
+// payloads joined by "," in the order the aggregator got them.
+func serve(opt asynq.RedisConnOpt, queues map[string]int, concurrency int, duration time.Duration, groups groupConfig) {
 	rdb := redisClient(opt)
-	srv := asynq.NewServer(opt, asynq.Config{
+	cfg := asynq.Config{
 		Concurrency: concurrency,
 		Queues:      queues,
 		RetryDelayFunc: func(n int, e error, t *asynq.Task) time.Duration {
@@ -351,7 +373,20 @@ func serve(opt asynq.RedisConnOpt, queues map[string]int, concurrency int, durat
 		},
 		ShutdownTimeout: 5 * time.Second,
 		LogLevel:        asynq.WarnLevel,
-	})
+	}
+	if groups.grace > 0 {
+		cfg.GroupGracePeriod = groups.grace
+		cfg.GroupMaxSize = groups.maxSize
+		cfg.GroupMaxDelay = groups.maxDelay
+		cfg.GroupAggregator = asynq.GroupAggregatorFunc(func(group string, tasks []*asynq.Task) *asynq.Task {
+			parts := make([]string, len(tasks))
+			for i, t := range tasks {
+				parts[i] = string(t.Payload())
+			}
+			return asynq.NewTask("batch:"+group, []byte(strings.Join(parts, ",")), asynq.MaxRetry(0))
+		})
+	}
+	srv := asynq.NewServer(opt, cfg)
 	handler := asynq.HandlerFunc(func(ctx context.Context, t *asynq.Task) error {
 		id, _ := asynq.GetTaskID(ctx)
 		retried, _ := asynq.GetRetryCount(ctx)
