@@ -188,7 +188,9 @@ def test_an_acl_without_the_wake_channel_costs_latency_not_service(
     refused = deployment.events("both", "wakeup.refused")
     assert len(refused) == 1, refused
     assert "aqsh:wake" in refused[0]["hint"]
-    assert len(deployment.events("both", "wakeup.subscribe_refused")) == 1
+    # Once per engine server in the process (the script worker and the webhook deliverer),
+    # not once per resubscription attempt.
+    assert len(deployment.events("both", "wakeup.subscribe_refused")) in (1, 2)
     # The one refused PUBLISH (inside the first enqueue) and the refused SUBSCRIBE(s): no more.
     channels = [e for e in deployment.refusals() if e[b"reason"] == b"channel"]
     assert {e[b"object"] for e in channels} == {b"aqsh:wake"}
