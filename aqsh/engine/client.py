@@ -4,6 +4,11 @@ Defaults follow asynq (queue ``default``, 25 retries, 30 min timeout when neithe
 deadline is given). Every option is checked before anything is written. After an enqueue the
 client announces the queue on ``aqsh:wake`` in the same round trip, so idle aqsh workers start the
 task at once instead of waiting for their next poll.
+
+The wake-up is a courtesy, never a condition: a Redis user without the right to publish on
+``aqsh:wake`` (a Go-compatible ACL, or a Redis 7 user, which gets no channels by default) still
+enqueues. The script's PUBLISH is a pcall whose refusal leaves the task stored; the client then
+logs ``wakeup.refused`` once and sends no more wake-ups, and workers find tasks by polling.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
+import structlog
 from redis.exceptions import ResponseError
 
 from aqsh import errors
@@ -26,10 +32,14 @@ from aqsh.engine.models import TaskInfo, TaskMessage, TaskState
 from aqsh.engine.rdb import REDIS_DOWN, RedisBroker, broker_error, guarded, raise_for_produce
 from aqsh.engine.scripts import Batch, evalsha
 
+log = structlog.get_logger("aqsh.engine")
+
 DEFAULT_QUEUE = "default"
 DEFAULT_MAX_RETRY = 25
 DEFAULT_TIMEOUT_S = 30 * 60
 _BATCH_LIMIT = 1000
+#: An enqueue script's reply for "enqueued, but Redis refused the wake-up PUBLISH".
+_ENQUEUED_UNWOKEN = 2
 #: How long an SADD of a queue to asynq:queues is trusted before the next enqueue repeats it.
 QUEUE_REASSERT_S = 10.0
 
@@ -103,6 +113,8 @@ class Client:
         self.clock = clock or SystemClock()
         self.wake_workers = wake_workers
         self.index_runs = index_runs
+        # Set by the first refused wake-up: this Redis user may not publish on aqsh:wake.
+        self._wake_refused = False
         self._lane = FastLane.from_redis(self.redis) if fast_lane else None
         # queue -> monotonic time until which its SADD to asynq:queues is taken as still
         # standing. Not for ever (as asynq's client caches it): a Redis that restarted empty
@@ -187,7 +199,7 @@ class Client:
         args = [*plan.args, *self._wake_args(plan)]
         if not self._needs_registration(qname):  # the common case: one command
             reply = await self._run_script(plan.script, plan.keys, args)
-            raise_for_produce(int(reply), plan.message)
+            raise_for_produce(self._produced(reply), plan.message)
             return _info(plan)
         # asynq SADDs the queue name before the script; caching it per process like asynq
         # v0.25+ saves a command per enqueue. It is added to the cache only on success, and
@@ -199,14 +211,30 @@ class Client:
         for reply in replies:
             _raise_reply(reply)
         self._registered(qname)
-        raise_for_produce(int(replies[-1]), plan.message)
+        raise_for_produce(self._produced(replies[-1]), plan.message)
         return _info(plan)
 
     def _wake_args(self, plan: _Plan) -> list[str]:
         """The optional trailing script arguments that publish the queue name on aqsh:wake."""
-        if self.wake_workers and plan.state is TaskState.PENDING:
+        if self.wake_workers and not self._wake_refused and plan.state is TaskState.PENDING:
             return [keys.WAKE_CHANNEL, plan.message.queue]
         return []
+
+    def _produced(self, reply: Any) -> int:
+        """An enqueue script's reply as ``raise_for_produce`` takes it; notes a refused
+        wake-up (the task is stored all the same)."""
+        code = int(reply)
+        if code != _ENQUEUED_UNWOKEN:
+            return code
+        if not self._wake_refused:
+            self._wake_refused = True
+            log.warning(
+                "wakeup.refused", channel=keys.WAKE_CHANNEL,
+                hint=f"the Redis user may not PUBLISH on {keys.WAKE_CHANNEL} (ACL &"
+                     f"{keys.WAKE_CHANNEL}); tasks are still enqueued, workers start them "
+                     "at their next poll; no more wake-ups are sent until a restart",
+            )
+        return 1
 
     async def enqueue_many(
         self, requests: Sequence[EnqueueRequest]
@@ -271,7 +299,8 @@ class Client:
             reply = replies[slot]
             try:
                 _raise_reply(reply)
-                raise_for_produce(int(reply[position] if position >= 0 else reply), plan.message)
+                raise_for_produce(self._produced(reply[position] if position >= 0 else reply),
+                                  plan.message)
                 results.append(_info(plan))
             except errors.AqshError as exc:
                 results.append(exc)

@@ -120,6 +120,9 @@ class Scheduler:
         self._entries: dict[str, _Entry] = {}
         self._retired: list[str] = []  # entry ids whose history is still to be deleted
         self._changed = asyncio.Event()
+        # stop() asks with this as well as with a cancel: a cancel can be lost (it was, against
+        # Valkey, on a loaded machine) and the loop would then fire for ever.
+        self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self.monitor = (loops if loops is not None else Loops()).monitor(
             "scheduler", ready_after_s=max(30.0, 3 * heartbeat_interval_s),
@@ -235,6 +238,7 @@ class Scheduler:
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
+        self._stopping = False
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="aqsh-scheduler")
 
@@ -242,6 +246,8 @@ class Scheduler:
         """Stop firing, then remove this scheduler's entries and their histories (as asynq)."""
         if self._task is None:
             return
+        self._stopping = True
+        self._changed.set()  # ends the nap
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
@@ -257,7 +263,7 @@ class Scheduler:
 
     async def _fire_forever(self) -> None:
         next_beat_s = 0.0
-        while True:
+        while not self._stopping:
             if self._changed.is_set():  # entries changed: announce them now
                 self._changed.clear()
                 next_beat_s = 0.0

@@ -19,7 +19,7 @@ from aqsh.clock import Clock, SystemClock
 from aqsh.engine.aggregator import Aggregator, GroupAggregator, GroupSettings
 from aqsh.engine.broker import Broker
 from aqsh.engine.client import Client
-from aqsh.engine.faults import Backoff, Loops, supervise
+from aqsh.engine.faults import Backoff, Loops, redis_error_code, supervise
 from aqsh.engine.heartbeat import HEARTBEAT_INTERVAL_S, Heartbeater
 from aqsh.engine.maintenance import Forwarder, Janitor, Recoverer
 from aqsh.engine.processor import (
@@ -188,7 +188,8 @@ class Server:
                 self._listen("cancel-subscriber", self.broker.cancellations, self._on_cancel),
                 name="aqsh-cancel-subscriber"),
             asyncio.create_task(
-                self._listen("wake-subscriber", self.broker.wakeups, self.processor.wake),
+                self._listen("wake-subscriber", self.broker.wakeups, self.processor.wake,
+                             optional=True),
                 name="aqsh-wake-subscriber"),
         ]
         self.syncer.start()
@@ -207,15 +208,27 @@ class Server:
             run.cancel(CancelReason.CANCELED)
 
     async def _listen(self, name: str, subscribe: Callable[[], AsyncIterator[str]],
-                      sink: Callable[[str], None]) -> None:
+                      sink: Callable[[str], None], *, optional: bool = False) -> None:
         """A subscription resubscribes by itself after connection loss; an error reply (a
-        NOPERM on the channel, say) ends it, and then it is made again after a back-off."""
+        NOPERM on the channel, say) ends it, and then it is made again after a back-off.
+
+        ``optional`` (the wake-ups): a NOPERM ends it for good with one warning, and the
+        worker does not count it against readiness — polling finds every task anyway, so an
+        ACL without aqsh's own channel (a Go-compatible one) costs latency, not service."""
         monitor = self.loops.monitor(name, ready_after_s=30.0, live_after_s=120.0)
 
         async def listen() -> None:
             with monitor.parking():  # waiting for messages is its job
-                async for item in subscribe():
-                    sink(item)
+                try:
+                    async for item in subscribe():
+                        sink(item)
+                except Exception as exc:
+                    if not optional or redis_error_code(exc) != "NOPERM":
+                        raise
+                    self.loops.remove(name)
+                    log.warning("wakeup.subscribe_refused", loop=name, error=str(exc)[:300],
+                                hint="workers poll for tasks instead (up to "
+                                     f"{self.processor.poll_interval_s}s later)")
 
         await supervise(monitor, listen, backoff=Backoff(first_s=0.5, max_s=5.0))
 

@@ -197,6 +197,12 @@ async def test_deadline_cancels_handler(
         "context deadline exceeded")
 
 
+async def subscribers(redis: aioredis.Redis, channel: str) -> int:
+    """PUBSUB NUMSUB's count: its reply, ``[(channel, n)]``, is truthy even when n is 0, so a
+    wait on the reply itself did not wait (a cancel published then was lost, seen on Valkey)."""
+    return int((await redis.pubsub_numsub(channel))[0][1])
+
+
 async def test_cancel_via_pubsub_stops_running_handler(
     redis: aioredis.Redis, make_server: ServerFactory, client: Client
 ) -> None:
@@ -215,7 +221,7 @@ async def test_cancel_via_pubsub_stops_running_handler(
     await server.start()
     info = await client.enqueue("slow", b"")
     await asyncio.wait_for(started.wait(), 5)
-    await wait_until(lambda: redis.pubsub_numsub(keys.CANCEL_CHANNEL), message="subscribed")
+    await wait_until(lambda: subscribers(redis, keys.CANCEL_CHANNEL), message="subscribed")
     await RedisBroker(redis).publish_cancel(info.id)
     await wait_until(lambda: redis.zscore(Q.archived, info.id), message="archived on cancel")
 
@@ -406,7 +412,7 @@ async def test_wakeup_starts_task_before_the_poll_would(
 
     server = make_server(handler, poll_interval_s=30.0)
     await server.start()
-    await wait_until(lambda: redis.pubsub_numsub(keys.WAKE_CHANNEL), message="wake subscribed")
+    await wait_until(lambda: subscribers(redis, keys.WAKE_CHANNEL), message="wake subscribed")
     loop = asyncio.get_running_loop()
     processor = server.processor
 

@@ -33,7 +33,7 @@ from aqsh.engine.faults import Loops
 from aqsh.engine.rdb import RedisBroker
 from aqsh.engine.server import Server
 from aqsh.engine.task import Task, TaskContext
-from aqsh.redis_process import RedisProcess
+from aqsh.redis_process import RedisProcess, server_version
 from tests.support import wait_until
 
 Q = keys.queue_keys("default")
@@ -180,6 +180,10 @@ async def rig(request: pytest.FixtureRequest) -> AsyncIterator[Rig]:
     extra: tuple[str, ...] = ()
     if kind == "loading":
         extra = ("--dbfilename", "dump.rdb")
+    if kind == "misconf" and server_version() >= (7,):
+        # The drill moves ``dir`` with CONFIG SET, which Redis >= 7 and Valkey allow only
+        # when the server opts in (6.2 has no such guard and would refuse the option).
+        extra = ("--enable-protected-configs", "local")
     primary = RedisProcess(data_dir=tmp + "/data", extra_args=extra).start()
     spare = RedisProcess().start() if kind == "readonly" else None
     admin = aioredis.Redis(port=primary.port, socket_timeout=30)
