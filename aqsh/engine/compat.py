@@ -58,7 +58,9 @@ async def check_server(client: RedisClient) -> str | None:
     reason when it cannot; None when it did not answer (not judged)."""
     try:
         if isinstance(client, RedisCluster):  # a keyless command: any node speaks for all
-            reply = await client.execute_command("HELLO", target_nodes=RedisCluster.RANDOM)
+            # A node, not the RANDOM flag: redis-py then still tries to find a slot for HELLO.
+            await client.initialize()
+            reply = await client.execute_command("HELLO", target_nodes=client.get_random_node())
         else:
             reply = await client.execute_command("HELLO")  # type: ignore[no-untyped-call]
     except REDIS_DOWN as exc:
