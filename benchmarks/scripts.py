@@ -60,7 +60,7 @@ async def queue_rate(redis: aioredis.Redis, config: TasksConfig, work: str,
     batch = [EnqueueRequest(type="hi", payload=b"{}", queue="bench") for _ in range(500)]
     for start in range(0, runs, 500):
         await client.enqueue_many(batch[: min(500, runs - start)])
-    # Wired as `aqsh serve` wires its worker (aqsh/__main__.py: _worker).
+    # Wired as `aqsh serve` wires its worker (aqsh/service.py: _worker).
     runner = ShellRunner(lambda: config, redis, RunnerSettings(work_root=work), fast_lane=True)
     broker = RedisBroker(redis, fast_lane=True)
     server = Server(broker, runner, concurrency=concurrency, queues={"bench": 1})

@@ -29,7 +29,6 @@ import msgspec
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from aqsh.__main__ import _webhook_worker, _worker
 from aqsh.api.metrics import Metrics
 from aqsh.config_holder import ConfigHolder
 from aqsh.engine import keys
@@ -39,6 +38,7 @@ from aqsh.engine.rdb import RedisBroker
 from aqsh.logging import configure_logging
 from aqsh.redis_process import RedisProcess, free_port
 from aqsh.runner.process import install_child_watcher
+from aqsh.service import _webhook_worker, _worker
 from aqsh.settings import Settings
 from aqsh.webhooks import WEBHOOK_QUEUE, WEBHOOK_TASK_TYPE
 from aqsh.webhooks.notifier import Notifier

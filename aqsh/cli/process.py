@@ -48,8 +48,8 @@ def run_service(mode: str | None, processes: str | None = None) -> int:
     except ConfigError as exc:
         return _fail(exc.message, EXIT_BAD_CONFIG)
     # Imported only now: the client and admin commands need none of the service's modules.
-    from aqsh.__main__ import StartupError, harden_process, make_non_dumpable, serve
     from aqsh.logging import configure_logging
+    from aqsh.service import StartupError, harden_process, make_non_dumpable, serve
 
     if settings.worker_processes > 1:
         from aqsh.supervisor import run_supervisor
@@ -133,7 +133,7 @@ def api(processes: str | None) -> int:
                    "directory).")
 def check_config(file: str, tasks_dir: str | None) -> int:
     """Validate a tasks.yaml; exit 1 on errors, naming file and line."""
-    from aqsh.__main__ import check_config as check
+    from aqsh.service import check_config as check
 
     base = tasks_dir or os.environ.get("AQSH_TASKS_DIR") or os.path.dirname(
         os.path.abspath(file))

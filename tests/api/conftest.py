@@ -14,7 +14,6 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from aqsh.__main__ import _worker, config_queues
 from aqsh.api.app import ApiRunner, create_app
 from aqsh.api.metrics import Metrics
 from aqsh.api.state import ApiState
@@ -24,6 +23,7 @@ from aqsh.engine.inspect import Inspector
 from aqsh.engine.rdb import RedisBroker
 from aqsh.engine.server import Server
 from aqsh.redis_process import free_port
+from aqsh.service import _worker, config_queues
 from aqsh.settings import Settings
 
 TASKS_YAML = """\

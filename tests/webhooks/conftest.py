@@ -16,7 +16,6 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from aqsh.__main__ import _notifier, _webhook_worker, _worker, config_queues
 from aqsh.api.app import ApiRunner, create_app
 from aqsh.api.metrics import Metrics
 from aqsh.api.state import ApiState
@@ -26,6 +25,7 @@ from aqsh.engine.inspect import Inspector
 from aqsh.engine.rdb import RedisBroker
 from aqsh.engine.server import Server
 from aqsh.redis_process import free_port
+from aqsh.service import _notifier, _webhook_worker, _worker, config_queues
 from aqsh.settings import Settings
 from aqsh.webhooks.notifier import Notifier
 from aqsh.webhooks.signing import new_secret

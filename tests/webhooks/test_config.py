@@ -125,7 +125,7 @@ def test_schedule_retry_after_and_redaction() -> None:
 
 
 def test_a_worker_given_only_the_webhook_queue_only_delivers() -> None:
-    from aqsh.__main__ import delivery_only
+    from aqsh.service import delivery_only
 
     assert delivery_only(load_settings({"AQSH_WORKER_QUEUES": "aqsh:webhooks"}))
     assert not delivery_only(load_settings({"AQSH_WORKER_QUEUES": "aqsh:webhooks,default"}))
