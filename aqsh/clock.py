@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class Clock(Protocol):
@@ -76,3 +76,23 @@ async def wait_event(event: asyncio.Event, timeout_s: float) -> bool:
     except TimeoutError:
         return False
     return True
+
+
+async def finish(task: asyncio.Task[Any], *, cancel: bool = True) -> None:
+    """Wait for ``task`` to end (cancelling it first unless ``cancel`` is False), swallowing
+    only the task's own cancellation.
+
+    ``contextlib.suppress(CancelledError)`` around the await also eats a cancellation of the
+    *caller* arriving meanwhile, so a ``stop()`` that was itself cancelled (a shutdown timeout,
+    a second signal) would carry on as if nothing happened. Here that one propagates. Only a
+    cancel that arrives during this wait counts: cleanup running after the caller's own
+    cancellation was delivered (a ``finally`` block) still waits its children out."""
+    current = asyncio.current_task()
+    pending_before = current.cancelling() if current is not None else 0
+    if cancel:
+        task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        if current is not None and current.cancelling() > pending_before:
+            raise

@@ -7,12 +7,12 @@ force, so a typo never takes the service down.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 from collections.abc import Callable
 
 import structlog
 
+from aqsh.clock import finish
 from aqsh.errors import ConfigError
 from aqsh.runner.spec import TasksConfig, load_tasks
 
@@ -68,6 +68,4 @@ class ConfigHolder:
 
     async def stop(self) -> None:
         if self._watcher is not None:
-            self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watcher
+            await finish(self._watcher)

@@ -32,6 +32,7 @@ from typing import Any
 import redis.asyncio as aioredis
 import structlog
 
+from aqsh.clock import finish
 from aqsh.engine.faults import Backoff, LoopMonitor
 from aqsh.engine.rdb import REDIS_DOWN
 
@@ -159,9 +160,7 @@ class LogHub:
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await finish(self._task)
             self._task = None
 
     async def _run(self) -> None:

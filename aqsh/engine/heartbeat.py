@@ -4,7 +4,6 @@ lease extension for every running task (both every 5 s, like asynq)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import os
 import socket
@@ -13,7 +12,7 @@ from collections.abc import Mapping
 
 import structlog
 
-from aqsh.clock import Clock, wait_event
+from aqsh.clock import Clock, finish, wait_event
 from aqsh.engine.broker import Broker
 from aqsh.engine.faults import Loops, supervise
 from aqsh.engine.models import ServerInfo, WorkerInfo
@@ -152,8 +151,7 @@ class Heartbeater:
     async def stop(self) -> None:
         self._stop.set()
         if self._task is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await finish(self._task, cancel=False)
         try:
             await self.broker.clear_server_state(self.host, self.pid, self.server_id)
         except Exception as exc:  # the entry expires on its own

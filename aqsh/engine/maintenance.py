@@ -7,13 +7,12 @@ calls it every interval until stopped. Intervals follow asynq's defaults.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable, Sequence
 
 import structlog
 
 from aqsh import errors
-from aqsh.clock import Clock, wait_event
+from aqsh.clock import Clock, finish, wait_event
 from aqsh.engine.broker import Broker
 from aqsh.engine.faults import Backoff, Loops
 from aqsh.engine.processor import LEASE_EXPIRED_ERROR, RetryDelayFn
@@ -66,8 +65,7 @@ class Periodic:
         self._stop.set()
         self._wake.set()
         if self._task is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await finish(self._task, cancel=False)
 
     async def _loop(self) -> None:
         """A failed round (an outage, an error reply, a bug) is recorded and retried after a

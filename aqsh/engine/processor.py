@@ -11,7 +11,6 @@ Differences from asynq that keep the Redis layout identical:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import random
 from collections.abc import Callable, Mapping
@@ -21,7 +20,7 @@ from functools import reduce
 import structlog
 
 from aqsh import errors
-from aqsh.clock import Clock, wait_event
+from aqsh.clock import Clock, finish, wait_event
 from aqsh.engine.broker import Broker, Leased
 from aqsh.engine.faults import Backoff, Loops, pause_after_failure
 from aqsh.engine.models import TaskMessage
@@ -199,9 +198,7 @@ class Processor:
         self._stopping.set()
         self._wake.set()
         if self._fetcher is not None:
-            self._fetcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._fetcher
+            await finish(self._fetcher)
 
     async def drain(self, timeout_s: float, *, ack_grace_s: float = 10.0) -> list[Running]:
         """Wait for running handlers up to ``timeout_s``; return the ones still executing.
@@ -242,9 +239,7 @@ class Processor:
         ``aclose`` coroutine (a handler with a Redis connection of its own, say): it has no
         task left to serve, and a stopped server should leave nothing open behind it."""
         if self._ack_flusher is not None:
-            self._ack_flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._ack_flusher
+            await finish(self._ack_flusher)
         closer = getattr(self.handler, "aclose", None)
         if closer is not None:
             await closer()

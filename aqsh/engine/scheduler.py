@@ -21,7 +21,6 @@ Where aqsh differs from asynq, and why:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import os
@@ -34,7 +33,7 @@ import msgspec
 import structlog
 
 from aqsh import errors
-from aqsh.clock import Clock, SystemClock, wait_event
+from aqsh.clock import Clock, SystemClock, finish, wait_event
 from aqsh.engine import keys
 from aqsh.engine.client import DEFAULT_MAX_RETRY, DEFAULT_QUEUE, Client
 from aqsh.engine.cron import CronSpec, go_duration
@@ -248,9 +247,7 @@ class Scheduler:
             return
         self._stopping = True
         self._changed.set()  # ends the nap
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        await finish(self._task)
         self._task = None
         try:
             await self.broker.clear_scheduler_state(

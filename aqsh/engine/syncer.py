@@ -4,14 +4,13 @@ lease ends, so a result is not lost to a brief outage (asynq's syncer, same rule
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import structlog
 
 from aqsh import errors
-from aqsh.clock import Clock, wait_event
+from aqsh.clock import Clock, finish, wait_event
 from aqsh.engine.faults import Loops
 
 log = structlog.get_logger("aqsh.engine")
@@ -48,8 +47,7 @@ class Syncer:
         """One final attempt, then stop (asynq does the same at shutdown)."""
         self._stop.set()
         if self._task is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await finish(self._task, cancel=False)
         await self.run_once()
 
     async def run_once(self) -> int:

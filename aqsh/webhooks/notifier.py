@@ -32,6 +32,7 @@ import structlog
 
 from aqsh import errors
 from aqsh.api.view import CANCELED, iso
+from aqsh.clock import finish
 from aqsh.engine.client import Client, EnqueueRequest
 from aqsh.engine.connection import RedisClient
 from aqsh.engine.fastlane import FastLane
@@ -336,8 +337,7 @@ class Notifier:
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await finish(task)
         self._tasks.clear()
         if self._lane is not None:
             await self._lane.aclose()
