@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.cli.conftest import ROOT, LiveService, aqsh, aqsh_json, cli_env
-from tests.engine.fault_proxy import FaultProxy
+from tests.fault_proxy import FaultProxy
 
 
 def test_tasks_lists_types_with_typed_inputs(live_service: LiveService) -> None:

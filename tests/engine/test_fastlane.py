@@ -37,7 +37,7 @@ from aqsh.engine.fastlane import (
     _WaitChooser,
 )
 from aqsh.redis_process import RedisProcess, free_port, server_version
-from tests.engine.fault_proxy import FaultProxy
+from tests.fault_proxy import FaultProxy
 from tests.support import wait_until
 
 Q = keys.queue_keys("default")

@@ -35,7 +35,7 @@ from aqsh.engine.models import TaskMessage
 from aqsh.engine.rdb import RedisBroker
 from aqsh.engine.scripts import script_source
 from aqsh.redis_process import RedisProcess
-from tests.engine.fault_proxy import FaultProxy
+from tests.fault_proxy import FaultProxy
 from tests.support import wait_until
 
 Q = keys.queue_keys("default")

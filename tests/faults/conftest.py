@@ -10,7 +10,7 @@ import redis.asyncio as aioredis
 
 from aqsh.redis_process import RedisProcess
 from tests.api.conftest import make_service  # noqa: F401  (the real service, for SSE)
-from tests.faults.proxy import FaultProxy
+from tests.fault_proxy import FaultProxy
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ from aqsh.redis_process import RedisProcess
 from aqsh.runner.logs import LogWriter, log_key
 from aqsh.runner.process import run_process
 from tests.api.conftest import ServiceFactory, sse_events
-from tests.faults.proxy import FaultProxy
+from tests.fault_proxy import FaultProxy
 from tests.support import redis_answers, wait_until
 
 TRANSPORTS = ["redis-py", "fast-lane"]
@@ -239,7 +239,7 @@ async def test_slow_replies_slow_the_writer_and_nothing_else(
 ) -> None:
     """Replies held 0.1 s each (a congested link): the batches queue up behind the one in
     flight and still arrive whole, in order, once."""
-    proxy.delay_s = 0.1
+    proxy.reply_delay_s = 0.1
     writer = writing(proxy.url).writer("t", batch_lines=10)
     writer.mark_start(0)
     for start in range(0, 100, 10):
@@ -402,6 +402,6 @@ async def test_a_follower_through_a_proxy_that_drops_everything_misses_nothing(
         proxy.drop_all()
     events = await asyncio.wait_for(follower, 60)
     assert [e["data"] for e in events] == [f"n {i}" for i in range(2000)]
-    assert proxy.connections > 1
+    assert proxy.accepted > 1
     await writer.close(0)
 

@@ -1,8 +1,10 @@
 """A TCP proxy in front of a real ``redis-server`` that misbehaves on request.
 
-The fast-lane tests need a Redis that answers late, answers half a reply, stops answering or
-stops reading, none of which a real server does when asked. The proxy runs in the test's own
-event loop, so flipping a fault is a plain attribute write that takes effect for the next bytes.
+The fast-lane, fault and CLI tests need a Redis that answers late, answers half a reply, stops
+answering, stops reading or applies a command whose reply is then lost, none of which a real
+server does when asked. Redis sees an ordinary client; nothing is mocked. The proxy runs in the
+test's own event loop, so flipping a fault is a plain attribute write that takes effect for the
+next bytes.
 
 Faults (all can be changed at any time, existing connections included):
 
@@ -13,7 +15,12 @@ Faults (all can be changed at any time, existing connections included):
 * ``stalled``: the proxy stops reading from its clients, so their write buffers fill up;
 * ``cut_next_reply()``: the next server-to-client chunk is cut in half and that connection
   closed, leaving the client with half a frame;
+* ``lose_reply_to(marker)`` / ``cut_reply_to(marker)``: the next request containing ``marker``
+  (``b"EVALSHA"``, say) reaches Redis and is applied, but its connection is dropped before the
+  reply is forwarded, or after half of it — the case that makes a retry run a command twice;
 * ``drop_all()``: every open connection is closed at once.
+
+``await FaultProxy(port).start()`` or ``async with FaultProxy(port) as proxy:``.
 """
 
 from __future__ import annotations
@@ -34,12 +41,19 @@ class _Pair:
         self._to_client: collections.deque[tuple[float, bytes]] = collections.deque()
         self._timer: asyncio.TimerHandle | None = None
         self.closed = False
+        #: Set when a request matched a lose/cut rule: applies to this connection's next reply.
+        self.reply_fault: str | None = None
         if proxy.stalled:
             client.pause_reading()
 
     def from_client(self, data: bytes) -> None:
         if self.proxy.black_hole or self.closed:
             return
+        if self.reply_fault is None:
+            if self.proxy.take_rule(self.proxy.lose_rules, data):
+                self.reply_fault = "lose"
+            elif self.proxy.take_rule(self.proxy.cut_rules, data):
+                self.reply_fault = "cut"
         if self.upstream is None:
             self._early.append(data)
         else:
@@ -75,6 +89,15 @@ class _Pair:
                 self._timer = loop.call_at(due, self.pump)
                 return
             self._to_client.popleft()
+            if self.reply_fault == "lose":
+                self.proxy.replies_lost += 1
+                self.close()
+                return
+            if self.reply_fault == "cut":
+                self.proxy.replies_cut += 1
+                self.client.write(data[: max(1, len(data) // 2)])
+                self.close()
+                return
             if self.proxy.cut_pending:
                 self.proxy.cut_pending = False
                 self.client.write(data[: len(data) // 2])
@@ -151,7 +174,11 @@ class FaultProxy:
         self.pairs: set[_Pair] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.accepted = 0  # connections ever accepted
-        self.cuts = 0  # replies cut in half so far
+        self.cuts = 0  # replies cut in half so far (cut_next_reply)
+        self.lose_rules: list[tuple[bytes, int]] = []
+        self.cut_rules: list[tuple[bytes, int]] = []
+        self.replies_lost = 0  # lose_reply_to / cut_reply_to faults applied so far
+        self.replies_cut = 0
         self._stalled = False
         self._server: asyncio.Server | None = None
 
@@ -159,6 +186,12 @@ class FaultProxy:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(lambda: _ClientSide(self), "127.0.0.1", 0)
         return self
+
+    async def __aenter__(self) -> FaultProxy:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
 
     @property
     def port(self) -> int:
@@ -195,6 +228,23 @@ class FaultProxy:
 
     def cut_next_reply(self) -> None:
         self.cut_pending = True
+
+    def lose_reply_to(self, marker: bytes, times: int = 1) -> None:
+        self.lose_rules.append((marker, times))
+
+    def cut_reply_to(self, marker: bytes, times: int = 1) -> None:
+        self.cut_rules.append((marker, times))
+
+    @staticmethod
+    def take_rule(rules: list[tuple[bytes, int]], data: bytes) -> bool:
+        for i, (marker, times) in enumerate(rules):
+            if marker in data:
+                if times <= 1:
+                    del rules[i]
+                else:
+                    rules[i] = (marker, times - 1)
+                return True
+        return False
 
     def inject(self, data: bytes) -> None:
         """Bytes to every client as if Redis had sent them (an unsolicited reply, garbage)."""
