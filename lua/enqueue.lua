@@ -11,21 +11,14 @@
 -- wake-up was refused (an ACL user without the channel: Redis 7's default for new users).
 -- Publishing from the script saves aqsh's client a second command per enqueue. The PUBLISH is
 -- a pcall: a refused wake-up must not undo the enqueue (workers poll anyway), only be told.
+-- #include index_run
 if redis.call("EXISTS", KEYS[1]) == 1 then
   return 0
 end
 redis.call("HSET", KEYS[1], "msg", ARGV[1], "state", "pending", "pending_since", ARGV[3])
 redis.call("LPUSH", KEYS[2], ARGV[2])
 if KEYS[3] then
-  redis.call("ZADD", KEYS[3], math.floor(tonumber(ARGV[3]) / 1000000), ARGV[2])
-  local prefix = string.sub(KEYS[1], 1, #KEYS[1] - #ARGV[2])
-  -- Trim: the oldest entries whose task is gone (its retention ended, or it was deleted)
-  -- go here, a few per enqueue, so the index follows the tasks without a pass of its own.
-  for _ = 1, 2 do
-    local old = redis.call("ZRANGE", KEYS[3], 0, 0)[1]
-    if not old or redis.call("EXISTS", prefix .. old) == 1 then break end
-    redis.call("ZREM", KEYS[3], old)
-  end
+  index_run(KEYS[3], string.sub(KEYS[1], 1, #KEYS[1] - #ARGV[2]), ARGV[2], math.floor(tonumber(ARGV[3]) / 1000000))
 end
 if ARGV[4] and ARGV[4] ~= "" then
   local sent = redis.pcall("PUBLISH", ARGV[4], ARGV[5])

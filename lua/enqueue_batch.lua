@@ -13,9 +13,9 @@
 -- 2 enqueued but the wake-up was refused (pcall: the enqueues stand; see enqueue.lua).
 -- Each task gets exactly the single-task enqueue treatment. Packing the batch into one argument
 -- spares the client encoding thousands of arguments (its main cost in profiles).
+-- #include index_run
 local out = {}
 local enqueued = false
-local added = 0
 local blob = ARGV[3]
 local pos = 1
 local index_ms = KEYS[2] and math.floor(tonumber(ARGV[1]) / 1000000)
@@ -34,20 +34,10 @@ while pos <= #blob do
     redis.call("HSET", key, "msg", msg, "state", "pending", "pending_since", ARGV[1])
     redis.call("LPUSH", KEYS[1], id)
     if KEYS[2] then
-      redis.call("ZADD", KEYS[2], index_ms, id)
+      index_run(KEYS[2], ARGV[2], id, index_ms)
     end
     out[#out + 1] = 1
     enqueued = true
-    added = added + 1
-  end
-end
-if enqueued and KEYS[2] then
-  -- Trim: the oldest entries whose task is gone (its retention ended, or it was deleted)
-  -- go here, a few per enqueue, so the index follows the tasks without a pass of its own.
-  for _ = 1, 2 * added do
-    local old = redis.call("ZRANGE", KEYS[2], 0, 0)[1]
-    if not old or redis.call("EXISTS", ARGV[2] .. old) == 1 then break end
-    redis.call("ZREM", KEYS[2], old)
   end
 end
 if enqueued and ARGV[4] and ARGV[4] ~= "" then

@@ -12,6 +12,7 @@
 -- Returns 1 when enqueued, -1 when the lock is held (duplicate), 0 on an id conflict, 2 when
 -- enqueued but the wake-up was refused (pcall: the enqueue stands; see enqueue.lua).
 -- As in asynq, a lock taken before an id conflict is kept until its TTL.
+-- #include index_run
 if not redis.call("SET", KEYS[1], ARGV[1], "NX", "EX", ARGV[2]) then
   return -1
 end
@@ -22,15 +23,7 @@ redis.call("HSET", KEYS[2], "msg", ARGV[3], "state", "pending", "pending_since",
   "unique_key", KEYS[1])
 redis.call("LPUSH", KEYS[3], ARGV[1])
 if KEYS[4] then
-  redis.call("ZADD", KEYS[4], math.floor(tonumber(ARGV[4]) / 1000000), ARGV[1])
-  local prefix = string.sub(KEYS[2], 1, #KEYS[2] - #ARGV[1])
-  -- Trim: the oldest entries whose task is gone (its retention ended, or it was deleted)
-  -- go here, a few per enqueue, so the index follows the tasks without a pass of its own.
-  for _ = 1, 2 do
-    local old = redis.call("ZRANGE", KEYS[4], 0, 0)[1]
-    if not old or redis.call("EXISTS", prefix .. old) == 1 then break end
-    redis.call("ZREM", KEYS[4], old)
-  end
+  index_run(KEYS[4], string.sub(KEYS[2], 1, #KEYS[2] - #ARGV[1]), ARGV[1], math.floor(tonumber(ARGV[4]) / 1000000))
 end
 if ARGV[5] and ARGV[5] ~= "" then
   local sent = redis.pcall("PUBLISH", ARGV[5], ARGV[6])

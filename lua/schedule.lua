@@ -7,20 +7,13 @@
 -- KEYS[3] -> optional: aqsh:{q}:runs:<type>  run index (aqsh only)
 -- ARGV[4] -> with KEYS[3]: now (Unix ms), the index score
 -- Returns 1 when scheduled, 0 when a task with this id already exists.
+-- #include index_run
 if redis.call("EXISTS", KEYS[1]) == 1 then
   return 0
 end
 redis.call("HSET", KEYS[1], "msg", ARGV[1], "state", "scheduled")
 redis.call("ZADD", KEYS[2], ARGV[2], ARGV[3])
 if KEYS[3] then
-  redis.call("ZADD", KEYS[3], ARGV[4], ARGV[3])
-  local prefix = string.sub(KEYS[1], 1, #KEYS[1] - #ARGV[3])
-  -- Trim: the oldest entries whose task is gone (its retention ended, or it was deleted)
-  -- go here, a few per enqueue, so the index follows the tasks without a pass of its own.
-  for _ = 1, 2 do
-    local old = redis.call("ZRANGE", KEYS[3], 0, 0)[1]
-    if not old or redis.call("EXISTS", prefix .. old) == 1 then break end
-    redis.call("ZREM", KEYS[3], old)
-  end
+  index_run(KEYS[3], string.sub(KEYS[1], 1, #KEYS[1] - #ARGV[3]), ARGV[3], ARGV[4])
 end
 return 1

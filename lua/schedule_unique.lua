@@ -9,6 +9,7 @@
 -- KEYS[4] -> optional: aqsh:{q}:runs:<type>  run index (aqsh only)
 -- ARGV[5] -> with KEYS[4]: now (Unix ms), the index score
 -- Returns 1 when scheduled, -1 when the lock is held, 0 on an id conflict (lock kept).
+-- #include index_run
 if not redis.call("SET", KEYS[1], ARGV[1], "NX", "EX", ARGV[2]) then
   return -1
 end
@@ -18,14 +19,6 @@ end
 redis.call("HSET", KEYS[2], "msg", ARGV[4], "state", "scheduled", "unique_key", KEYS[1])
 redis.call("ZADD", KEYS[3], ARGV[3], ARGV[1])
 if KEYS[4] then
-  redis.call("ZADD", KEYS[4], ARGV[5], ARGV[1])
-  local prefix = string.sub(KEYS[2], 1, #KEYS[2] - #ARGV[1])
-  -- Trim: the oldest entries whose task is gone (its retention ended, or it was deleted)
-  -- go here, a few per enqueue, so the index follows the tasks without a pass of its own.
-  for _ = 1, 2 do
-    local old = redis.call("ZRANGE", KEYS[4], 0, 0)[1]
-    if not old or redis.call("EXISTS", prefix .. old) == 1 then break end
-    redis.call("ZREM", KEYS[4], old)
-  end
+  index_run(KEYS[4], string.sub(KEYS[2], 1, #KEYS[2] - #ARGV[1]), ARGV[1], ARGV[5])
 end
 return 1

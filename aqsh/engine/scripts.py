@@ -17,6 +17,7 @@ nothing of the lane (the lane imports it), so the two stay free of a cycle.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Awaitable, Callable, Sequence
 from functools import cache
 from pathlib import Path
@@ -43,9 +44,18 @@ def lua_dir() -> Path:
     raise FileNotFoundError(f"aqsh Lua scripts not found next to {package_dir}")
 
 
+#: ``-- #include NAME`` on a line of its own splices ``lua/_NAME.lua`` there: Redis scripts
+#: cannot load one another, and a helper several scripts share (the run index's insert and
+#: trim) is written once. The spliced source is what is hashed and loaded.
+_INCLUDE = re.compile(r"^-- #include (\w+)$", re.MULTILINE)
+
+
 @cache
 def script_source(name: str) -> str:
-    return (lua_dir() / f"{name}.lua").read_text(encoding="utf-8")
+    source = (lua_dir() / f"{name}.lua").read_text(encoding="utf-8")
+    return _INCLUDE.sub(
+        lambda m: (lua_dir() / f"_{m.group(1)}.lua").read_text(encoding="utf-8").rstrip("\n"),
+        source)
 
 
 @cache
