@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import textwrap
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,16 +14,13 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from aqsh.api.app import ApiRunner, create_app
-from aqsh.api.metrics import Metrics
 from aqsh.api.state import ApiState
-from aqsh.config_holder import ConfigHolder
-from aqsh.engine.client import Client
-from aqsh.engine.inspect import Inspector
-from aqsh.engine.rdb import RedisBroker
 from aqsh.engine.server import Server
 from aqsh.redis_process import free_port
-from aqsh.service import _worker, config_queues
+from aqsh.service import _worker
 from aqsh.settings import Settings
+from tests.services import api_state, close_state
+from tests.services import write_tasks as write_scripts_and_tasks
 
 TASKS_YAML = """\
 defaults: {timeout: 1m, max_retry: 0, retry_delay: 1s}
@@ -59,15 +55,7 @@ SCRIPTS = {
 
 
 def write_tasks(root: Path, tasks_yaml: str = TASKS_YAML) -> tuple[Path, Path]:
-    scripts = root / "scripts"
-    scripts.mkdir(parents=True, exist_ok=True)
-    for name, body in SCRIPTS.items():
-        path = scripts / name
-        path.write_text("#!/bin/sh\n" + textwrap.dedent(body))
-        path.chmod(0o755)
-    config = root / "tasks.yaml"
-    config.write_text(tasks_yaml)
-    return config, scripts
+    return write_scripts_and_tasks(root, SCRIPTS, tasks_yaml)
 
 
 @dataclass
@@ -94,7 +82,7 @@ ServiceFactory = Callable[..., Awaitable[Service]]
 async def make_service(
     redis: aioredis.Redis, redis_url: str, tmp_path: Path
 ) -> AsyncIterator[ServiceFactory]:
-    created: list[tuple[web.AppRunner, Service, list[aioredis.Redis]]] = []
+    created: list[tuple[web.AppRunner, Service]] = []
 
     async def factory(*, worker: bool = True, url: str | None = None, fast_lane: bool = False,
                       tasks_yaml: str = TASKS_YAML, **overrides: Any) -> Service:
@@ -106,19 +94,9 @@ async def make_service(
             results_dir=str(tmp_path / "work"), shutdown_timeout_s=2, kill_grace_s=1,
             **overrides,
         )
-        target = url or redis_url
-        client = aioredis.Redis.from_url(target, socket_timeout=2, socket_connect_timeout=1)
-        blocking = aioredis.Redis.from_url(target, socket_timeout=30, socket_connect_timeout=1,
-                                           max_connections=1000)
-        broker = RedisBroker(client)
-        holder = ConfigHolder(settings.tasks_config, settings.tasks_dir)
-        metrics = Metrics()
-        state = ApiState(settings=settings, config=holder, redis=client, blocking_redis=blocking,
-                         broker=broker, client=Client(broker, fast_lane=fast_lane),
-                         inspector=Inspector(client,
-                                             known_queues=lambda: config_queues(holder)),
-                         metrics=metrics)
-        server = _worker(settings, holder, broker, metrics, loops=state.loops) if worker else None
+        state = api_state(settings, url or redis_url, fast_lane=fast_lane)
+        server = (_worker(settings, state.config, state.broker, state.metrics, loops=state.loops)
+                  if worker else None)
         if server is not None:
             await server.start()
         runner = ApiRunner(create_app(state), shutdown_timeout=1)
@@ -126,18 +104,16 @@ async def make_service(
         await web.TCPSite(runner, "127.0.0.1", port).start()
         session = aiohttp.ClientSession()
         service = Service(f"http://127.0.0.1:{port}", session, state, server)
-        created.append((runner, service, [client, blocking]))
+        created.append((runner, service))
         return service
 
     yield factory
-    for runner, service, clients in created:
+    for runner, service in created:
         await service.session.close()
-        await service.state.client.aclose()
         if service.server is not None:
             await service.server.stop(shutdown_timeout_s=0)
         await runner.cleanup()
-        for client in clients:
-            await client.aclose()
+        await close_state(service.state)
 
 
 async def sse_events(service: Service, task_id: str, *, last_event_id: str | None = None,

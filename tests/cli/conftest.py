@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from aqsh.redis_process import RedisProcess, free_port
+from tests.services import write_tasks
 from tests.support import wait_until_sync
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -72,18 +72,6 @@ SCRIPTS = {
 }
 
 
-def write_tasks(root: Path) -> tuple[Path, Path]:
-    scripts = root / "scripts"
-    scripts.mkdir(parents=True, exist_ok=True)
-    for name, body in SCRIPTS.items():
-        path = scripts / name
-        path.write_text("#!/bin/sh\n" + textwrap.dedent(body))
-        path.chmod(0o755)
-    config = root / "tasks.yaml"
-    config.write_text(TASKS_YAML)
-    return config, scripts
-
-
 @dataclass
 class LiveService:
     url: str
@@ -100,7 +88,7 @@ def http_status(url: str) -> int:
 
 
 def service_env(root: Path, redis_url: str, port: int, **extra: str) -> dict[str, str]:
-    config, scripts = write_tasks(root)
+    config, scripts = write_tasks(root, SCRIPTS, TASKS_YAML)
     return {**os.environ, "AQSH_REDIS_ADDR": redis_url, "AQSH_TASKS_CONFIG": str(config),
             "AQSH_TASKS_DIR": str(scripts), "AQSH_BIND": f"127.0.0.1:{port}",
             "AQSH_RESULTS_DIR": str(root / "work"), "AQSH_LOG_FORMAT": "json",

@@ -4,7 +4,6 @@ real HTTP receiver on a free local port that records every request and plays scr
 from __future__ import annotations
 
 import asyncio
-import textwrap
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -17,19 +16,14 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from aqsh.api.app import ApiRunner, create_app
-from aqsh.api.metrics import Metrics
-from aqsh.api.state import ApiState
-from aqsh.config_holder import ConfigHolder
-from aqsh.engine.client import Client
-from aqsh.engine.inspect import Inspector
-from aqsh.engine.rdb import RedisBroker
 from aqsh.engine.server import Server
 from aqsh.redis_process import free_port
-from aqsh.service import _notifier, _webhook_worker, _worker, config_queues
+from aqsh.service import _notifier, _webhook_worker, _worker
 from aqsh.settings import Settings
 from aqsh.webhooks.notifier import Notifier
 from aqsh.webhooks.signing import new_secret
 from tests.api.conftest import Service
+from tests.services import api_state, close_state, write_tasks
 
 SCRIPTS = {
     "ok.sh": 'echo working\nprintf \'{"ok":true}\' > "$AQSH_RESULT_FILE"\n',
@@ -120,25 +114,13 @@ HookFactory = Callable[..., Awaitable[HookService]]
 TEST_SCHEDULE = (0.0, 1.0, 1.0, 1.0, 1.0, 1.0)
 
 
-def write_tasks(root: Path, tasks_yaml: str) -> tuple[Path, Path]:
-    scripts = root / "scripts"
-    scripts.mkdir(parents=True, exist_ok=True)
-    for name, body in SCRIPTS.items():
-        path = scripts / name
-        path.write_text("#!/bin/sh\n" + textwrap.dedent(body))
-        path.chmod(0o755)
-    config = root / "tasks.yaml"
-    config.write_text(tasks_yaml)
-    return config, scripts
-
-
 @pytest.fixture
 async def make_hooks(redis: aioredis.Redis, redis_url: str,
                      tmp_path: Path) -> AsyncIterator[HookFactory]:
-    created: list[tuple[web.AppRunner, HookService, list[aioredis.Redis]]] = []
+    created: list[tuple[web.AppRunner, HookService]] = []
 
     async def factory(tasks_yaml: str, *, worker: bool = True, **overrides: Any) -> HookService:
-        config_path, scripts = write_tasks(tmp_path, tasks_yaml)
+        config_path, scripts = write_tasks(tmp_path, SCRIPTS, tasks_yaml)
         port = free_port()
         values: dict[str, Any] = {
             "mode": "both" if worker else "api", "bind": f"127.0.0.1:{port}",
@@ -149,17 +131,8 @@ async def make_hooks(redis: aioredis.Redis, redis_url: str,
         }
         values.update(overrides)
         settings = Settings(**values)
-        client = aioredis.Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=2)
-        blocking = aioredis.Redis.from_url(redis_url, socket_timeout=30,
-                                           socket_connect_timeout=2)
-        broker = RedisBroker(client)
-        holder = ConfigHolder(settings.tasks_config, settings.tasks_dir)
-        metrics = Metrics()
-        state = ApiState(settings=settings, config=holder, redis=client, blocking_redis=blocking,
-                         broker=broker, client=Client(broker),
-                         inspector=Inspector(client,
-                                             known_queues=lambda: config_queues(holder)),
-                         metrics=metrics)
+        state = api_state(settings, redis_url, socket_timeout_s=5)
+        holder, broker, metrics = state.config, state.broker, state.metrics
         notifier = state.notifier = _notifier(settings, holder, state)
         server = webhook_server = None
         if worker:
@@ -177,11 +150,11 @@ async def make_hooks(redis: aioredis.Redis, redis_url: str,
         session = aiohttp.ClientSession()
         service = HookService(f"http://127.0.0.1:{port}", session, state, server,
                               notifier=notifier, webhook_server=webhook_server)
-        created.append((runner, service, [client, blocking]))
+        created.append((runner, service))
         return service
 
     yield factory
-    for runner, service, clients in created:
+    for runner, service in created:
         await service.session.close()
         if service.server is not None:
             await service.server.stop(shutdown_timeout_s=0)
@@ -190,6 +163,4 @@ async def make_hooks(redis: aioredis.Redis, redis_url: str,
         if service.webhook_server is not None:
             await service.webhook_server.stop(shutdown_timeout_s=0)
         await runner.cleanup()
-        await service.state.client.aclose()
-        for client in clients:
-            await client.aclose()
+        await close_state(service.state)

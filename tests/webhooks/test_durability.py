@@ -24,8 +24,9 @@ from aqsh.engine.models import TaskState
 from aqsh.redis_process import free_port
 from aqsh.webhooks import WEBHOOK_QUEUE
 from aqsh.webhooks.store import INTENTS_KEY
+from tests.services import write_tasks
 from tests.support import wait_until
-from tests.webhooks.conftest import Receiver, write_tasks
+from tests.webhooks.conftest import SCRIPTS, Receiver
 from tests.webhooks.test_webhooks import tasks_yaml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,7 +52,7 @@ def start_worker(redis_url: str, config: Path, scripts: Path, tmp_path: Path,
 async def test_delivery_survives_a_worker_sigkill_after_the_task_ended(
         redis: aioredis.Redis, redis_url: str, tmp_path: Path, receiver: Receiver,
         secret: str) -> None:
-    config, scripts = write_tasks(tmp_path, tasks_yaml(receiver))
+    config, scripts = write_tasks(tmp_path, SCRIPTS, tasks_yaml(receiver))
     await redis.execute_command("ACL", "SETUSER", "cramped", *CRAMPED_ACL)
     cramped_url = redis_url.replace("redis://", "redis://cramped:cramped-pw@", 1)
     first_log = tmp_path / "first.log"
@@ -108,7 +109,7 @@ async def test_failed_is_delivered_when_the_worker_dies_mid_script(
         secret: str) -> None:
     """The engine's recoverer, not a worker's processor, ends this task (its lease lapses):
     the intent stored before the script started is what gets task.failed delivered."""
-    config, scripts = write_tasks(tmp_path, tasks_yaml(receiver))
+    config, scripts = write_tasks(tmp_path, SCRIPTS, tasks_yaml(receiver))
     first = start_worker(redis_url, config, scripts, tmp_path, tmp_path / "first.log")
     second = None
     inspector = Inspector(redis)
