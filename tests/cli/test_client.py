@@ -223,7 +223,8 @@ def test_runs_lists_filters_and_pages(live_service: LiveService) -> None:
     rest: Any = aqsh_json("runs", "--mine", "--cursor", first["next"], env=env)
     assert [r["id"] for r in rest["runs"]] == [ids[1], ids[0]]
 
-    human = aqsh("runs", "--mine", "--limit", "2", env=env)
+    # A width of our own: a narrow inherited COLUMNS would fold the table's cells.
+    human = aqsh("runs", "--mine", "--limit", "2", env={**env, "COLUMNS": "200"})
     assert human.returncode == 0, human.stderr
     rows = [line.split() for line in human.stdout.splitlines()[1:]]
     assert [row[:3] for row in rows] == [[failed_id, "exit", "archived"],
