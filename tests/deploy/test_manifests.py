@@ -208,6 +208,7 @@ def test_api_scales_on_cpu_and_both_have_disruption_budgets(
     assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
                                              "name": "aqsh-api"}
     assert [m["resource"]["name"] for m in hpa["spec"]["metrics"]] == ["cpu"]
+    assert "replicas" not in by_kind(docs, "Deployment")["aqsh-api"]["spec"]  # the HPA's
     deployments = by_kind(docs, "Deployment")
     pdbs = by_kind(docs, "PodDisruptionBudget")
     for name in ("aqsh-api", "aqsh-worker"):
