@@ -326,7 +326,8 @@ def _input_summary(task: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
-@click.command(epilog="\b\nInputs marked * are required; =X shows a default.")
+@click.command(epilog="\b\nInputs marked * are required; =X shows a default.\n\n\b\nExamples:\n"
+                        "  aqsh tasks\n  aqsh tasks --json | jq '.tasks[].name'")
 @json_option
 @api_options
 def tasks(as_json: bool, **conn: Any) -> int:

@@ -248,3 +248,13 @@ def test_runs_mistakes_are_one_line(live_service: LiveService) -> None:
     assert nothing == {"runs": [], "next": None}
     for result in (no_identity, bad_state, bad_time):
         assert "Traceback" not in result.stderr
+
+
+def test_every_client_command_has_examples_in_its_help() -> None:
+    from aqsh.cli.client import COMMANDS
+
+    for command in COMMANDS:
+        result = aqsh(str(command.name), "--help")
+        assert result.returncode == 0, result.stderr
+        assert "Example" in result.stdout, command.name
+        assert f"aqsh {command.name} " in result.stdout.split("Example", 1)[1], command.name
