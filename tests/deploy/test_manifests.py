@@ -441,3 +441,22 @@ def test_skaffold_builds_the_manifests_image_and_deploys_the_dev_overlay() -> No
     service = by_kind(docs, "Service")[forward["resourceName"]]
     assert forward["port"] in {p["port"] for p in service["spec"]["ports"]}
     assert forward["namespace"] == service["metadata"]["namespace"]
+
+
+def test_the_docker_context_holds_what_the_dockerfile_copies() -> None:
+    """.dockerignore lets through only what the Dockerfile copies (skaffold sends the context
+    on every build): each COPY source must be one of its exceptions."""
+    lines = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()]
+    rules = [line for line in lines if line and not line.startswith("#")]
+    assert rules[0] == "*"
+    allowed = {line[1:] for line in rules if line.startswith("!")}
+    sources = []
+    for line in (ROOT / "Dockerfile").read_text().splitlines():
+        parts = line.split()
+        if parts[:1] == ["COPY"] and not parts[1].startswith("--from"):
+            sources.extend(parts[1:-1])
+    assert sources
+    for source in sources:
+        top = source.split("/", 1)[0]
+        assert top in allowed, source
+        assert (ROOT / source).exists(), source
