@@ -1,4 +1,4 @@
-"""Client commands over the HTTP API: run, get, logs, cancel, tasks.
+"""Client commands over the HTTP API: run, get, logs, cancel, tasks, runs.
 
 What a person or a CI job types. ``aqsh run deploy version=1.2.3 --follow`` streams the
 script's output and exits with the script's exit code, so a CI step fails when the script does.
@@ -326,7 +326,8 @@ def _input_summary(task: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
-@click.command(epilog="\b\nInputs marked * are required; =X shows a default.")
+@click.command(epilog="\b\nInputs marked * are required; =X shows a default.\n\n\b\nExamples:\n"
+                        "  aqsh tasks\n  aqsh tasks --json | jq '.tasks[].name'")
 @json_option
 @api_options
 def tasks(as_json: bool, **conn: Any) -> int:
@@ -342,4 +343,89 @@ def tasks(as_json: bool, **conn: Any) -> int:
     return 0
 
 
-COMMANDS = [run, get, logs, cancel, tasks]
+# ---------------------------------------------------------------------------- runs
+RUN_STATES = ("pending", "scheduled", "active", "retry", "completed", "archived", "canceled",
+              "aggregating")
+#: GET /runs answers at most this many runs a page.
+RUNS_PAGE_MAX = 200
+
+
+def collect_runs(api: Api, query: dict[str, str], limit: int, cursor: str | None,
+                 ) -> tuple[list[dict[str, Any]], str | None]:
+    """Up to ``limit`` runs, newest first, following ``next`` across pages.
+
+    A page examines a bounded slice of the history, so with a filter that rarely matches it
+    can hold fewer runs than asked for (even none) and still carry ``next``: only a page
+    without ``next`` means the history is exhausted. Returns the runs and the cursor to carry
+    on from (None once nothing is left)."""
+    runs: list[dict[str, Any]] = []
+    while len(runs) < limit:
+        page_query = {**query, "limit": str(min(RUNS_PAGE_MAX, limit - len(runs)))}
+        if cursor is not None:
+            page_query["cursor"] = cursor
+        page = api.call("GET", "/runs", query=page_query)
+        runs.extend(page.get("runs", []))
+        cursor = page.get("next")
+        if cursor is None:
+            break
+    return runs, cursor
+
+
+@click.command(epilog="""\b
+Examples:
+  aqsh runs                                   # the 20 newest runs you may see
+  aqsh runs --task deploy --state archived    # failed deploys
+  aqsh runs --state active                    # what runs now, on every worker
+  aqsh runs --mine --limit 100 --json | jq -r '.runs[].id'
+  aqsh runs --since 2026-01-31T00:00:00Z --json --cursor <next from the last page>
+""")
+@click.option("--task", "task_name", metavar="NAME", help="Only runs of this task type.")
+@click.option("--state", type=click.Choice(RUN_STATES), help="Only runs in this state "
+              "(archived means failed; canceled is its own state).")
+@click.option("--mine", is_flag=True,
+              help="Only runs you submitted (your identity is --user / AQSH_USER).")
+@click.option("--submitted-by", metavar="USER", help="Only runs this identity submitted.")
+@click.option("--since", metavar="TIME", help="Enqueued at or after this RFC 3339 time.")
+@click.option("--until", metavar="TIME", help="Enqueued at or before this RFC 3339 time.")
+@click.option("-n", "--limit", type=click.IntRange(min=1), default=20, show_default=True,
+              help="How many runs to show (pages are followed until there are this many).")
+@click.option("--cursor", metavar="NEXT", help="Carry on from an earlier --json answer's next.")
+@json_option
+@api_options
+def runs(task_name: str | None, state: str | None, mine: bool, submitted_by: str | None,
+         since: str | None, until: str | None, limit: int, cursor: str | None, as_json: bool,
+         **conn: Any) -> int:
+    """List the runs you may see, newest first (GET /runs)."""
+    if mine:
+        # Behind a bearer token only the proxy knows who you are; aqsh has no "who am I"
+        # call, so the identity must be given to filter on it.
+        me = conn.get("user")
+        if not me:
+            raise click.UsageError("--mine needs your identity: pass --user or set AQSH_USER")
+        if submitted_by and submitted_by != me:
+            raise click.UsageError("give --mine or --submitted-by, not both")
+        submitted_by = me
+    api = _api(conn)
+    query = {k: v for k, v in (("task", task_name), ("state", state),
+                               ("submitted_by", submitted_by), ("since", since),
+                               ("until", until)) if v}
+    found, next_cursor = collect_runs(api, query, limit, cursor)
+    if as_json:
+        print_json({"runs": found, "next": next_cursor})
+        return 0
+    table(["ID", "NAME", "STATE", "SUBMITTED BY", "ENQUEUED AT", "FINISHED AT", "EXIT"], (
+        (r["id"], r["name"], state_text(r["state"]), r.get("submitted_by"),
+         r.get("enqueued_at"), r.get("finished_at"), _exit_column(r))
+        for r in found))
+    if next_cursor is not None and len(found) >= limit:
+        err.print(f"more runs: --limit {limit * 2}, or --json for a cursor", style="dim",
+                  markup=False, highlight=False)
+    return 0
+
+
+def _exit_column(run_doc: dict[str, Any]) -> Any:
+    result = run_doc.get("result")
+    return result.get("exit_code") if isinstance(result, dict) else None
+
+
+COMMANDS = [run, get, logs, cancel, tasks, runs]

@@ -252,9 +252,9 @@ def test_k8s_manifests_probe_real_routes_and_real_settings() -> None:
     from aqsh.settings import _FIELDS
 
     routes = {"/health", "/health/live", "/health/ready", "/metrics"}
-    for path in (ROOT / "k8s").glob("*.yaml"):
+    for path in (ROOT / "k8s" / "base").glob("*.yaml"):  # rendered overlays: tests/deploy
         for doc in yaml.safe_load_all(path.read_text()):
-            if doc["kind"] != "Deployment":
+            if not isinstance(doc, dict) or doc.get("kind") != "Deployment":
                 continue
             for container in doc["spec"]["template"]["spec"]["containers"]:
                 for probe in ("readinessProbe", "livenessProbe"):

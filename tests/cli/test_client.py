@@ -189,3 +189,72 @@ async def test_follow_of_a_task_canceled_while_running_exits_nonzero(
             await proc.wait()
     # SIGTERM ended the script: a shell would report 128 + 15.
     assert proc.returncode == 143, stderr.decode()
+
+
+def test_runs_lists_filters_and_pages(live_service: LiveService) -> None:
+    """`aqsh runs` on GET /runs: newest first, filtered by task, state and submitter, and a
+    --limit met by following the server's cursor."""
+    env = cli_env(live_service.url, AQSH_USER="runs-carol")
+    ids = []
+    for name in ("aa", "bb", "cc"):
+        done = aqsh("run", "echo", f"name={name}", "--wait", "--json", env=env)
+        assert done.returncode == 0, done.stderr
+        ids.append(json.loads(done.stdout)["id"])
+    failed = aqsh("run", "exit", "code=5", "--wait", "--json", env=env)
+    assert failed.returncode == 5, failed.stderr
+    failed_id = json.loads(failed.stdout)["id"]
+    other = cli_env(live_service.url, AQSH_USER="runs-dave")
+    assert aqsh("run", "echo", "name=dd", "--wait", env=other).returncode == 0
+
+    mine: Any = aqsh_json("runs", "--mine", env=env)
+    assert [r["id"] for r in mine["runs"]] == [failed_id, *reversed(ids)]
+    assert {r["submitted_by"] for r in mine["runs"]} == {"runs-carol"}
+    assert mine["next"] is None
+
+    echoes: Any = aqsh_json("runs", "--mine", "--task", "echo", "--state", "completed", env=env)
+    assert [r["id"] for r in echoes["runs"]] == list(reversed(ids))
+    archived: Any = aqsh_json("runs", "--submitted-by", "runs-carol", "--state", "archived",
+                              url=live_service.url)
+    assert [(r["id"], r["result"]["exit_code"]) for r in archived["runs"]] == [(failed_id, 5)]
+
+    first: Any = aqsh_json("runs", "--mine", "--limit", "2", env=env)
+    assert [r["id"] for r in first["runs"]] == [failed_id, ids[2]]
+    assert first["next"]
+    rest: Any = aqsh_json("runs", "--mine", "--cursor", first["next"], env=env)
+    assert [r["id"] for r in rest["runs"]] == [ids[1], ids[0]]
+
+    # A width of our own: a narrow inherited COLUMNS would fold the table's cells.
+    human = aqsh("runs", "--mine", "--limit", "2", env={**env, "COLUMNS": "200"})
+    assert human.returncode == 0, human.stderr
+    rows = [line.split() for line in human.stdout.splitlines()[1:]]
+    assert [row[:3] for row in rows] == [[failed_id, "exit", "archived"],
+                                         [ids[2], "echo", "completed"]]
+    assert rows[0][-1] == "5"
+    assert "more runs" in human.stderr
+
+
+def test_runs_mistakes_are_one_line(live_service: LiveService) -> None:
+    no_identity = aqsh("runs", "--mine", url=live_service.url)
+    assert no_identity.returncode == 2
+    assert "--mine needs your identity" in no_identity.stderr
+    bad_state = aqsh("runs", "--state", "done", url=live_service.url)
+    assert bad_state.returncode == 2
+    bad_time = aqsh("runs", "--since", "yesterday", url=live_service.url)
+    assert bad_time.returncode == 1
+    assert bad_time.stderr.strip() == (
+        "aqsh: since must be an RFC 3339 time with a zone, e.g. 2026-01-31T12:00:00Z "
+        "(400 invalid_query)")
+    nothing: Any = aqsh_json("runs", "--submitted-by", "nobody-at-all", url=live_service.url)
+    assert nothing == {"runs": [], "next": None}
+    for result in (no_identity, bad_state, bad_time):
+        assert "Traceback" not in result.stderr
+
+
+def test_every_client_command_has_examples_in_its_help() -> None:
+    from aqsh.cli.client import COMMANDS
+
+    for command in COMMANDS:
+        result = aqsh(str(command.name), "--help")
+        assert result.returncode == 0, result.stderr
+        assert "Example" in result.stdout, command.name
+        assert f"aqsh {command.name} " in result.stdout.split("Example", 1)[1], command.name
