@@ -4,7 +4,7 @@ Three kinds of command share one entry point:
 
 * process commands, what a container runs: ``serve``, ``worker``, ``api``, ``check-config``;
 * client commands over the HTTP API, for people and CI jobs: ``run``, ``get``, ``logs``,
-  ``cancel``, ``tasks``;
+  ``cancel``, ``runs``, ``tasks``;
 * ``admin`` commands straight on Redis, the asynq CLI's job (queues, tasks in every state,
   servers, cron), working on tasks any asynq client enqueued.
 
