@@ -81,6 +81,11 @@ class AdminContext:
 pass_admin = click.make_pass_decorator(AdminContext)
 
 
+def examples(*lines: str) -> str:
+    """A --help epilog; ``\b`` keeps click from re-wrapping the command lines."""
+    return "\b\nExamples:\n" + "".join(f"  {line}\n" for line in lines)
+
+
 @click.group(epilog="""\b
 Examples:
   aqsh admin queues
@@ -158,7 +163,10 @@ async def _all_queue_infos(inspector: Any) -> list[QueueInfo]:
     return infos
 
 
-@admin.command()
+@admin.command(epilog=examples(
+    'aqsh admin stats',
+    'aqsh admin stats --json | jq .queues',
+))
 @json_option
 @pass_admin
 def stats(ctx: AdminContext, as_json: bool) -> int:
@@ -218,7 +226,10 @@ QUEUE_COLUMNS = ["QUEUE", "STATE", "SIZE", "PENDING", "ACTIVE", "SCHEDULED", "RE
                  "FAILED"]
 
 
-@admin.command()
+@admin.command(epilog=examples(
+    'aqsh admin queues',
+    "aqsh admin queues --json | jq -r '.[] | select(.paused) | .queue'",
+))
 @json_option
 @pass_admin
 def queues(ctx: AdminContext, as_json: bool) -> int:
@@ -231,7 +242,12 @@ def queues(ctx: AdminContext, as_json: bool) -> int:
     return 0
 
 
-@admin.group()
+@admin.group(epilog=examples(
+    'aqsh admin queue inspect default',
+    'aqsh admin queue pause critical',
+    'aqsh admin queue unpause critical',
+    'aqsh admin queue remove old-queue',
+))
 def queue() -> None:
     """One queue: inspect, pause, unpause."""
 
@@ -291,7 +307,12 @@ def queue_remove(ctx: AdminContext, name: str, force: bool) -> int:
 
 
 # ---------------------------------------------------------------------------- tasks
-@admin.group("tasks")
+@admin.group("tasks", epilog=examples(
+    'aqsh admin tasks ls --queue default --state archived',
+    'aqsh admin tasks run-all --queue default --state archived',
+    'aqsh admin tasks archive-all --queue default --state retry',
+    'aqsh admin tasks delete-all --queue default --state completed',
+))
 def tasks_group() -> None:
     """Tasks of a queue in one state: list them, or run, archive or delete them all."""
 
@@ -347,7 +368,12 @@ def _short(text: str | None, limit: int = 60) -> str | None:
     return text[: limit - 1] + "…"
 
 
-@admin.group("task")
+@admin.group("task", epilog=examples(
+    'aqsh admin task inspect 2f1c…',
+    'aqsh admin task run 2f1c… --queue default',
+    'aqsh admin task archive 2f1c…',
+    'aqsh admin task cancel 2f1c…',
+))
 def task_group() -> None:
     """One task: inspect, run, archive, delete, cancel."""
 
@@ -417,7 +443,10 @@ def task_cancel(ctx: AdminContext, task_id: str) -> int:
 
 
 # ---------------------------------------------------------------------------- servers, cron
-@admin.command()
+@admin.command(epilog=examples(
+    'aqsh admin servers',
+    "aqsh admin servers --json | jq '.[].workers | length'",
+))
 @json_option
 @pass_admin
 def servers(ctx: AdminContext, as_json: bool) -> int:
@@ -440,7 +469,10 @@ def servers(ctx: AdminContext, as_json: bool) -> int:
     return 0
 
 
-@admin.group()
+@admin.group(epilog=examples(
+    'aqsh admin cron ls',
+    'aqsh admin cron history <entry-id>',
+))
 def cron() -> None:
     """Periodic tasks announced by the live schedulers (aqsh and Go)."""
 

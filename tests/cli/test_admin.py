@@ -202,3 +202,18 @@ def test_unreachable_redis_is_one_line() -> None:
     assert result.returncode == 1
     assert result.stderr.startswith("aqsh: ")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_every_admin_command_and_group_has_examples_in_its_help() -> None:
+    import click
+
+    from aqsh.cli.admin import admin
+
+    for name, command in admin.commands.items():
+        result = aqsh("admin", name, "--help")
+        assert result.returncode == 0, result.stderr
+        assert f"aqsh admin {name}" in result.stdout.split("Examples:", 1)[-1], name
+        if isinstance(command, click.Group):  # every sub-command is shown in its group's examples
+            shown = result.stdout.split("Examples:", 1)[1]
+            for sub in command.commands:
+                assert f"aqsh admin {name} {sub}" in shown, (name, sub)
