@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import BrowserContext, Page, Playwright, sync_playwright
+from playwright.sync_api import BrowserContext, Page, Playwright, expect, sync_playwright
 
 from aqsh.redis_process import RedisProcess, free_port
 from tests.cli.conftest import ROOT, http_status
@@ -33,6 +33,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
 SCREENSHOTS = ROOT / "docs" / "screenshots"
 #: Generous: the machine is shared and loaded; nothing here measures time.
 WAIT_MS = 30_000
+expect.set_options(timeout=WAIT_MS)
 
 TASKS_YAML = """\
 defaults: {timeout: 2m, max_retry: 0, retry_delay: 1s}

@@ -43,7 +43,6 @@ _env = jinja2.Environment(
     loader=jinja2.PackageLoader("aqsh.api.ui", "templates"),
     # Every value from a task (inputs, results, errors, names) is escaped on output.
     autoescape=True,
-    undefined=jinja2.StrictUndefined,
     trim_blocks=True,
     lstrip_blocks=True,
 )
@@ -102,7 +101,7 @@ def page(handler: PageHandler) -> PageHandler:
                 raise  # the error middleware logs it under an id
             problem = _Problem(exc.http_status, "Refused", exc.message)
         return _render(request, "error.html", status=problem.status, title=problem.title,
-                       message=problem.message)
+                       message=problem.message, nav="")
 
     return wrapped
 
