@@ -68,12 +68,12 @@ def test_echo_form_checks_fields_submits_and_follows_the_log_live(
     expect(page.locator("#err-name")).to_have_text("must match [a-z]+")
     expect(page.locator("#err-times")).to_have_text("must be at most 5")
     assert "/ui/tasks/echo" in page.url
+    screenshot(page, "run-form")
 
     page.fill("#in-name", "carol")
     page.fill("#in-times", "2")
     page.select_option("#in-colour", "blue")
     expect(page.locator("#err-name")).to_have_text("must match [a-z]+")  # until resubmitted
-    screenshot(page, "run-form")
     page.click("#submit")
     task_id = run_id(page)
 
