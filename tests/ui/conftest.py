@@ -16,7 +16,7 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -94,14 +94,16 @@ class Service:
     redis_url: str
     root: Path
     gates: Path
+    #: The service's environment (to start more of its processes), and its port.
+    env: dict[str, str] = field(default_factory=dict)
+    port: int = 0
 
     def release(self, name: str) -> None:
         (self.gates / name).touch()
 
 
-@pytest.fixture(scope="module")
-def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    root = tmp_path_factory.mktemp("ui-service")
+def prepare(root: Path, redis_url: str) -> tuple[dict[str, str], Path]:
+    """The tasks, scripts and environment of a service under ``root``; and its gates dir."""
     gates = root / "gates"
     gates.mkdir()
     scripts_dir = root / "scripts"
@@ -112,29 +114,46 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
         path.chmod(0o755)
     config = root / "tasks.yaml"
     config.write_text(TASKS_YAML)
+    env = {**os.environ, "AQSH_REDIS_ADDR": redis_url, "AQSH_TASKS_CONFIG": str(config),
+           "AQSH_TASKS_DIR": str(scripts_dir), "AQSH_RESULTS_DIR": str(root / "work"),
+           "AQSH_LOG_FORMAT": "json", "AQSH_ADMIN_GROUPS": "admins",
+           "AQSH_WORKER_CONCURRENCY": "8", "AQSH_SHUTDOWN_TIMEOUT": "2s",
+           "AQSH_KILL_GRACE": "1s"}
+    return env, gates
+
+
+def start_aqsh(command: str, env: dict[str, str], port: int, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("a") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "aqsh", command], cwd=ROOT,
+                                env={**env, "AQSH_BIND": f"127.0.0.1:{port}"},
+                                stdout=subprocess.DEVNULL, stderr=out)
+    url = f"http://127.0.0.1:{port}"
+    wait_until_sync(lambda: http_status(url + "/health/ready") == 200, timeout_s=60,
+                    interval_s=0.1, message=f"aqsh {command} ready")
+    return proc
+
+
+def stop_aqsh(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    root = tmp_path_factory.mktemp("ui-service")
     with RedisProcess() as redis_proc:
+        env, gates = prepare(root, redis_proc.url)
         port = free_port()
-        env = {**os.environ, "AQSH_REDIS_ADDR": redis_proc.url, "AQSH_TASKS_CONFIG": str(config),
-               "AQSH_TASKS_DIR": str(scripts_dir), "AQSH_BIND": f"127.0.0.1:{port}",
-               "AQSH_RESULTS_DIR": str(root / "work"), "AQSH_LOG_FORMAT": "json",
-               "AQSH_ADMIN_GROUPS": "admins", "AQSH_WORKER_CONCURRENCY": "8",
-               "AQSH_SHUTDOWN_TIMEOUT": "2s", "AQSH_KILL_GRACE": "1s"}
-        log = (root / "aqsh.log").open("w")
-        proc = subprocess.Popen([sys.executable, "-m", "aqsh", "serve"], cwd=ROOT, env=env,
-                                stdout=subprocess.DEVNULL, stderr=log)
-        url = f"http://127.0.0.1:{port}"
+        proc = start_aqsh("serve", env, port, root / "aqsh.log")
         try:
-            wait_until_sync(lambda: http_status(url + "/health/ready") == 200, timeout_s=60,
-                            interval_s=0.1, message="aqsh serve ready")
-            yield Service(url=url, redis_url=redis_proc.url, root=root, gates=gates)
+            yield Service(url=f"http://127.0.0.1:{port}", redis_url=redis_proc.url, root=root,
+                          gates=gates)
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            log.close()
+            stop_aqsh(proc)
 
 
 @pytest.fixture(scope="module")
