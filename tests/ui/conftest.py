@@ -55,6 +55,11 @@ tasks:
     allowed_groups: [ops]
     input:
       - {name: name, env: NAME, required: true}
+  lines:
+    script: lines.sh
+    description: "Prints many lines, waits for the gate, prints as many again"
+    input:
+      - {name: count, env: COUNT, type: int, min: 1, max: 2000, default: 200}
   xss:
     script: xss.sh
     description: "Prints what it is given, and markup on stderr"
@@ -79,6 +84,11 @@ def scripts(gates: Path) -> dict[str, str]:
             printf '{{"greeted":"%s","times":%s}}' "$NAME" "$TIMES" > "$AQSH_RESULT_FILE"
         """,
         "slow.sh": "echo started\nsleep 300\n",
+        "lines.sh": f"""\
+            seq 1 "$COUNT" | sed 's/^/first /'
+            while [ ! -e "{gates}/lines" ]; do sleep 0.05; done
+            seq 1 "$COUNT" | sed 's/^/second /'
+        """,
         "secret.sh": 'echo "secret for $NAME"\n',
         "xss.sh": """\
             printf '%s\\n' "$NOTE"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 from playwright.sync_api import Page, expect
@@ -101,6 +102,14 @@ def test_echo_form_checks_fields_submits_and_follows_the_log_live(
     page.reload()
     expect(log).to_contain_text("hello carol\nhello carol\n")
     expect(log).to_contain_text("bye carol")
+
+    # Download log: the whole log as text.
+    with page.expect_download() as download_info:
+        page.click("#download")
+    download = download_info.value
+    assert download.suggested_filename == f"{task_id}.log"
+    assert Path(download.path()).read_text() == (
+        "hello carol\nhello carol\ncolour blue\nbye carol\n")
 
     # Run again: the form, filled with this run's inputs.
     page.click("#run-again")
@@ -282,6 +291,15 @@ def test_queues_page_is_for_admins(console: Console, service: Service) -> None:
     row = admin.locator('#queues tr[data-queue="default"]')
     expect(row).to_have_count(1)
     worker = admin.locator(f'.workers tr[data-task-id="{accepted["id"]}"]')
+
+    def listed() -> bool:
+        # Workers publish what they run with their heartbeat (every few seconds).
+        if worker.count():
+            return True
+        admin.reload()
+        return False
+
+    wait_until_sync(listed, timeout_s=60, interval_s=1, message="the worker's running task")
     expect(worker).to_contain_text("slow")
     screenshot(admin, "queues")
 
@@ -294,3 +312,48 @@ def test_queues_page_is_for_admins(console: Console, service: Service) -> None:
     expect(user.locator("#queues")).to_have_count(0)
     status, _ = api(service, "DELETE", f"/tasks/{accepted['id']}", user="root", groups="admins")
     assert status in (200, 202)
+
+
+def test_auto_scroll_stops_while_the_reader_scrolls_up(console: Console, service: Service
+                                                       ) -> None:
+    page = console("alice")
+    page.goto("/ui/tasks/lines")
+    page.click("#submit")
+    run_id(page)
+    lines = page.locator("#log .line")
+    expect(lines).to_have_count(200)
+    log = page.locator("#log")
+
+    def at_bottom() -> bool:
+        return bool(log.evaluate("e => e.scrollHeight - e.scrollTop - e.clientHeight < 8"))
+
+    assert log.evaluate("e => e.scrollHeight > e.clientHeight")
+    wait_until_sync(at_bottom, timeout_s=30, message="the log follows its end")
+    log.evaluate("e => { e.scrollTop = 0; e.dispatchEvent(new Event('scroll')); }")
+    expect(page.locator("#follow-note")).to_contain_text("auto-scroll paused")
+    service.release("lines")
+    expect(lines).to_have_count(400)
+    assert log.evaluate("e => e.scrollTop") == 0  # the reader's place is kept
+    # Back at the bottom, it follows again.
+    log.evaluate("e => { e.scrollTop = e.scrollHeight; e.dispatchEvent(new Event('scroll')); }")
+    expect(page.locator("#follow-note")).to_have_text("")
+    expect(page.locator("#state")).to_have_text("completed")
+
+
+def test_run_in_schedules_and_a_scheduled_run_can_be_cancelled(console: Console,
+                                                                service: Service) -> None:
+    page = console("alice")
+    page.goto("/ui/tasks/slow")
+    page.check('input[name="when"][value="in"]')
+    page.fill("#process-in", "soon")
+    page.click("#submit")
+    expect(page.locator("#err-schedule")).to_contain_text("process_in")  # the API's 400
+    page.fill("#process-in", "1h")
+    page.click("#submit")
+    task_id = run_id(page)
+    expect(page.locator("#state")).to_have_text("scheduled")
+    expect(page.locator('[data-field="next_process_at"]')).not_to_have_text("—")
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.click("#cancel")
+    expect(page.locator("#state")).to_have_text("canceled")
+    assert state_of(service, task_id) == "canceled"
