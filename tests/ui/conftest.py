@@ -183,6 +183,9 @@ def console(playwright: Playwright, service: Service, tmp_path: Path) -> Iterato
     """``console(user, groups)`` opens a page as that user, in a browser of its own with a
     fresh profile (no cookie, cache or storage carried between identities)."""
     contexts: list[BrowserContext] = []
+    #: What the browser refused under the pages' Content-Security-Policy: must stay empty (the
+    #: console needs no inline script or style, and loads nothing from elsewhere).
+    refused: list[str] = []
 
     def open_page(user: str = "alice", groups: str = "") -> Page:
         headers = {"X-Forwarded-User": user}
@@ -195,6 +198,8 @@ def console(playwright: Playwright, service: Service, tmp_path: Path) -> Iterato
         context.set_default_timeout(WAIT_MS)
         contexts.append(context)
         page = context.pages[0] if context.pages else context.new_page()
+        page.on("console", lambda message: refused.append(message.text)
+                if "Content Security Policy" in message.text else None)
         return page
 
     try:
@@ -202,6 +207,7 @@ def console(playwright: Playwright, service: Service, tmp_path: Path) -> Iterato
     finally:
         for context in contexts:
             context.close()
+    assert refused == []
 
 
 def screenshot(page: Page, name: str) -> None:
