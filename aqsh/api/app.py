@@ -29,7 +29,7 @@ from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
-from aqsh.api import deliveries, handlers, health, runs
+from aqsh.api import deliveries, handlers, health, runs, ui
 from aqsh.api.errors import Handler, error_middleware, error_response
 from aqsh.api.loghub import LogHub
 from aqsh.api.state import STATE_KEY, ApiState
@@ -92,7 +92,8 @@ class AccessLogger(AbstractAccessLogger):
 def create_app(state: ApiState, *, api: bool = True) -> web.Application:
     """``api=False`` (worker mode) serves only health and metrics, for probes and scraping."""
     app = web.Application(
-        middlewares=[metrics_middleware, error_middleware],
+        middlewares=[metrics_middleware, ui.ui_headers_middleware, error_middleware,
+                     ui.csrf_middleware],
         client_max_size=state.settings.max_body_bytes,
         handler_args=handler_args(state),
     )
@@ -122,6 +123,7 @@ def create_app(state: ApiState, *, api: bool = True) -> web.Application:
         app.router.add_get("/tasks/{id}/deliveries", deliveries.list_deliveries)
         app.router.add_post("/tasks/{id}/deliveries/{delivery}/retry",
                             deliveries.retry_delivery)
+        ui.add_routes(app)
     app.router.add_get("/health", health.health)
     app.router.add_get("/health/live", health.live)
     app.router.add_get("/health/ready", health.ready)

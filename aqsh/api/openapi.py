@@ -175,6 +175,9 @@ def document(tasks: Sequence[TaskSpec] = (), *, max_string_len: int = 4096) -> d
                      "description": "resume after this event id (what EventSource sends)"},
                     {"name": "last_event_id", "in": "query", "schema": _STREAM_ID,
                      "description": "the same, for clients that cannot set headers"},
+                    {"name": "stderr", "in": "query", "schema": {"enum": ["event"]},
+                     "description": "event: send stderr lines as `event: stderr` instead of "
+                                    "the default message event (the console marks them)"},
                 ],
                 "responses": {
                     "200": {"description": _LOG_EVENTS,

@@ -11,6 +11,10 @@ when ``n`` jumps, the stream's length cap trimmed entries this follower never sa
 ``event: gap`` (data ``{"lost": <count>}``) before the next line. ``?follow=false`` writes a
 ``[aqsh] <count> log lines lost ...`` line at that place instead.
 
+``?stderr=event`` (the console asks for it) sends stderr lines as ``event: stderr`` instead of
+the default message event, so a page can mark them; without it every line is a message, as
+before (clients that listen only to messages keep every line).
+
 Faults: once the stream has started, nothing but SSE goes out (a second HTTP response inside
 the open stream is what a failure used to produce). A follower whose Redis calls fail keeps
 retrying — pings keep flowing — for up to ``OUTAGE_GRACE_S``; then it sends ``event: error``
@@ -225,6 +229,7 @@ class _Follow:
         #: The newest eof marker with nothing after it: the end, unless the task runs again.
         self.pending_eof: tuple[str, str] | None = None
         self._failing_since: float | None = None
+        self.mark_stderr = request.query.get("stderr") == "event"
 
     def connected(self) -> bool:
         """False once the client is gone: the ping task notices only at its next write, the
@@ -244,7 +249,9 @@ class _Follow:
                                          event="gap")
             self.last = at
             if b"line" in fields:
-                await self.response.send(_text(fields[b"line"]), id=format_id(at))
+                event = ("stderr" if self.mark_stderr and fields.get(b"stream") == b"stderr"
+                         else None)
+                await self.response.send(_text(fields[b"line"]), id=format_id(at), event=event)
                 self.pending_eof = None
             elif b"eof" in fields:
                 self.pending_eof = (format_id(at), _text(fields.get(b"exit_code", b"")))

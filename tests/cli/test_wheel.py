@@ -43,6 +43,12 @@ def test_wheel_holds_the_lua_scripts_and_the_cli(wheel: Path) -> None:
     shipped = {Path(n).name for n in names if n.startswith("aqsh/_lua/")}
     assert shipped == {p.name for p in (ROOT / "lua").glob("*.lua")}
     assert "aqsh/cli/__init__.py" in names
+    # The console's templates and static files are package data, not Python modules.
+    for page in ("base.html", "tasks.html", "form.html", "run.html", "history.html",
+                 "queues.html", "error.html"):
+        assert f"aqsh/api/ui/templates/{page}" in names, page
+    for static in ("console.css", "form.js", "run.js"):
+        assert f"aqsh/api/ui/static/{static}" in names, static
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "aqsh = aqsh.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
@@ -110,6 +116,13 @@ def test_installed_wheel_runs_worker_and_api_outside_the_repository(
                 task = json.loads(resp.read())
             assert task["state"] == "completed"
             assert json.loads(task["result"]["data"]) == {"greeted": "wheel"}
+            # The console renders from the installed package's templates and static files.
+            with urllib.request.urlopen(f"{api}/ui/runs/{accepted['id']}", timeout=10) as resp:
+                page = resp.read().decode()
+            assert 'data-task-id="' + accepted["id"] + '"' in page
+            assert "completed" in page
+            with urllib.request.urlopen(f"{api}/ui/static/run.js", timeout=10) as resp:
+                assert b"EventSource" in resp.read()
         finally:
             for proc in procs.values():
                 proc.send_signal(signal.SIGTERM)
