@@ -372,6 +372,7 @@ def _short(text: str | None, limit: int = 60) -> str | None:
     'aqsh admin task inspect 2f1c…',
     'aqsh admin task run 2f1c… --queue default',
     'aqsh admin task archive 2f1c…',
+    'aqsh admin task delete 2f1c… --queue default',
     'aqsh admin task cancel 2f1c…',
 ))
 def task_group() -> None:
