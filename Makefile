@@ -10,7 +10,7 @@ REDIS7_SERVER ?= $(shell command -v redis-server)
 # version could change (runner and cluster tests add nothing per version, only run time).
 MATRIX_TESTS := tests/engine tests/api tests/faults tests/security tests/acl tests/interop
 
-.PHONY: venv test test-redis7 test-valkey interop interop-build golden lint run bench proto clean
+.PHONY: venv test screenshots test-redis7 test-valkey interop interop-build golden lint run bench proto clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ venv: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests --ignore=tests/interop -p no:cacheprovider
+
+# Refreshes the README's screenshots of the console (docs/screenshots), taken by its browser tests.
+screenshots: $(STAMP)
+	AQSH_SCREENSHOTS=$(CURDIR)/docs/screenshots $(PY) -m pytest -q tests/ui -p no:cacheprovider
 
 interop-build: $(STAMP)
 	cd tests/interop && go build -o ../../$(VENV)/bin/aqsh-interop ./cmd/aqsh-interop

@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -30,7 +31,10 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update",
                  "--disable-sync"]
-SCREENSHOTS = ROOT / "docs" / "screenshots"
+#: The README's screenshots are refreshed by `make screenshots` (AQSH_SCREENSHOTS=docs/screenshots);
+#: an ordinary run writes them to a scratch directory, leaving the work tree clean.
+SCREENSHOTS = Path(os.environ.get("AQSH_SCREENSHOTS")
+                   or tempfile.mkdtemp(prefix="aqsh-screenshots-"))
 #: Generous: the machine is shared and loaded; nothing here measures time.
 WAIT_MS = 30_000
 expect.set_options(timeout=WAIT_MS)
@@ -212,4 +216,6 @@ def console(playwright: Playwright, service: Service, tmp_path: Path) -> Iterato
 
 def screenshot(page: Page, name: str) -> None:
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
+    path = SCREENSHOTS / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    assert path.stat().st_size > 0, path
