@@ -54,6 +54,14 @@ def unix_s(clock: Clock) -> int:
     return clock.now_ns() // 1_000_000_000
 
 
+def raise_if_cancelling() -> None:
+    """Re-raise a cancellation of the current task that something below swallowed (see
+    ``wait_event``); loops call it before each wait that has no timeout of its own."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 async def wait_event(event: asyncio.Event, timeout_s: float) -> bool:
     """Wait for ``event`` at most ``timeout_s``; True when it was set.
 
@@ -65,9 +73,7 @@ async def wait_event(event: asyncio.Event, timeout_s: float) -> bool:
     It also re-raises a cancellation that something below swallowed: redis-py 8 can return
     normally from a command whose task was cancelled meanwhile, and the loop would go on
     napping and firing. A task with a cancel pending never starts a nap."""
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
+    raise_if_cancelling()
     if event.is_set():
         return True
     try:

@@ -20,7 +20,7 @@ from functools import reduce
 import structlog
 
 from aqsh import errors
-from aqsh.clock import Clock, finish, wait_event
+from aqsh.clock import Clock, finish, raise_if_cancelling, wait_event
 from aqsh.engine.broker import Broker, Leased
 from aqsh.engine.faults import Backoff, Loops, pause_after_failure
 from aqsh.engine.models import TaskMessage
@@ -255,6 +255,7 @@ class Processor:
             if free <= 0:
                 self.fetch_monitor.ok()
                 self._slot_free.clear()
+                raise_if_cancelling()  # a cancel redis-py swallowed must not park us for good
                 with self.fetch_monitor.parking():  # every slot busy: waiting is the job
                     await self._slot_free.wait()
                 continue

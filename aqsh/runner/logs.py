@@ -40,6 +40,7 @@ import secrets
 import structlog
 from redis.crc import key_slot
 
+from aqsh.clock import raise_if_cancelling
 from aqsh.engine.connection import RedisClient
 from aqsh.engine.fastlane import FastLane
 from aqsh.engine.faults import Backoff, classify, redis_error_code
@@ -216,6 +217,9 @@ class LogWriter:
 
     async def _flush_until_done(self) -> None:
         while True:
+            # A cancel that redis-py swallowed inside the last write would leave this task
+            # running after abort() (or wait_for_room) cancelled it: seen as a soak hang.
+            raise_if_cancelling()
             if not self._buffer:
                 if self._closing:
                     return
@@ -279,4 +283,5 @@ class LogWriter:
                 report = log.warning if fault.transient else log.error
                 report("logs.write_retry", loop=LOOP_NAME, key=self.key, kind=fault.kind,
                        error=str(exc) or type(exc).__name__)
+                raise_if_cancelling()
                 await asyncio.sleep(backoff.next_delay_s())

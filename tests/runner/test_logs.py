@@ -5,13 +5,15 @@ comes back."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 from redis.crc import key_slot
 
 from aqsh.engine.keys import log_meta_key
-from aqsh.engine.scripts import Scripts
+from aqsh.engine.scripts import ArgT, KeyT, Scripts
 from aqsh.runner.logs import LogWriter, log_key
 from tests.support import wait_until
 
@@ -90,6 +92,45 @@ async def test_an_id_whose_keys_cannot_share_a_slot_writes_the_stream_alone(
     assert lines == [None, b"a", None]
 
 
+class SwallowingScripts(Scripts):
+    """Real Redis, with a flaw seen under load in redis-py 8: a cancel that lands during a
+    command is swallowed and the command returns normally. The first call holds until the test
+    cancels it, so the cancel lands exactly there."""
+
+    def __init__(self, redis: aioredis.Redis) -> None:
+        super().__init__(redis)
+        self.holding = asyncio.Event()
+        self.swallowed = 0
+
+    async def run(self, name: str, keys: Sequence[KeyT], args: Sequence[ArgT]) -> Any:
+        if self.swallowed == 0:
+            self.holding.set()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                self.swallowed += 1  # and carry on, as if nothing had happened
+        return await super().run(name, keys, args)
+
+
+async def test_a_flusher_whose_cancel_was_swallowed_still_ends(redis: aioredis.Redis) -> None:
+    """Seen in the soak: the cancelled flusher went on waiting for lines, and what awaited its
+    end (abort, this test's predecessor) hung for ever."""
+    writer = LogWriter(redis, "t", retention_s=60, batch_lines=5, linger_s=0)
+    scripts = writer.scripts = SwallowingScripts(redis)
+    writer.put_lines("stdout", ["first"])
+    await asyncio.wait_for(scripts.holding.wait(), 10)
+    flusher = writer._flusher
+    assert flusher is not None
+    flusher.cancel()
+    await asyncio.wait({flusher}, timeout=10)
+    assert scripts.swallowed == 1
+    assert flusher.done()
+    assert flusher.cancelled()
+    lines = [f[b"line"] for _, f in await redis.xrange(log_key("t")) if b"line" in f]
+    assert lines == [b"first"]  # the write that was under way when the cancel came stands
+    await asyncio.wait_for(writer.abort(), 10)
+
+
 async def test_a_flusher_that_ended_is_started_again(redis: aioredis.Redis) -> None:
     """Whatever ends the flusher early, the readers waiting for room must not wait forever."""
     writer = LogWriter(redis, "t", retention_s=60, max_buffered=10, batch_lines=5, linger_s=0)
@@ -97,7 +138,8 @@ async def test_a_flusher_that_ended_is_started_again(redis: aioredis.Redis) -> N
     await wait_until(lambda: writer._flusher is not None, message="flusher started")
     assert writer._flusher is not None
     writer._flusher.cancel()
-    await asyncio.wait({writer._flusher})
+    await asyncio.wait({writer._flusher}, timeout=30)
+    assert writer._flusher.done()
     writer.put_lines("stdout", [f"n {i}" for i in range(20)])
     assert writer.full
     await asyncio.wait_for(writer.wait_for_room(), 30)
