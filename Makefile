@@ -10,7 +10,7 @@ REDIS7_SERVER ?= $(shell command -v redis-server)
 # version could change (runner and cluster tests add nothing per version, only run time).
 MATRIX_TESTS := tests/engine tests/api tests/faults tests/security tests/acl tests/interop
 
-.PHONY: venv test screenshots test-redis7 test-valkey interop interop-build golden lint run bench proto clean
+.PHONY: venv kustomize test screenshots test-redis7 test-valkey interop interop-build golden lint run bench proto clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,16 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-test: $(STAMP)
+# The deploy tests render k8s/ with this (kustomize's own Go library), so they need no kubectl:
+# Go and its module proxy are enough. Rebuilt only when its sources change.
+KUSTOMIZE := $(VENV)/bin/aqsh-kustomize
+
+$(KUSTOMIZE): tools/kustomize/go.mod tools/kustomize/go.sum $(wildcard tools/kustomize/*.go) | $(STAMP)
+	cd tools/kustomize && go build -o ../../$(KUSTOMIZE) .
+
+kustomize: $(KUSTOMIZE)
+
+test: $(STAMP) $(KUSTOMIZE)
 	$(PY) -m pytest -q tests --ignore=tests/interop -p no:cacheprovider
 
 # Refreshes the README's screenshots of the console (docs/screenshots), taken by its browser tests.

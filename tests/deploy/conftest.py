@@ -1,30 +1,43 @@
-"""Rendering the kustomize overlays, as `kubectl apply -k` would, for the deploy tests."""
+"""Rendering the kustomize overlays, as `kubectl apply -k` would, for the deploy tests.
+
+The render is our own small Go program over kustomize's library (tools/kustomize), which
+`make` builds into the venv: a fresh machine has Go and its module proxy, but no kubectl new
+enough for kustomize components."""
 
 from __future__ import annotations
 
 import functools
 import os
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
 OVERLAYS = ("dev", "prod")
 COMPONENTS = ("redis-url", "redis-sentinel", "redis-cluster")
-#: kustomize is built into kubectl; the test environment has it here (a missing kubectl
-#: fails the tests: rendering is what they prove).
-KUBECTL = shutil.which("kubectl") or "/usr/bin/kubectl"
+#: Built by `make` (the Makefile's .venv/bin/aqsh-kustomize target); AQSH_KUSTOMIZE points
+#: elsewhere, e.g. at another build of the same program.
+KUSTOMIZE = Path(os.environ.get("AQSH_KUSTOMIZE") or ROOT / ".venv" / "bin" / "aqsh-kustomize")
+
+
+def _kustomize_binary() -> Path:
+    # A missing renderer fails rather than skips: rendering is what these tests prove, and a
+    # skip would let a broken overlay through unnoticed.
+    if not KUSTOMIZE.is_file():
+        pytest.fail(f"{KUSTOMIZE} is missing: run `make kustomize` (needs Go; `make test` does it) "
+                    "to build the kustomize renderer the deploy tests use", pytrace=False)
+    return KUSTOMIZE
 
 
 @functools.cache
 def _kustomize_text(directory: Path) -> str:
-    result = subprocess.run([KUBECTL, "kustomize", str(directory)], capture_output=True,
+    result = subprocess.run([str(_kustomize_binary()), str(directory)], capture_output=True,
                             text=True, timeout=120, check=False)
-    assert result.returncode == 0, f"kubectl kustomize {directory}: {result.stderr}"
+    assert result.returncode == 0, f"aqsh-kustomize {directory}: {result.stderr}"
     return result.stdout
 
 
