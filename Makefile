@@ -1,4 +1,4 @@
-# One command to set up and test: `make test`. Go interop: `make interop`.
+# One command to set up and test: `make test` (needs Python, pip and Go). Go interop: `make interop`.
 # Other servers: `make test-redis7` (Debian's redis-server 7.x, see .ci/setup), `make test-valkey`.
 PYTHON ?= python3
 VENV := .venv
