@@ -175,6 +175,11 @@ class Broker(Protocol):
     async def reclaim_stale_aggregation_sets(self, qname: str, *, now_s: int) -> None:
         ...
 
+    async def repair_flow(self, qname: str, *, now_s: int) -> int:
+        """The held-run sweep (aqsh.engine.flow): free dead holders' slots, drop waiters a
+        foreign tool moved, promote waiters into free slots. How many were promoted."""
+        ...
+
     # --- server state --------------------------------------------------------------------
     async def write_server_state(
         self,

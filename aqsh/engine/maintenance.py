@@ -143,6 +143,11 @@ class Recoverer(Periodic):
             self.queues, cutoff_s=now_s - RECOVER_GRACE_S
         )
         recovered = 0
+        # Before the expired runs are retried (which frees their slots too): a slot whose
+        # holder died is free once its lease lapsed, and the oldest waiter takes it. Also
+        # what heals a line that a foreign tool changed (a waiter run or deleted by hand).
+        for qname in self.queues:
+            await self.broker.repair_flow(qname, now_s=now_s)
         for msg in expired:
             try:
                 if msg.retried >= msg.retry:

@@ -43,9 +43,32 @@ def lua_dir() -> Path:
     raise FileNotFoundError(f"aqsh Lua scripts not found next to {package_dir}")
 
 
+#: A script ``<transition>+flow`` is the finishing transition ``<transition>`` that also frees
+#: the task's concurrency slot and promotes the next waiter, in the same call (lua/flow_release).
+FLOW_VARIANT = "+flow"
+_INCLUDE = "--@include "
+_TRANSITION = "--@transition\n"
+
+
+def _read(name: str) -> str:
+    """A script file with its ``--@include <name>`` lines replaced by that file (one level:
+    the shared functions of a family of scripts live once, in lua/<name>.lua)."""
+    lines = (lua_dir() / f"{name}.lua").read_text(encoding="utf-8").splitlines(keepends=True)
+    return "".join(
+        (lua_dir() / f"{line[len(_INCLUDE):].strip()}.lua").read_text(encoding="utf-8")
+        if line.startswith(_INCLUDE) else line
+        for line in lines)
+
+
 @cache
 def script_source(name: str) -> str:
-    return (lua_dir() / f"{name}.lua").read_text(encoding="utf-8")
+    if name.endswith(FLOW_VARIANT):
+        # The transition runs as a function, so its early error returns skip the release.
+        release = _read("flow_release")
+        body = _read(name[:-len(FLOW_VARIANT)])
+        head, tail = release.split(_TRANSITION, 1)
+        return f"{head}local function flow_transition()\n{body}\nend\n{tail}"
+    return _read(name)
 
 
 @cache

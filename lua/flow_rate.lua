@@ -1,0 +1,29 @@
+-- flow_rate: a task just leased by dequeue is admitted by its rate window, or waits for the
+-- next window in scheduled (a real time, so asynq's forwarder brings it back).
+-- KEYS[1] -> asynq:{q}:active
+-- KEYS[2] -> asynq:{q}:lease
+-- KEYS[3] -> asynq:{q}:scheduled
+-- KEYS[4] -> asynq:{q}:t:<id>
+-- KEYS[5] -> aqsh:{q}:flow:rate:<key>:<window start>
+-- ARGV[1] -> task id
+-- ARGV[2] -> runs admitted per window (>= 1)
+-- ARGV[3] -> the window's end (Unix s): the counter's expiry and a held run's score
+-- ARGV[4] -> the rate key
+-- ARGV[5] -> now (Unix ms), when waiting began
+-- Returns 0 when admitted, else the window's end (the task now waits in scheduled).
+local id = ARGV[1]
+if redis.call("INCR", KEYS[5]) <= tonumber(ARGV[2]) then
+  if redis.call("TTL", KEYS[5]) < 0 then
+    redis.call("EXPIREAT", KEYS[5], tonumber(ARGV[3]) + 60)
+  end
+  redis.call("HDEL", KEYS[4], "aqsh_wait_reason", "aqsh_wait_key")
+  return 0
+end
+redis.call("DECR", KEYS[5])
+redis.call("LREM", KEYS[1], 0, id)
+redis.call("ZREM", KEYS[2], id)
+redis.call("ZADD", KEYS[3], ARGV[3], id)
+redis.call("HSET", KEYS[4], "state", "scheduled", "aqsh_wait_reason", "rate",
+           "aqsh_wait_key", ARGV[4])
+redis.call("HSETNX", KEYS[4], "aqsh_wait_since", ARGV[5])
+return tonumber(ARGV[3])
