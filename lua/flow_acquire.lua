@@ -17,6 +17,7 @@
 -- ARGV[8] -> task key prefix asynq:{q}:t:
 -- ARGV[9] -> now (Unix ns), pending_since of a promoted waiter
 -- ARGV[10] -> queue name, published on ARGV[11] (the wake-up channel) when a waiter moves
+-- ARGV[12] -> the run's place in the line: its submission time (Unix us)
 -- Returns 1 when the task holds a slot and may run, 0 when it now waits (moved from active
 -- to scheduled: no lease, no retry and no timeout used while it waits).
 --@include flow_lib
@@ -24,7 +25,7 @@ local id, limit = ARGV[1], tonumber(ARGV[2])
 redis.call("HSET", KEYS[8], ARGV[6], limit)
 flow_free_expired(KEYS[6], KEYS[2], ARGV[3])
 if redis.call("ZSCORE", KEYS[6], id)
-    or (redis.call("ZCARD", KEYS[6]) < limit and redis.call("LLEN", KEYS[7]) == 0) then
+    or (redis.call("ZCARD", KEYS[6]) < limit and redis.call("ZCARD", KEYS[7]) == 0) then
   -- Its own reservation (a promoted waiter, a redelivery), or a free slot nobody waits for.
   redis.call("ZADD", KEYS[6], ARGV[4], id)
   redis.call("HDEL", KEYS[5], "aqsh_wait_reason", "aqsh_wait_key")
@@ -36,7 +37,7 @@ redis.call("ZADD", KEYS[3], ARGV[5], id)
 redis.call("HSET", KEYS[5], "state", "scheduled", "aqsh_wait_reason", "concurrency",
            "aqsh_wait_key", ARGV[6])
 redis.call("HSETNX", KEYS[5], "aqsh_wait_since", ARGV[7])
-redis.call("RPUSH", KEYS[7], id)
+redis.call("ZADD", KEYS[7], ARGV[12], id)
 -- A slot freed by an expiry with waiters ahead goes to the oldest of them.
 flow_promote(KEYS[6], KEYS[7], limit, KEYS[3], KEYS[4], ARGV[8], ARGV[4], ARGV[9], ARGV[10],
              ARGV[11])

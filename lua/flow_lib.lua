@@ -3,7 +3,9 @@
 -- the queue's {q} hash tag so every script touching them stays in the queue's Cluster slot:
 --   aqsh:{q}:flow:slots:K  zset of the ids holding a slot, scored by a reservation deadline
 --                          (Unix s); a holder whose lease is live keeps its slot past it
---   aqsh:{q}:flow:wait:K   list of the ids waiting for a slot, oldest first
+--   aqsh:{q}:flow:wait:K   zset of the ids waiting for a slot, scored by submission time
+--                          (Unix us): the line keeps submission order even when workers
+--                          race to dequeue runs of one key
 --   aqsh:{q}:flow:keys     hash K -> limit of every key with holders or waiters (the sweep's
 --                          work list)
 -- A waiter sits in asynq:{q}:scheduled (far ahead) with state "scheduled", so asynq tools show
@@ -31,10 +33,11 @@ local function flow_promote(slots, wait, limit, scheduled, pending, prefix, rese
                             qname, channel)
   local moved = 0
   while redis.call("ZCARD", slots) < limit do
-    local id = redis.call("LPOP", wait)
-    if not id then
+    local head = redis.call("ZPOPMIN", wait)
+    if #head == 0 then
       break
     end
+    local id = head[1]
     local key = prefix .. id
     if redis.call("HGET", key, "aqsh_wait_reason") == "concurrency"
         and redis.call("ZREM", scheduled, id) == 1 then
@@ -53,7 +56,7 @@ end
 
 -- Forget a key that nobody holds or waits for.
 local function flow_forget_if_idle(registry, flow_key, slots, wait)
-  if redis.call("ZCARD", slots) == 0 and redis.call("LLEN", wait) == 0 then
+  if redis.call("ZCARD", slots) == 0 and redis.call("ZCARD", wait) == 0 then
     redis.call("HDEL", registry, flow_key)
   end
 end

@@ -22,10 +22,10 @@ for i = 1, #entries, 2 do
   local flow_key, limit = entries[i], tonumber(entries[i + 1])
   local slots, wait = ARGV[5] .. flow_key, ARGV[6] .. flow_key
   flow_free_expired(slots, KEYS[4], ARGV[1])
-  for _, id in ipairs(redis.call("LRANGE", wait, 0, -1)) do
+  for _, id in ipairs(redis.call("ZRANGE", wait, 0, -1)) do
     if redis.call("HGET", ARGV[4] .. id, "aqsh_wait_reason") ~= "concurrency"
         or not redis.call("ZSCORE", KEYS[2], id) then
-      redis.call("LREM", wait, 0, id)
+      redis.call("ZREM", wait, id)
     end
   end
   promoted = promoted + flow_promote(slots, wait, limit, KEYS[2], KEYS[3], ARGV[4], ARGV[2],

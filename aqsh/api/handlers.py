@@ -28,7 +28,7 @@ from aqsh.api.view import CANCELED, FINISHED, attempt_times, public_state, task_
 from aqsh.api.view import iso as _iso
 from aqsh.api.view import links as _view_links
 from aqsh.durations import parse_duration
-from aqsh.engine import keys
+from aqsh.engine import flow, keys
 from aqsh.engine.client import new_task_id
 from aqsh.engine.cron import CronSpec
 from aqsh.engine.inspect import QueueInfo
@@ -43,6 +43,7 @@ from aqsh.runner.spec import (
     HEADER_SUBMITTED_BY,
     TaskSpec,
     access_headers,
+    flow_headers,
 )
 from aqsh.runner.validate import json_schema, validate_input
 from aqsh.webhooks.ssrf import CallbackRefused, callback_policy
@@ -115,7 +116,8 @@ async def submit_task(request: web.Request) -> web.Response:
                 # error, e.g. 503 in a Redis blip): this retry enqueues it under the same id.
     # The access record travels with the task (asynq headers), so who may read or cancel it
     # is fixed now, whatever tasks.yaml says later.
-    headers = {HEADER_SUBMITTED_AT: str(time.time_ns()), **access_headers(spec.allowed_groups)}
+    headers = {HEADER_SUBMITTED_AT: str(time.time_ns()), **access_headers(spec.allowed_groups),
+               **flow_headers(spec, values)}
     if caller.user:
         headers[HEADER_SUBMITTED_BY] = caller.user
     if callback_url is not None:
@@ -389,7 +391,22 @@ async def get_task(request: web.Request) -> web.Response:
     info, _, _ = await _find_authorized(request)
     state = _state(request)
     started_ms, finished_ms = await _attempt_times(state, info)
-    return json_response(task_document(info, started_ms, finished_ms))
+    waiting = None
+    if info.state is TaskState.SCHEDULED:  # the only state a held run is in
+        waiting = (await guarded(flow.waiting_many(state.redis, [(info.queue, info.id)])))[0]
+    return json_response(with_waiting(task_document(info, started_ms, finished_ms), waiting))
+
+
+def with_waiting(doc: dict[str, Any], waiting: flow.Waiting | None) -> dict[str, Any]:
+    """A held run's document says why it waits: ``reason`` (concurrency, rate), ``key`` (the
+    task name and the rendered key), ``position`` in the key's line (0 = next; null for a
+    rate wait) and ``since``. Documents of runs that do not wait have no ``waiting``."""
+    if waiting is not None:
+        doc["waiting"] = {
+            "reason": waiting.reason, "key": waiting.key, "position": waiting.position,
+            "since": (_iso(waiting.since_ms / 1000) if waiting.since_ms is not None else None),
+        }
+    return doc
 
 
 async def _attempt_times(state: ApiState, info: TaskInfo) -> tuple[int | None, int | None]:

@@ -9,7 +9,7 @@ How a run waits (lua/flow_*.lua, one script per step):
 
 - **Concurrency.** Right after dequeue leases a task, ``flow_acquire`` either gives it a slot
   of its key (a zset of holders) or moves it back from active to ``scheduled``, scored far
-  ahead (:data:`HELD_SCORE_S`), and appends it to the key's FIFO wait list. Waiting holds no
+  ahead (:data:`HELD_SCORE_S`), and puts it in the key's line, ordered by submission time. Waiting holds no
   lease and uses no retry and no timeout. Asynqmon, the asynq CLI and a Go Inspector see a
   scheduled task and can delete or run it. The finishing transitions (done, mark_complete,
   retry, archive: their ``+flow`` variants) free the slot and promote the oldest waiter in
@@ -27,6 +27,7 @@ While a run waits its task hash says why (``aqsh_wait_reason``, ``aqsh_wait_key`
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +38,9 @@ from aqsh.engine.models import TaskMessage
 
 HEADER_CONCURRENCY_KEY = "aqsh-concurrency-key"
 HEADER_CONCURRENCY_LIMIT = "aqsh-concurrency-limit"
+#: When the run was submitted (Unix us): its place in its key's line. Workers race to dequeue
+#: runs of one key; ordering the line by this instead of by arrival keeps submission order.
+HEADER_CONCURRENCY_SEQ = "aqsh-concurrency-seq"
 HEADER_RATE_KEY = "aqsh-rate-key"
 HEADER_RATE_LIMIT = "aqsh-rate-limit"
 HEADER_RATE_PER_S = "aqsh-rate-per-s"
@@ -57,6 +61,8 @@ FIELD_SINCE_MS = "aqsh_wait_since"
 class Concurrency:
     key: str
     limit: int
+    #: Submission time (Unix us), the run's place in the line; 0: when first seen waiting.
+    seq_us: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +93,7 @@ def headers(*, concurrency: Concurrency | None = None,
     if concurrency is not None:
         out[HEADER_CONCURRENCY_KEY] = concurrency.key
         out[HEADER_CONCURRENCY_LIMIT] = str(concurrency.limit)
+        out[HEADER_CONCURRENCY_SEQ] = str(concurrency.seq_us or time.time_ns() // 1000)
     if rate is not None:
         out[HEADER_RATE_KEY] = rate.key
         out[HEADER_RATE_LIMIT] = str(rate.limit)
@@ -109,7 +116,7 @@ def concurrency_of(msg: TaskMessage) -> Concurrency | None:
     limit = _positive(msg.headers.get(HEADER_CONCURRENCY_LIMIT))
     if key is None or limit is None:
         return None
-    return Concurrency(key, limit)
+    return Concurrency(key, limit, _positive(msg.headers.get(HEADER_CONCURRENCY_SEQ)) or 0)
 
 
 def rate_of(msg: TaskMessage) -> Rate | None:
@@ -129,7 +136,7 @@ def acquire_call(msg: TaskMessage, rule: Concurrency, *, now_s: int, now_ns: int
                 keys.flow_registry_key(msg.queue)]
     args: list[Any] = [msg.id, rule.limit, now_s, now_s + reserve_s, HELD_SCORE_S, rule.key,
                        now_ns // 1_000_000, q.task_prefix, now_ns, msg.queue,
-                       keys.WAKE_CHANNEL]
+                       keys.WAKE_CHANNEL, rule.seq_us or now_ns // 1000]
     return "flow_acquire", key_list, args
 
 
@@ -200,7 +207,7 @@ async def waiting_many(client: RedisClient,
     if positions:
         pipe = client.pipeline(transaction=False)
         for _, qname, task_id, key in positions:
-            pipe.lpos(keys.flow_wait_key(qname, key), task_id)
+            pipe.zrank(keys.flow_wait_key(qname, key), task_id)
         for (i, _, _, _), pos in zip(positions, await pipe.execute(), strict=True):
             held = out[i]
             if held is not None and pos is not None:
@@ -216,5 +223,5 @@ async def waiting_counts(client: RedisClient, qname: str) -> dict[str, int]:
         return {}
     pipe = client.pipeline(transaction=False)
     for name in names:
-        pipe.llen(keys.flow_wait_key(qname, name))
+        pipe.zcard(keys.flow_wait_key(qname, name))
     return {name: int(n) for name, n in zip(names, await pipe.execute(), strict=True) if n}

@@ -71,7 +71,7 @@ def flow_slots_key(qname: str, flow_key: str) -> str:
 
 
 def flow_wait_key(qname: str, flow_key: str) -> str:
-    """List: the ids waiting for a slot of ``flow_key``, oldest first."""
+    """Zset: the ids waiting for a slot of ``flow_key``, by submission time."""
     return flow_wait_prefix(qname) + flow_key
 
 

@@ -37,6 +37,8 @@ def now_s() -> int:
 
 
 async def ids(redis: aioredis.Redis, key: str) -> list[str]:
+    if await redis.type(key) == b"zset":
+        return [i.decode() for i in await redis.zrange(key, 0, -1)]
     return [i.decode() for i in await redis.lrange(key, 0, -1)]
 
 
