@@ -7,16 +7,16 @@ queue ignores these headers and does not honour the limits.
 
 How a run waits (lua/flow_*.lua, one script per step):
 
-- **Concurrency.** Right after dequeue leases a task, ``flow_acquire`` either gives it a slot
-  of its key (a zset of holders) or moves it back from active to ``scheduled``, scored far
-  ahead (:data:`HELD_SCORE_S`), and puts it in the key's line, ordered by submission time.
-  Waiting holds no lease and uses no retry and no timeout. Asynqmon, the asynq CLI and a Go
-  Inspector see a scheduled task and can delete or run it. The finishing transitions (done,
-  mark_complete, retry, archive: their ``+flow`` variants) free the slot and promote the
-  oldest waiter in the same script call: the waiter's slot is reserved at once, it goes to the front of
-  pending, and idle workers are woken by the same publish an enqueue makes.
-  A slot's holder keeps it while its lease is live; a dead worker's slot is freed once its
-  lease lapses (by the next acquire, or by the recoverer's repair sweep).
+- **Concurrency.** Right after dequeue leases a task, ``flow_acquire`` either gives it a slot of
+  its key (a zset of holders) or moves it back from active to ``scheduled``, scored far ahead
+  (:data:`HELD_SCORE_S`), and puts it in the key's line, ordered by submission time. Waiting
+  holds no lease and uses no retry and no timeout. Asynqmon, the asynq CLI and a Go Inspector
+  see a scheduled task and can delete or run it. The finishing transitions (done, mark_complete,
+  retry, archive: their ``+flow`` variants) free the slot and promote the oldest waiter in the
+  same script call: the waiter's slot is reserved at once, it goes to the front of pending, and
+  idle workers are woken by the same publish an enqueue makes. A slot's holder keeps it while
+  its lease is live; a dead worker's slot is freed once its lease lapses (by the next acquire,
+  or by the recoverer's repair sweep).
 - **Rate.** ``flow_rate`` counts the runs a fixed window admitted; a run over the limit waits
   in ``scheduled`` until the window ends (a real time: the forwarder brings it back, and it
   is counted again in the next window).
