@@ -4,6 +4,7 @@ Redis, checked from the scripts' own start and end timestamps.
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
@@ -126,7 +127,7 @@ async def test_runs_of_one_key_never_overlap_and_start_in_submission_order(
     ids = [f"prod-{n:02d}" for n in range(50)]
     async with Client(redis) as client:
         # The first holds the slot for a while, so the others all meet a busy key.
-        await rig.submit(client, ids[0], "prod", seconds=2)
+        await rig.submit(client, ids[0], "prod", seconds=5)
         await wait_until(lambda: rig.started(ids[0]), timeout_s=60, interval_s=0.05,
                          message="the first deploy started")
         for task_id in ids[1:]:
@@ -136,14 +137,14 @@ async def test_runs_of_one_key_never_overlap_and_start_in_submission_order(
         held = (await flow.waiting_many(redis, [("default", ids[1])]))[0]
         return held is not None and (held.reason, held.key) == ("concurrency", "deploy:prod")
 
-    # Seen from outside while the first still runs (2 s, or the check fails with a timeout).
+    # Seen from outside while the first still runs (5 s, or the check fails with a timeout).
     await wait_until(second_waits, timeout_s=30, interval_s=0.02,
                      message="the second deploy waiting")
     assert await wait_until(lambda: all(rig.times(i) for i in ids), timeout_s=240,
                             interval_s=0.2, message="all 50 deploys ended")
     runs = [(rig.times(i), i) for i in ids]
     spans = sorted((t, i) for t, i in runs if t is not None)
-    for (before, _), (after, _) in zip(spans, spans[1:], strict=False):
+    for (before, _), (after, _) in itertools.pairwise(spans):
         assert after[0] >= before[1], "two deploys of one environment overlapped"
     assert [i for _, i in spans] == ids  # submission order within the key
     # Nothing is left holding or waiting.
