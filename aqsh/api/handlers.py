@@ -557,11 +557,15 @@ async def metrics(request: web.Request) -> web.Response:
 
     async def compute() -> list[QueueInfo]:
         infos = []
+        waiting: dict[tuple[str, str], int] = {}
         for qname in await state.inspector.queues():
             try:
                 infos.append(await state.inspector.queue_info(qname))
             except errors.QueueNotFound:
                 continue
+            for label, n in (await guarded(flow.waiting_census(state.redis, qname))).items():
+                waiting[label] = waiting.get(label, 0) + n
+        state.metrics.set_waiting(waiting)
         return infos
 
     await state.metrics.queue_figures.refresh(compute)

@@ -127,6 +127,10 @@ class Metrics:
             registry=self.registry)
         self.sse_clients = Gauge("aqsh_sse_clients", "SSE log followers connected",
                                  registry=self.registry)
+        self.runs_waiting = Gauge(
+            "aqsh_runs_waiting", "Runs held until their turn, by task and reason "
+            "(concurrency, rate), as of the last queue figures", ["task", "reason"],
+            registry=self.registry)
 
         # Labelled children by label values: ``labels()`` re-validates and hashes its arguments
         # on every call, which costs more per request than the increment itself. Bounded like
@@ -165,6 +169,12 @@ class Metrics:
     def webhook_attempt(self, event: str, outcome: str, duration_s: float) -> None:
         self.webhook_deliveries.labels(event, outcome).inc()
         self.webhook_duration.observe(duration_s)
+
+    def set_waiting(self, counts: dict[tuple[str, str], int]) -> None:
+        """Replace the held-run figures: a label set that no longer waits disappears."""
+        self.runs_waiting.clear()
+        for (task, reason), n in counts.items():
+            self.runs_waiting.labels(task, reason).set(n)
 
     def script_finished(self, task: str, outcome: str, duration_s: float) -> None:
         self.tasks_finished.labels(task, outcome).inc()

@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from aqsh.engine import keys
+from aqsh.engine import keys, wire
 from aqsh.engine.connection import RedisClient
 from aqsh.engine.models import TaskMessage
 
@@ -225,3 +225,25 @@ async def waiting_counts(client: RedisClient, qname: str) -> dict[str, int]:
     for name in names:
         pipe.zcard(keys.flow_wait_key(qname, name))
     return {name: int(n) for name, n in zip(names, await pipe.execute(), strict=True) if n}
+
+
+async def waiting_census(client: RedisClient, qname: str, *,
+                         limit: int = 10_000) -> dict[tuple[str, str], int]:
+    """How many runs of the queue wait, by (task type, reason): for a metrics gauge. Reads
+    the scheduled tasks due from now on (a held run is one), at most ``limit`` of them, so
+    a huge schedule costs a bounded scrape."""
+    q = keys.queue_keys(qname)
+    ids = await client.zrangebyscore(q.scheduled, int(time.time()), "+inf", start=0,
+                                     num=limit)
+    if not ids:
+        return {}
+    pipe = client.pipeline(transaction=False)
+    for task_id in ids:
+        pipe.hmget(q.task(_text(task_id) or ""), ["msg", "state", FIELD_REASON])
+    counts: dict[tuple[str, str], int] = {}
+    for msg, state, reason in await pipe.execute():
+        if msg is None or _text(state) != "scheduled" or reason is None:
+            continue
+        label = (wire.decode_task(msg).type, _text(reason) or "")
+        counts[label] = counts.get(label, 0) + 1
+    return counts

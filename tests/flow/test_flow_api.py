@@ -60,6 +60,9 @@ async def test_a_held_run_says_why_it_waits_and_starts_when_the_slot_frees(
     by_id = {r["id"]: r for r in body["runs"]}
     assert by_id[second]["waiting"] == held["waiting"]
     assert "waiting" not in by_id[other]
+    status, text, _ = await service.request("GET", "/metrics")
+    assert status == 200
+    assert 'aqsh_runs_waiting{reason="concurrency",task="hold"} 2.0' in text
     # Cancelling the holder frees its slot: the next in line runs, the third moves up.
     status, _, _ = await service.request("DELETE", f"/tasks/{first}", headers=ADMIN)
     assert status in (200, 202)
