@@ -83,7 +83,7 @@ async def main_async(args: argparse.Namespace) -> None:
             for side in ("plain", "limit") if round_no % 2 == 0 else ("limit", "plain"):
                 await samples.measure(
                     f"{side}_tasks_per_s",
-                    lambda side=side, n=round_no: drain(  # type: ignore[misc]
+                    lambda side=side, n=round_no: drain(
                         server.url, f"held-{side}-{n}", args.tasks, args.concurrency,
                         side == "limit"))
     _common.report("held", {

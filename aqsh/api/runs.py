@@ -167,7 +167,7 @@ async def list_runs(request: web.Request) -> web.Response:
     waiting = await guarded(flow.waiting_many(
         state.redis, [(run.info.queue, run.info.id) for run in page.runs]))
     body: dict[str, Any] = {
-        "runs": [with_waiting(task_document(run.info, *t), w)
+        "runs": [with_waiting(task_document(run.info, *t), w, run.info)
                  for run, t, w in zip(page.runs, times, waiting, strict=True)],
         "next": encode_cursor(page.next) if page.next is not None else None,
     }

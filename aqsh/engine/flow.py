@@ -32,6 +32,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
+
 from aqsh.engine import keys, wire
 from aqsh.engine.connection import RedisClient
 from aqsh.engine.models import TaskMessage
@@ -49,8 +51,16 @@ HEADER_RATE_PER_S = "aqsh-rate-per-s"
 #: show a date nobody mistakes for a real schedule, and asynq's forwarder never reaches it.
 HELD_SCORE_S = 4_102_444_800
 
+#: A run waiting for other tasks (:data:`HEADER_AFTER`) is scored one second later: the
+#: dependency sweep finds exactly those with one range query.
+AFTER_SCORE_S = HELD_SCORE_S + 1
+#: The tasks a run waits for, as a JSON list of ``[queue, id]`` pairs. The rule travels in
+#: the message, so the run is stored waiting by the one script that schedules it.
+HEADER_AFTER = "aqsh-after"
+
 REASON_CONCURRENCY = "concurrency"
 REASON_RATE = "rate"
+REASON_AFTER = "after"
 #: Hash fields of a waiting run (beside asynq's; Go ignores fields it does not know).
 FIELD_REASON = "aqsh_wait_reason"
 FIELD_KEY = "aqsh_wait_key"
@@ -99,6 +109,24 @@ def headers(*, concurrency: Concurrency | None = None,
         out[HEADER_RATE_LIMIT] = str(rate.limit)
         out[HEADER_RATE_PER_S] = str(rate.per_s)
     return out
+
+
+def after_headers(dependencies: Sequence[tuple[str, str]]) -> dict[str, str]:
+    """The header of a run that may start only once every (queue, id) has completed; such a
+    run is scheduled at :data:`AFTER_SCORE_S`."""
+    return {HEADER_AFTER: msgspec.json.encode([list(d) for d in dependencies]).decode()}
+
+
+def after_of(msg: TaskMessage) -> list[tuple[str, str]]:
+    """The (queue, id) pairs the run waits for; [] without (or with a malformed) header."""
+    raw = msg.headers.get(HEADER_AFTER)
+    if not raw:
+        return []
+    try:
+        pairs = msgspec.json.decode(raw, type=list[tuple[str, str]])
+    except msgspec.DecodeError:
+        return []
+    return [(q, i) for q, i in pairs]
 
 
 def _positive(text: str | None) -> int | None:
@@ -242,8 +270,11 @@ async def waiting_census(client: RedisClient, qname: str, *,
         pipe.hmget(q.task(_text(task_id) or ""), ["msg", "state", FIELD_REASON])
     counts: dict[tuple[str, str], int] = {}
     for msg, state, reason in await pipe.execute():
-        if msg is None or _text(state) != "scheduled" or reason is None:
+        if msg is None or _text(state) != "scheduled":
             continue
-        label = (wire.decode_task(msg).type, _text(reason) or "")
-        counts[label] = counts.get(label, 0) + 1
+        decoded = wire.decode_task(msg)
+        why = _text(reason) or (REASON_AFTER if HEADER_AFTER in decoded.headers else None)
+        if why is None:
+            continue
+        counts[(decoded.type, why)] = counts.get((decoded.type, why), 0) + 1
     return counts

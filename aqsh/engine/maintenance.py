@@ -175,6 +175,24 @@ class Recoverer(Periodic):
         return recovered
 
 
+class DependencySweep(Periodic):
+    """Runs submitted to start after other tasks (aqsh.engine.flow.HEADER_AFTER) start once
+    all of those completed, or are cancelled when one failed or was cancelled: looked at every
+    second, so a dependent starts at most ~1 s after its last dependency completed."""
+
+    name = "dependencies"
+
+    def __init__(self, broker: Broker, queues: Sequence[str], clock: Clock,
+                 interval_s: float = 1.0, loops: Loops | None = None) -> None:
+        super().__init__(interval_s, run_first=True, loops=loops)
+        self.broker, self.queues, self.clock = broker, list(queues), clock
+
+    async def run_once(self) -> int:
+        now_s = int(self.clock.now_s())
+        return sum([await self.broker.sweep_dependencies(qname, now_s=now_s)
+                    for qname in self.queues])
+
+
 class Janitor(Periodic):
     """Completed tasks past their retention are deleted (asynq: every 8 s, batches of 100)."""
 

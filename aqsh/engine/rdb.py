@@ -228,6 +228,54 @@ class RedisBroker:
                     held.add(i)
         return [m for i, m in enumerate(leased) if i not in held]
 
+    async def sweep_dependencies(self, qname: str, *, now_s: int) -> int:
+        """Runs of the queue waiting for other tasks (aqsh.engine.flow.HEADER_AFTER): start
+        those whose dependencies all completed; cancel (archive, naming the dependency) those
+        with one archived (failed or cancelled) or gone. How many moved.
+
+        Dependencies may live in other queues (other Cluster slots): their states are read
+        one command each, and only the waiter's own keys are written, in one script."""
+        q = keys.queue_keys(qname)
+        ids = await guarded(self.client.zrangebyscore(
+            q.scheduled, flow.AFTER_SCORE_S, flow.AFTER_SCORE_S, start=0, num=1000))
+        if not ids:
+            return 0
+        task_ids = [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
+        pipe = self.client.pipeline(transaction=False)
+        for task_id in task_ids:
+            pipe.hget(q.task(task_id), "msg")
+        raws = await guarded(pipe.execute())
+        waiting = [(wire.decode_task(raw), flow.after_of(wire.decode_task(raw)))
+                   for raw in raws if raw is not None]
+        deps = sorted({d for _, after in waiting for d in after})
+        if not deps:
+            return 0
+        pipe = self.client.pipeline(transaction=False)
+        for dq, did in deps:
+            pipe.hget(keys.queue_keys(dq).task(did), "state")
+        states = {d: (s.decode() if isinstance(s, bytes) else s)
+                  for d, s in zip(deps, await guarded(pipe.execute()), strict=True)}
+        moved = 0
+        for msg, after in waiting:
+            if not after:
+                continue
+            problem = next((f"dependency {did} no longer exists" if states[(dq, did)] is None
+                            else f"dependency {did} was archived (failed or cancelled)"
+                            for dq, did in after
+                            if states[(dq, did)] in (None, "archived")), None)
+            if problem is None and not all(states[d] == "completed" for d in after):
+                continue  # still waiting
+            encoded = b""
+            if problem is not None:
+                encoded = wire.encode_task(msgspec.structs.replace(
+                    msg, error_msg=problem, last_failed_at_s=int(now_s)))
+            moved += int(await guarded(self.scripts.run(
+                "flow_after_end", [q.scheduled, q.pending, q.archived, q.task(msg.id)],
+                [msg.id, "run" if problem is None else "cancel", flow.AFTER_SCORE_S,
+                 int(now_s), int(now_s) * 1_000_000_000, encoded, qname,
+                 keys.WAKE_CHANNEL])))
+        return moved
+
     async def repair_flow(self, qname: str, *, now_s: int) -> int:
         """The held-run sweep of one queue (lua/flow_repair.lua); how many waiters it
         promoted."""
