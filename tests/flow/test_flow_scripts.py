@@ -152,3 +152,47 @@ async def test_a_rate_window_admits_its_limit_and_delays_the_rest_to_its_end(
     await broker.forward_if_ready(["default"], now_ns=window_end * 1_000_000_000)
     later = await broker.dequeue_many(["default"], limit=10, now_s=window_end)
     assert len(later) == 2
+
+
+async def test_a_waiter_run_by_hand_waits_again_at_its_place_in_line(
+        redis: aioredis.Redis, broker: RedisBroker, client: Client) -> None:
+    """An asynq tool that runs a held task (scheduled → pending) cannot break the limit: the
+    next dequeue puts it back in line, where its submission time says, not at the end."""
+    for n in range(4):
+        rule = flow.headers(concurrency=flow.Concurrency("deploy:prod", 1, seq_us=1000 + n))
+        await client.enqueue("deploy", b"{}", task_id=f"d{n}", headers=rule)
+    first = await broker.dequeue_many(["default"], limit=10, now_s=now_s())
+    assert [m.message.id for m in first] == ["d0"]
+    await Inspector(redis).run_task("default", "d2")
+    assert await broker.dequeue_many(["default"], limit=10, now_s=now_s()) == []
+    assert await ids(redis, keys.flow_wait_key("default", "deploy:prod")) == ["d1", "d2", "d3"]
+    await broker.done(first[0].message, now_s=now_s())
+    assert [m.message.id for m in await broker.dequeue_many(["default"], limit=10,
+                                                           now_s=now_s())] == ["d1"]
+
+
+async def test_acquires_arriving_out_of_order_keep_submission_order(
+        redis: aioredis.Redis, broker: RedisBroker, client: Client) -> None:
+    """Two workers race: the later submission's acquire arrives first. The line is by
+    submission time, so the earlier one still goes first."""
+    holder = flow.headers(concurrency=flow.Concurrency("k", 1, seq_us=1))
+    await client.enqueue("t", b"", task_id="holder", headers=holder)
+    running = await broker.dequeue_many(["default"], limit=1, now_s=now_s())
+    for task_id, seq in (("early", 10), ("late", 20)):
+        await client.enqueue("t", b"", task_id=task_id,
+                             headers=flow.headers(concurrency=flow.Concurrency("k", 1, seq)))
+    # Lease both without flow control, then acquire in the reverse order.
+    raw = await broker.scripts.run("dequeue", [Q.pending, Q.paused, Q.active, Q.lease],
+                                   [now_s() + 30, Q.task_prefix, 10])
+    assert len(raw) == 2
+    for task_id in ("late", "early"):
+        info = await Inspector(redis).find_task(task_id, ["default"])
+        rule = flow.concurrency_of(info.message)
+        assert rule is not None
+        name, key_list, args = flow.acquire_call(info.message, rule, now_s=now_s(),
+                                                 now_ns=time.time_ns(), reserve_s=30)
+        assert await broker.scripts.run(name, key_list, args) == 0
+    assert await ids(redis, keys.flow_wait_key("default", "k")) == ["early", "late"]
+    await broker.done(running[0].message, now_s=now_s())
+    assert [m.message.id for m in await broker.dequeue_many(["default"], limit=10,
+                                                           now_s=now_s())] == ["early"]
