@@ -18,6 +18,7 @@
 -- ARGV[9] -> now (Unix ns), pending_since of a promoted waiter
 -- ARGV[10] -> queue name, published on ARGV[11] (the wake-up channel) when a waiter moves
 -- ARGV[12] -> the run's place in the line: its submission time (Unix us)
+-- KEYS[9]  -> aqsh:{q}:flow:waited, ARGV[13] -> the task type (a started waiter's wait)
 -- Returns 1 when the task holds a slot and may run, 0 when it now waits (moved from active
 -- to scheduled: no lease, no retry and no timeout used while it waits).
 --@include flow_lib
@@ -29,6 +30,7 @@ if redis.call("ZSCORE", KEYS[6], id)
   -- Its own reservation (a promoted waiter, a redelivery), or a free slot nobody waits for.
   redis.call("ZADD", KEYS[6], ARGV[4], id)
   redis.call("HDEL", KEYS[5], "aqsh_wait_reason", "aqsh_wait_key")
+  flow_record_wait(KEYS[5], KEYS[9], ARGV[13], ARGV[7])
   return 1
 end
 redis.call("LREM", KEYS[1], 0, id)

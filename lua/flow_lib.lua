@@ -60,3 +60,13 @@ local function flow_forget_if_idle(registry, flow_key, slots, wait)
     redis.call("HDEL", registry, flow_key)
   end
 end
+
+-- A run that waited starts: its wait goes to the queue's short list of waits for the metrics.
+local function flow_record_wait(task_key, waited, task_type, now_ms)
+  local since = redis.call("HGET", task_key, "aqsh_wait_since")
+  if since then
+    redis.call("HDEL", task_key, "aqsh_wait_since")
+    redis.call("LPUSH", waited, task_type .. "\t" .. (tonumber(now_ms) - tonumber(since)))
+    redis.call("LTRIM", waited, 0, 9999)
+  end
+end

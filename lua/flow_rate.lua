@@ -10,13 +10,19 @@
 -- ARGV[3] -> the window's end (Unix s): the counter's expiry and a held run's score
 -- ARGV[4] -> the rate key
 -- ARGV[5] -> now (Unix ms), when waiting began
+-- KEYS[6] -> aqsh:{q}:flow:waited; ARGV[6] -> the task type; ARGV[7] -> 1 to record a wait
+--            on admission (0 when a concurrency slot is still to be taken: that records it)
 -- Returns 0 when admitted, else the window's end (the task now waits in scheduled).
+--@include flow_lib
 local id = ARGV[1]
 if redis.call("INCR", KEYS[5]) <= tonumber(ARGV[2]) then
   if redis.call("TTL", KEYS[5]) < 0 then
     redis.call("EXPIREAT", KEYS[5], tonumber(ARGV[3]) + 60)
   end
   redis.call("HDEL", KEYS[4], "aqsh_wait_reason", "aqsh_wait_key")
+  if ARGV[7] == "1" then
+    flow_record_wait(KEYS[4], KEYS[6], ARGV[6], ARGV[5])
+  end
   return 0
 end
 redis.call("DECR", KEYS[5])

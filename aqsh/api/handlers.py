@@ -606,6 +606,7 @@ async def metrics(request: web.Request) -> web.Response:
                 continue
             for label, n in (await guarded(flow.waiting_census(state.redis, qname))).items():
                 waiting[label] = waiting.get(label, 0) + n
+            state.metrics.runs_waited(await guarded(flow.take_waits(state.redis, qname)))
         state.metrics.set_waiting(waiting)
         return infos
 

@@ -131,6 +131,11 @@ class Metrics:
             "aqsh_runs_waiting", "Runs held until their turn, by task and reason "
             "(concurrency, rate), as of the last queue figures", ["task", "reason"],
             registry=self.registry)
+        self.run_wait = Histogram(
+            "aqsh_run_wait_seconds", "Time held runs waited for their turn (concurrency, "
+            "rate) before they started", ["task"],
+            buckets=(0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 86400),
+            registry=self.registry)
 
         # Labelled children by label values: ``labels()`` re-validates and hashes its arguments
         # on every call, which costs more per request than the increment itself. Bounded like
@@ -175,6 +180,10 @@ class Metrics:
         self.runs_waiting.clear()
         for (task, reason), n in counts.items():
             self.runs_waiting.labels(task, reason).set(n)
+
+    def runs_waited(self, waits: list[tuple[str, float]]) -> None:
+        for task, waited_s in waits:
+            self.run_wait.labels(task).observe(waited_s)
 
     def script_finished(self, task: str, outcome: str, duration_s: float) -> None:
         self.tasks_finished.labels(task, outcome).inc()

@@ -161,10 +161,10 @@ def acquire_call(msg: TaskMessage, rule: Concurrency, *, now_s: int, now_ns: int
     q = keys.queue_keys(msg.queue)
     key_list = [q.active, q.lease, q.scheduled, q.pending, q.task(msg.id),
                 keys.flow_slots_key(msg.queue, rule.key), keys.flow_wait_key(msg.queue, rule.key),
-                keys.flow_registry_key(msg.queue)]
+                keys.flow_registry_key(msg.queue), keys.flow_waited_key(msg.queue)]
     args: list[Any] = [msg.id, rule.limit, now_s, now_s + reserve_s, HELD_SCORE_S, rule.key,
                        now_ns // 1_000_000, q.task_prefix, now_ns, msg.queue,
-                       keys.WAKE_CHANNEL, rule.seq_us or now_ns // 1000]
+                       keys.WAKE_CHANNEL, rule.seq_us or now_ns // 1000, msg.type]
     return "flow_acquire", key_list, args
 
 
@@ -173,9 +173,10 @@ def rate_call(msg: TaskMessage, rule: Rate, *, now_s: int,
     q = keys.queue_keys(msg.queue)
     start_s = rule.window_start_s(now_s)
     key_list = [q.active, q.lease, q.scheduled, q.task(msg.id),
-                keys.flow_rate_key(msg.queue, rule.key, start_s)]
+                keys.flow_rate_key(msg.queue, rule.key, start_s), keys.flow_waited_key(msg.queue)]
+    record = 0 if concurrency_of(msg) is not None else 1
     return "flow_rate", key_list, [msg.id, rule.limit, start_s + rule.per_s, rule.key,
-                                   now_ns // 1_000_000]
+                                   now_ns // 1_000_000, msg.type, record]
 
 
 def with_release(call: tuple[str, list[str], list[Any]], msg: TaskMessage, *, now_s: int,
@@ -278,3 +279,16 @@ async def waiting_census(client: RedisClient, qname: str, *,
             continue
         counts[(decoded.type, why)] = counts.get((decoded.type, why), 0) + 1
     return counts
+
+
+async def take_waits(client: RedisClient, qname: str,
+                     count: int = 10_000) -> list[tuple[str, float]]:
+    """(task type, seconds waited) of the held runs that started since the last call, taken
+    off the queue's list (RPOP: API replicas that scrape share them, none counted twice)."""
+    raw = await client.rpop(keys.flow_waited_key(qname), count)
+    out: list[tuple[str, float]] = []
+    for item in raw or []:
+        task_type, _, waited_ms = (_text(item) or "").rpartition("\t")
+        if waited_ms.isdigit():
+            out.append((task_type, int(waited_ms) / 1000))
+    return out

@@ -75,6 +75,12 @@ def flow_wait_key(qname: str, flow_key: str) -> str:
     return flow_wait_prefix(qname) + flow_key
 
 
+def flow_waited_key(qname: str) -> str:
+    """List of ``<task type>\t<ms waited>`` of held runs that started, newest first (kept
+    short): what the API's metrics turn into a histogram of time spent waiting."""
+    return flow_base(qname) + "waited"
+
+
 def flow_rate_key(qname: str, rate_key: str, window_start_s: int) -> str:
     """Counter of the runs a rate window of ``rate_key`` admitted (expires after it)."""
     return f"{flow_base(qname)}rate:{rate_key}:{window_start_s}"

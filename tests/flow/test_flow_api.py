@@ -69,6 +69,13 @@ async def test_a_held_run_says_why_it_waits_and_starts_when_the_slot_frees(
     await wait_until(lambda: _state_is(doc, second, "active"), timeout_s=30,
                      message="the second run started")
     assert "waiting" not in await doc(second)
+
+    async def wait_observed() -> bool:
+        _, text, _ = await service.request("GET", "/metrics")
+        return 'aqsh_run_wait_seconds_count{task="hold"} 1.0' in text
+
+    await wait_until(wait_observed, timeout_s=30, interval_s=0.5,
+                     message="the second run's wait in the histogram")
     assert (await doc(third))["waiting"]["position"] == 0
 
 
