@@ -40,6 +40,14 @@ tasks:
       - {name: out, env: OUT_DIR, required: true, type: string}
       - {name: seconds, env: HOLD_S, type: float, default: 0.02}
       - {name: barrier, env: BARRIER, type: int, default: 0}
+  ping:
+    script: deploy.sh
+    max_retry: 0
+    rate_limit: {limit: 2, per: 4s}
+    input:
+      - {name: out, env: OUT_DIR, required: true, type: string}
+      - {name: seconds, env: HOLD_S, type: float, default: 0}
+      - {name: barrier, env: BARRIER, type: int, default: 0}
 """
 
 #: Writes its own start and end times (ns). With a barrier it waits (60 s at most) until that
@@ -68,7 +76,9 @@ class Rig:
         self.config = tmp / "tasks.yaml"
         self.config.write_text(textwrap.dedent(TASKS_YAML))
         self.scripts = scripts
-        self.spec: TaskSpec = load_tasks(self.config, scripts).tasks["deploy"]
+        loaded = load_tasks(self.config, scripts).tasks
+        self.spec: TaskSpec = loaded["deploy"]
+        self.ping: TaskSpec = loaded["ping"]
         self.out = tmp / "out"
         self.out.mkdir()
         self.workers: list[subprocess.Popen[bytes]] = []
@@ -94,6 +104,12 @@ class Rig:
         await client.enqueue("deploy", msgspec.json.encode(values), queue="default",
                              max_retry=0, task_id=task_id,
                              headers=flow_headers(self.spec, values))
+
+    async def submit_ping(self, client: Client, task_id: str) -> None:
+        values = {"out": str(self.out)}
+        await client.enqueue("ping", msgspec.json.encode(values), queue="default",
+                             max_retry=0, task_id=task_id,
+                             headers=flow_headers(self.ping, values))
 
     def times(self, task_id: str) -> tuple[int, int] | None:
         start, end = self.out / f"{task_id}.start", self.out / f"{task_id}.end"
@@ -195,3 +211,29 @@ async def test_a_killed_slot_holder_frees_its_slot_after_the_lease(
                      message="the waiter ran after the lease")
     holder = await inspector.find_task("holder", ["default"])
     assert holder.state in (TaskState.ARCHIVED, TaskState.RETRY)
+
+
+async def test_a_rate_window_admits_its_limit_and_delays_the_rest(
+        rig: Rig, redis: aioredis.Redis) -> None:
+    """2 runs per 4 s window: 5 runs need three windows, so the fifth starts at least a whole
+    window after the first (all five start within a second without the limit)."""
+    for _ in range(2):
+        rig.start_worker()
+    ids = [f"ping-{n}" for n in range(5)]
+    async with Client(redis) as client:
+        for task_id in ids:
+            await rig.submit_ping(client, task_id)
+
+    async def some_wait_for_the_window() -> bool:
+        held = await flow.waiting_many(redis, [("default", i) for i in ids])
+        return sum(1 for w in held if w is not None and w.reason == "rate") >= 1
+
+    await wait_until(some_wait_for_the_window, timeout_s=30, interval_s=0.02,
+                     message="runs delayed by the window")
+    await wait_until(lambda: all(rig.times(i) for i in ids), timeout_s=120, interval_s=0.2,
+                     message="all five ran")
+    starts = sorted(t[0] for t in (rig.times(i) for i in ids) if t is not None)
+    assert len(starts) == 5
+    # Not failed, delayed: every run completed (its end time is there) ...
+    # ... and the fifth started at least one window (less a second of start-up) after the first.
+    assert starts[4] - starts[0] >= 3 * 1_000_000_000
