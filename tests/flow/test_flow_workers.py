@@ -40,6 +40,7 @@ tasks:
       - {name: out, env: OUT_DIR, required: true, type: string}
       - {name: seconds, env: HOLD_S, type: float, default: 0.02}
       - {name: barrier, env: BARRIER, type: int, default: 0}
+      - {name: gate, env: GATE, type: string, default: ""}
   ping:
     script: deploy.sh
     max_retry: 0
@@ -51,7 +52,8 @@ tasks:
 """
 
 #: Writes its own start and end times (ns). With a barrier it waits (60 s at most) until that
-#: many runs have started: runs that may not overlap never pass it.
+#: many runs have started: runs that may not overlap never pass it. With a gate it waits
+#: (120 s at most) until that file exists.
 DEPLOY_SH = """\
 #!/bin/sh
 echo "$(date +%s%N)" > "$OUT_DIR/$AQSH_TASK_ID.start"
@@ -60,6 +62,10 @@ if [ "$BARRIER" -gt 0 ]; then
   while [ "$(ls "$OUT_DIR" | grep -c '\\.start$')" -lt "$BARRIER" ] && [ $i -lt 600 ]; do
     sleep 0.1; i=$((i + 1))
   done
+fi
+if [ -n "$GATE" ]; then
+  i=0
+  while [ ! -e "$GATE" ] && [ $i -lt 1200 ]; do sleep 0.1; i=$((i + 1)); done
 fi
 sleep "$HOLD_S"
 echo "$(date +%s%N)" > "$OUT_DIR/$AQSH_TASK_ID.end"
@@ -142,8 +148,9 @@ async def test_runs_of_one_key_never_overlap_and_start_in_submission_order(
         rig.start_worker()
     ids = [f"prod-{n:02d}" for n in range(50)]
     async with Client(redis) as client:
-        # The first holds the slot for a while, so the others all meet a busy key.
-        await rig.submit(client, ids[0], "prod", seconds=5)
+        # The first holds the slot until the gate opens, so the others all meet a busy key.
+        gate = rig.tmp / "gate"
+        await rig.submit(client, ids[0], "prod", gate=str(gate))
         await wait_until(lambda: rig.started(ids[0]), timeout_s=60, interval_s=0.05,
                          message="the first deploy started")
         for task_id in ids[1:]:
@@ -153,16 +160,22 @@ async def test_runs_of_one_key_never_overlap_and_start_in_submission_order(
         held = (await flow.waiting_many(redis, [("default", ids[1])]))[0]
         return held is not None and (held.reason, held.key) == ("concurrency", "deploy:prod")
 
-    # Seen from outside while the first still runs (5 s, or the check fails with a timeout).
-    await wait_until(second_waits, timeout_s=30, interval_s=0.02,
+    await wait_until(second_waits, timeout_s=60, interval_s=0.05,
                      message="the second deploy waiting")
+
+    async def all_in_line() -> bool:
+        line = keys.flow_wait_key("default", "deploy:prod")
+        return int(await redis.zcard(line)) == len(ids) - 1
+
+    await wait_until(all_in_line, timeout_s=60, interval_s=0.05, message="49 runs in line")
+    gate.touch()
     assert await wait_until(lambda: all(rig.times(i) for i in ids), timeout_s=240,
                             interval_s=0.2, message="all 50 deploys ended")
     runs = [(rig.times(i), i) for i in ids]
     spans = sorted((t, i) for t, i in runs if t is not None)
-    for (before, _), (after, _) in itertools.pairwise(spans):
-        assert after[0] >= before[1], "two deploys of one environment overlapped"
-    assert [i for _, i in spans] == ids  # submission order within the key
+    for (before, first), (after, second) in itertools.pairwise(spans):
+        assert after[0] >= before[1], f"{first} and {second} overlapped: {spans}"
+    assert [i for _, i in spans] == ids, f"not in submission order: {spans}"
     # Nothing is left holding or waiting.
     assert await redis.zcard(keys.flow_slots_key("default", "deploy:prod")) == 0
     assert await redis.zcard(keys.flow_wait_key("default", "deploy:prod")) == 0
