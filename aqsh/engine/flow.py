@@ -20,6 +20,11 @@ How a run waits (lua/flow_*.lua, one script per step):
 - **Rate.** ``flow_rate`` counts the runs a fixed window admitted; a run over the limit waits
   in ``scheduled`` until the window ends (a real time: the forwarder brings it back, and it
   is counted again in the next window).
+- **Dependencies.** A run carrying :data:`HEADER_AFTER` is enqueued scheduled at
+  :data:`AFTER_SCORE_S`; the servers' dependency sweep (every second) starts it once every
+  task it names completed, or archives it, naming the task, once one was archived or is gone
+  (``flow_after_end``). Dependencies may be in other queues (other Cluster slots): their
+  states are read one command each, and only the waiter's own queue is written.
 
 While a run waits its task hash says why (``aqsh_wait_reason``, ``aqsh_wait_key``, and
 ``aqsh_wait_since`` in Unix ms); :func:`waiting_many` reads that for the HTTP API.
