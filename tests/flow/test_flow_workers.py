@@ -188,13 +188,21 @@ async def test_different_keys_run_in_parallel(rig: Rig, redis: aioredis.Redis) -
     async with Client(redis) as client:
         for env in envs:
             await rig.submit(client, env, env, barrier=3)
-    await wait_until(lambda: all(rig.times(e) for e in envs), timeout_s=120, interval_s=0.2,
-                     message="the three deploys ended")
-    spans = [rig.times(e) for e in envs]
-    starts = [s[0] for s in spans if s is not None]
-    ends = [s[1] for s in spans if s is not None]
-    # Each passed the barrier: all three had started before any ended.
+        await rig.submit(client, "prod-again", "prod", barrier=3)  # same key as "prod"
+    ids = [*envs, "prod-again"]
+    await wait_until(lambda: all(rig.times(i) for i in ids), timeout_s=120, interval_s=0.2,
+                     message="the four deploys ended")
+    spans = {i: rig.times(i) for i in ids}
+    starts = [s[0] for e, s in spans.items() if s is not None and e in envs]
+    ends = [s[1] for e, s in spans.items() if s is not None and e in envs]
+    # Each passed the barrier: all three environments had started before any ended ...
     assert max(starts) < min(ends)
+    # ... while the two prod deploys did not overlap (which one went first is a race: both
+    # met a free slot at once).
+    prod, again = spans["prod"], spans["prod-again"]
+    assert prod is not None
+    assert again is not None
+    assert again[0] >= prod[1] or prod[0] >= again[1]
 
 
 async def test_a_killed_slot_holder_frees_its_slot_after_the_lease(
