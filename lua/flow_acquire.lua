@@ -30,7 +30,7 @@ if redis.call("ZSCORE", KEYS[6], id)
   -- Its own reservation (a promoted waiter, a redelivery), or a free slot nobody waits for.
   redis.call("ZADD", KEYS[6], ARGV[4], id)
   redis.call("HDEL", KEYS[5], "aqsh_wait_reason", "aqsh_wait_key")
-  flow_record_wait(KEYS[5], KEYS[9], ARGV[13], ARGV[7])
+  flow_record_wait(KEYS[5], KEYS[9], ARGV[13], ARGV[7], id)
   return 1
 end
 redis.call("LREM", KEYS[1], 0, id)

@@ -33,11 +33,13 @@ local function flow_promote(slots, wait, limit, scheduled, pending, prefix, rese
                             qname, channel)
   local moved = 0
   while redis.call("ZCARD", slots) < limit do
-    local head = redis.call("ZPOPMIN", wait)
+    -- ZRANGE + ZREM rather than ZPOPMIN: the commands of aqsh's documented ACL.
+    local head = redis.call("ZRANGE", wait, 0, 0)
     if #head == 0 then
       break
     end
     local id = head[1]
+    redis.call("ZREM", wait, id)
     local key = prefix .. id
     if redis.call("HGET", key, "aqsh_wait_reason") == "concurrency"
         and redis.call("ZREM", scheduled, id) == 1 then
@@ -61,12 +63,14 @@ local function flow_forget_if_idle(registry, flow_key, slots, wait)
   end
 end
 
--- A run that waited starts: its wait goes to the queue's short list of waits for the metrics.
-local function flow_record_wait(task_key, waited, task_type, now_ms)
+-- A run that waited starts: its wait goes to the queue's short record of waits (a zset by
+-- start time, the newest 10000 kept) for the metrics.
+local function flow_record_wait(task_key, waited, task_type, now_ms, id)
   local since = redis.call("HGET", task_key, "aqsh_wait_since")
   if since then
     redis.call("HDEL", task_key, "aqsh_wait_since")
-    redis.call("LPUSH", waited, task_type .. "\t" .. (tonumber(now_ms) - tonumber(since)))
-    redis.call("LTRIM", waited, 0, 9999)
+    redis.call("ZADD", waited, now_ms,
+               task_type .. "\t" .. (tonumber(now_ms) - tonumber(since)) .. "\t" .. id)
+    redis.call("ZREMRANGEBYRANK", waited, 0, -10001)
   end
 end

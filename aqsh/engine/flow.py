@@ -19,7 +19,8 @@ How a run waits (lua/flow_*.lua, one script per step):
   or by the recoverer's repair sweep).
 - **Rate.** ``flow_rate`` counts the runs a fixed window admitted; a run over the limit waits
   in ``scheduled`` until the window ends (a real time: the forwarder brings it back, and it
-  is counted again in the next window).
+  is counted again in the next window). A run with both rules is counted once: a promoted
+  concurrency waiter (its slot reserved) passes its rate check without counting.
 - **Dependencies.** A run carrying :data:`HEADER_AFTER` is enqueued scheduled at
   :data:`AFTER_SCORE_S`; the servers' dependency sweep (every second) starts it once every
   task it names completed, or archives it, naming the task, once one was archived or is gone
@@ -42,6 +43,7 @@ import msgspec
 from aqsh.engine import keys, wire
 from aqsh.engine.connection import RedisClient
 from aqsh.engine.models import TaskMessage
+from aqsh.engine.scripts import Scripts
 
 HEADER_CONCURRENCY_KEY = "aqsh-concurrency-key"
 HEADER_CONCURRENCY_LIMIT = "aqsh-concurrency-limit"
@@ -179,7 +181,10 @@ def rate_call(msg: TaskMessage, rule: Rate, *, now_s: int,
     start_s = rule.window_start_s(now_s)
     key_list = [q.active, q.lease, q.scheduled, q.task(msg.id),
                 keys.flow_rate_key(msg.queue, rule.key, start_s), keys.flow_waited_key(msg.queue)]
-    record = 0 if concurrency_of(msg) is not None else 1
+    slots = concurrency_of(msg)
+    if slots is not None:  # a promoted waiter passed its rate window when it first came
+        key_list.append(keys.flow_slots_key(msg.queue, slots.key))
+    record = 0 if slots is not None else 1
     return "flow_rate", key_list, [msg.id, rule.limit, start_s + rule.per_s, rule.key,
                                    now_ns // 1_000_000, msg.type, record]
 
@@ -239,26 +244,28 @@ async def waiting_many(client: RedisClient,
         if reason == REASON_CONCURRENCY:
             positions.append((i, qname, task_id, key))
     if positions:
+        # A run's place is how many in its line were submitted before it: ZSCORE, then the
+        # ids scored below (not ZRANK: aqsh's documented ACL has no ZRANK).
         pipe = client.pipeline(transaction=False)
         for _, qname, task_id, key in positions:
-            pipe.zrank(keys.flow_wait_key(qname, key), task_id)
-        for (i, _, _, _), pos in zip(positions, await pipe.execute(), strict=True):
+            pipe.zscore(keys.flow_wait_key(qname, key), task_id)
+        scores = await pipe.execute()
+        pipe = client.pipeline(transaction=False)
+        placed = [(p, sc) for p, sc in zip(positions, scores, strict=True) if sc is not None]
+        for (_, qname, _, key), score in placed:
+            line = keys.flow_wait_key(qname, key)
+            pipe.zrangebyscore(line, "-inf", f"({score!r}")
+            pipe.zrangebyscore(line, score, score)  # ties: Redis orders them by member
+        replies = await pipe.execute()
+        for n, ((i, _, task_id, _), _) in enumerate(placed):
+            below, level = replies[2 * n], replies[2 * n + 1]
+            mine = task_id.encode()
+            ahead = len(below) + sum(
+                1 for m in level if (m if isinstance(m, bytes) else str(m).encode()) < mine)
             held = out[i]
-            if held is not None and pos is not None:
-                out[i] = Waiting(held.reason, held.key, int(pos), held.since_ms)
+            if held is not None:
+                out[i] = Waiting(held.reason, held.key, ahead, held.since_ms)
     return out
-
-
-async def waiting_counts(client: RedisClient, qname: str) -> dict[str, int]:
-    """How many runs of the queue wait for a slot, per concurrency key."""
-    registry = await client.hkeys(keys.flow_registry_key(qname))
-    names = [_text(k) or "" for k in registry]
-    if not names:
-        return {}
-    pipe = client.pipeline(transaction=False)
-    for name in names:
-        pipe.zcard(keys.flow_wait_key(qname, name))
-    return {name: int(n) for name, n in zip(names, await pipe.execute(), strict=True) if n}
 
 
 async def waiting_census(client: RedisClient, qname: str, *,
@@ -289,11 +296,13 @@ async def waiting_census(client: RedisClient, qname: str, *,
 async def take_waits(client: RedisClient, qname: str,
                      count: int = 10_000) -> list[tuple[str, float]]:
     """(task type, seconds waited) of the held runs that started since the last call, taken
-    off the queue's list (RPOP: API replicas that scrape share them, none counted twice)."""
-    raw = await client.rpop(keys.flow_waited_key(qname), count)
+    off the queue's record in one script call (API replicas that scrape share them, none is
+    counted twice)."""
+    raw = await Scripts(client).run("flow_take_waits", [keys.flow_waited_key(qname)], [count])
     out: list[tuple[str, float]] = []
     for item in raw or []:
-        task_type, _, waited_ms = (_text(item) or "").rpartition("\t")
+        task_type, _, _id = (_text(item) or "").rpartition("\t")  # drop the id
+        task_type, _, waited_ms = task_type.rpartition("\t")
         if waited_ms.isdigit():
             out.append((task_type, int(waited_ms) / 1000))
     return out

@@ -76,8 +76,8 @@ def flow_wait_key(qname: str, flow_key: str) -> str:
 
 
 def flow_waited_key(qname: str) -> str:
-    """List of ``<task type>\t<ms waited>`` of held runs that started, newest first (kept
-    short): what the API's metrics turn into a histogram of time spent waiting."""
+    """Zset of ``<task type>\t<ms waited>\t<id>`` of held runs that started, by start time
+    (the newest 10000 kept): what the API's metrics turn into a histogram of waiting time."""
     return flow_base(qname) + "waited"
 
 

@@ -81,11 +81,12 @@ async def test_the_finishing_transition_promotes_the_next_waiter(
     second = await broker.dequeue_many(["default"], limit=10, now_s=now_s())
     assert [m.message.id for m in second] == ["d1"]
     # Its wait is recorded for the metrics (task type, ms).
-    waited = await redis.lrange(keys.flow_waited_key("default"), 0, -1)
+    waited = await redis.zrange(keys.flow_waited_key("default"), 0, -1)
     assert len(waited) == 1
     assert waited[0].startswith(b"deploy\t")
-    assert await flow.take_waits(redis, "default") != []
-    assert await redis.llen(keys.flow_waited_key("default")) == 0
+    taken = await flow.take_waits(redis, "default")
+    assert [t for t, _ in taken] == ["deploy"]
+    assert await redis.zcard(keys.flow_waited_key("default")) == 0
     # retry and archive release too.
     await broker.retry(second[0].message, retry_at_s=now_s() + 600, error_msg="x",
                        is_failure=True, now_s=now_s())
