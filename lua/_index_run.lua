@@ -1,5 +1,5 @@
 -- index_run, spliced by aqsh/engine/scripts.py into the enqueue and schedule scripts that ask
--- for it with an include line: a new task enters the run index aqsh:{q}:runs:<type>.
+-- for it with an include line (aqsh/engine/scripts.py): a new task enters the run index aqsh:{q}:runs:<type>.
 -- Trim: the oldest entries whose task is gone (its retention ended, or it was deleted) go here,
 -- a few per enqueue, so the index follows the tasks without a pass of its own.
 -- task_prefix is asynq:{q}:t: (the index and the tasks share the queue's slot).

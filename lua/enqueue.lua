@@ -11,7 +11,7 @@
 -- wake-up was refused (an ACL user without the channel: Redis 7's default for new users).
 -- Publishing from the script saves aqsh's client a second command per enqueue. The PUBLISH is
 -- a pcall: a refused wake-up must not undo the enqueue (workers poll anyway), only be told.
--- #include index_run
+--@include index_run
 if redis.call("EXISTS", KEYS[1]) == 1 then
   return 0
 end

@@ -13,7 +13,7 @@
 -- 2 enqueued but the wake-up was refused (pcall: the enqueues stand; see enqueue.lua).
 -- Each task gets exactly the single-task enqueue treatment. Packing the batch into one argument
 -- spares the client encoding thousands of arguments (its main cost in profiles).
--- #include index_run
+--@include index_run
 local out = {}
 local enqueued = false
 local blob = ARGV[3]

@@ -12,7 +12,7 @@
 -- Returns 1 when enqueued, -1 when the lock is held (duplicate), 0 on an id conflict, 2 when
 -- enqueued but the wake-up was refused (pcall: the enqueue stands; see enqueue.lua).
 -- As in asynq, a lock taken before an id conflict is kept until its TTL.
--- #include index_run
+--@include index_run
 if not redis.call("SET", KEYS[1], ARGV[1], "NX", "EX", ARGV[2]) then
   return -1
 end

@@ -7,7 +7,7 @@
 -- KEYS[3] -> optional: aqsh:{q}:runs:<type>  run index (aqsh only)
 -- ARGV[4] -> with KEYS[3]: now (Unix ms), the index score
 -- Returns 1 when scheduled, 0 when a task with this id already exists.
--- #include index_run
+--@include index_run
 if redis.call("EXISTS", KEYS[1]) == 1 then
   return 0
 end

@@ -9,7 +9,7 @@
 -- KEYS[4] -> optional: aqsh:{q}:runs:<type>  run index (aqsh only)
 -- ARGV[5] -> with KEYS[4]: now (Unix ms), the index score
 -- Returns 1 when scheduled, -1 when the lock is held, 0 on an id conflict (lock kept).
--- #include index_run
+--@include index_run
 if not redis.call("SET", KEYS[1], ARGV[1], "NX", "EX", ARGV[2]) then
   return -1
 end

@@ -28,7 +28,7 @@ from aqsh.api.view import CANCELED, FINISHED, attempt_times, public_state, task_
 from aqsh.api.view import iso as _iso
 from aqsh.api.view import links as _view_links
 from aqsh.durations import parse_duration
-from aqsh.engine import keys
+from aqsh.engine import flow, keys
 from aqsh.engine.client import new_task_id
 from aqsh.engine.cron import CronSpec
 from aqsh.engine.inspect import QueueInfo
@@ -43,6 +43,7 @@ from aqsh.runner.spec import (
     HEADER_SUBMITTED_BY,
     TaskSpec,
     access_headers,
+    flow_headers,
 )
 from aqsh.runner.validate import json_schema, validate_input
 from aqsh.webhooks.ssrf import CallbackRefused, callback_policy
@@ -90,6 +91,10 @@ async def submit_task(request: web.Request) -> web.Response:
     values = validate_input(spec, body, max_string_len=state.settings.max_input_length)
     process_at = _schedule(request)
     group = _group(request, spec, process_at)
+    after = await _after(request, caller, process_at, group)
+    if after:
+        # Stored waiting (aqsh.engine.flow): scheduled far ahead until the sweep starts it.
+        process_at = datetime.fromtimestamp(flow.AFTER_SCORE_S, UTC)
     callback_url = _callback_url(request)
     payload = msgspec.json.encode(values)
     idem_key = request.headers.get("Idempotency-Key")
@@ -115,11 +120,14 @@ async def submit_task(request: web.Request) -> web.Response:
                 # error, e.g. 503 in a Redis blip): this retry enqueues it under the same id.
     # The access record travels with the task (asynq headers), so who may read or cancel it
     # is fixed now, whatever tasks.yaml says later.
-    headers = {HEADER_SUBMITTED_AT: str(time.time_ns()), **access_headers(spec.allowed_groups)}
+    headers = {HEADER_SUBMITTED_AT: str(time.time_ns()), **access_headers(spec.allowed_groups),
+               **flow_headers(spec, values)}
     if caller.user:
         headers[HEADER_SUBMITTED_BY] = caller.user
     if callback_url is not None:
         headers[HEADER_CALLBACK_URL] = callback_url
+    if after:
+        headers.update(flow.after_headers(after))
     # The id is fixed before the first attempt: when an attempt's answer is lost (Redis went
     # away mid-call), the next attempt meets its own task as a TaskIdConflict, never a twin.
     task_id = task_id or new_task_id()
@@ -159,6 +167,34 @@ async def _riding_out_outages(state: ApiState, attempt: Callable[[], Awaitable[T
         state.metrics.submit_retries.inc()
         await asyncio.sleep(delay_s)
         delay_s = min(delay_s * 2, 1.0)
+
+
+async def _after(request: web.Request, caller: Caller, process_at: datetime | None,
+                 group: str | None) -> list[tuple[str, str]]:
+    """``?after=id1,id2``: the (queue, id) of each task the run waits for. The caller must be
+    able to see each one, as GET /tasks/{id} decides: an unknown and an invisible id get the
+    same 404, so a submission cannot probe for tasks it may not read."""
+    raw = request.query.get("after")
+    if raw is None:
+        return []
+    ids = [part.strip() for part in raw.split(",") if part.strip()]
+    if not ids or len(ids) > 100:
+        raise ApiError(400, "invalid_after", "after= takes 1 to 100 task ids, comma separated")
+    if process_at is not None or group is not None:
+        raise ApiError(400, "invalid_after",
+                       "after= cannot be combined with a schedule or a batch group")
+    state = _state(request)
+    out: list[tuple[str, str]] = []
+    for task_id in dict.fromkeys(ids):
+        try:
+            info = await state.inspector.find_task(task_id)
+            authorize_task(caller, task_id, info.message.headers,
+                           state.config().tasks.get(info.type))
+        except errors.TaskNotFound:
+            raise ApiError(404, "dependency_not_found", f"task {task_id} not found",
+                           details={"after": task_id}) from None
+        out.append((info.queue, info.id))
+    return out
 
 
 def _group(request: web.Request, spec: TaskSpec, process_at: datetime | None) -> str | None:
@@ -389,7 +425,29 @@ async def get_task(request: web.Request) -> web.Response:
     info, _, _ = await _find_authorized(request)
     state = _state(request)
     started_ms, finished_ms = await _attempt_times(state, info)
-    return json_response(task_document(info, started_ms, finished_ms))
+    waiting = None
+    if info.state is TaskState.SCHEDULED:  # the only state a held run is in
+        waiting = (await guarded(flow.waiting_many(state.redis, [(info.queue, info.id)])))[0]
+    return json_response(with_waiting(task_document(info, started_ms, finished_ms), waiting,
+                                      info))
+
+
+def with_waiting(doc: dict[str, Any], waiting: flow.Waiting | None,
+                 info: TaskInfo) -> dict[str, Any]:
+    """A held run's document says why it waits: ``reason`` (concurrency, rate, after),
+    ``key`` (the task name and the rendered key; for ``after`` the ids waited for, comma
+    separated), ``position`` in the key's line (0 = next; null for rate and after) and
+    ``since``. Documents of runs that do not wait have no ``waiting``."""
+    after = flow.after_of(info.message)
+    if waiting is None and after and info.state is TaskState.SCHEDULED:
+        doc["waiting"] = {"reason": flow.REASON_AFTER, "key": ",".join(i for _, i in after),
+                          "position": None, "since": doc.get("enqueued_at")}
+    if waiting is not None:
+        doc["waiting"] = {
+            "reason": waiting.reason, "key": waiting.key, "position": waiting.position,
+            "since": (_iso(waiting.since_ms / 1000) if waiting.since_ms is not None else None),
+        }
+    return doc
 
 
 async def _attempt_times(state: ApiState, info: TaskInfo) -> tuple[int | None, int | None]:
@@ -540,11 +598,16 @@ async def metrics(request: web.Request) -> web.Response:
 
     async def compute() -> list[QueueInfo]:
         infos = []
+        waiting: dict[tuple[str, str], int] = {}
         for qname in await state.inspector.queues():
             try:
                 infos.append(await state.inspector.queue_info(qname))
             except errors.QueueNotFound:
                 continue
+            for label, n in (await guarded(flow.waiting_census(state.redis, qname))).items():
+                waiting[label] = waiting.get(label, 0) + n
+            state.metrics.runs_waited(await guarded(flow.take_waits(state.redis, qname)))
+        state.metrics.set_waiting(waiting)
         return infos
 
     await state.metrics.queue_figures.refresh(compute)

@@ -127,6 +127,15 @@ class Metrics:
             registry=self.registry)
         self.sse_clients = Gauge("aqsh_sse_clients", "SSE log followers connected",
                                  registry=self.registry)
+        self.runs_waiting = Gauge(
+            "aqsh_runs_waiting", "Runs held until their turn, by task and reason "
+            "(concurrency, rate), as of the last queue figures", ["task", "reason"],
+            registry=self.registry)
+        self.run_wait = Histogram(
+            "aqsh_run_wait_seconds", "Time held runs waited for their turn (concurrency, "
+            "rate) before they started", ["task"],
+            buckets=(0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 86400),
+            registry=self.registry)
 
         # Labelled children by label values: ``labels()`` re-validates and hashes its arguments
         # on every call, which costs more per request than the increment itself. Bounded like
@@ -165,6 +174,16 @@ class Metrics:
     def webhook_attempt(self, event: str, outcome: str, duration_s: float) -> None:
         self.webhook_deliveries.labels(event, outcome).inc()
         self.webhook_duration.observe(duration_s)
+
+    def set_waiting(self, counts: dict[tuple[str, str], int]) -> None:
+        """Replace the held-run figures: a label set that no longer waits disappears."""
+        self.runs_waiting.clear()
+        for (task, reason), n in counts.items():
+            self.runs_waiting.labels(task, reason).set(n)
+
+    def runs_waited(self, waits: list[tuple[str, float]]) -> None:
+        for task, waited_s in waits:
+            self.run_wait.labels(task).observe(waited_s)
 
     def script_finished(self, task: str, outcome: str, duration_s: float) -> None:
         self.tasks_finished.labels(task, outcome).inc()

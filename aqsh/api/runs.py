@@ -26,11 +26,13 @@ from aiohttp import web
 
 from aqsh.api.auth import Caller, may_run, may_see
 from aqsh.api.errors import ApiError
-from aqsh.api.handlers import _caller, _state
+from aqsh.api.handlers import _caller, _state, with_waiting
 from aqsh.api.state import ApiState
 from aqsh.api.view import CANCELED, attempt_times_many, public_state, task_document
+from aqsh.engine import flow
 from aqsh.engine.faults import LoopMonitor, supervise
 from aqsh.engine.models import TaskState
+from aqsh.engine.rdb import guarded
 from aqsh.engine.runindex import Cursor, Page, Run, RunIndex, RunIndexer, Source
 from aqsh.runner.spec import HEADER_SUBMITTED_BY, TasksConfig
 
@@ -162,8 +164,11 @@ async def list_runs(request: web.Request) -> web.Response:
                                 cursor=query.cursor, since_ms=query.since_ms,
                                 until_ms=query.until_ms)
     times = await attempt_times_many(state.redis, [run.info.id for run in page.runs])
+    waiting = await guarded(flow.waiting_many(
+        state.redis, [(run.info.queue, run.info.id) for run in page.runs]))
     body: dict[str, Any] = {
-        "runs": [task_document(run.info, *t) for run, t in zip(page.runs, times, strict=True)],
+        "runs": [with_waiting(task_document(run.info, *t), w, run.info)
+                 for run, t, w in zip(page.runs, times, waiting, strict=True)],
         "next": encode_cursor(page.next) if page.next is not None else None,
     }
     return web.json_response(body)

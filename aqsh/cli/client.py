@@ -211,6 +211,7 @@ Examples:
   aqsh run deploy version=1.2.3 environment=staging --follow   # CI: fails when the script fails
   aqsh run cleanup --in 10m
   aqsh run backup --at 2026-01-01T03:00:00Z --idempotency-key nightly-2026-01-01
+  aqsh run deploy environment=prod --after 2f1c…   # once that task completed
 """)
 @click.argument("name")
 @click.argument("inputs", nargs=-1, metavar="[KEY=VALUE]...")
@@ -224,18 +225,21 @@ Examples:
               help="Run at an RFC 3339 time, e.g. 2026-01-01T03:00:00Z.")
 @click.option("--idempotency-key", metavar="KEY",
               help="Submitting twice with the same key runs the task once.")
+@click.option("--after", metavar="ID[,ID]",
+              help="Start only once these tasks completed (cancelled if one fails).")
 @json_option
 @api_options
 def run(name: str, inputs: tuple[str, ...], follow_: bool, wait: bool, process_in: str | None,
-        process_at: str | None, idempotency_key: str | None, as_json: bool,
-        **conn: Any) -> int:
+        process_at: str | None, idempotency_key: str | None, after: str | None,
+        as_json: bool, **conn: Any) -> int:
     """Submit task NAME with its inputs as KEY=VALUE pairs (typed from GET /tasks)."""
     if process_in and process_at:
         raise click.UsageError("give --in or --at, not both")
     api = _api(conn)
     task_type = _find_type(api, name)
     body = typed_inputs(task_type, inputs)
-    query = {k: v for k, v in (("process_in", process_in), ("process_at", process_at)) if v}
+    query = {k: v for k, v in (("process_in", process_in), ("process_at", process_at),
+                               ("after", after)) if v}
     headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
     accepted = api.call("POST", task_path(name), body=body, query=query or None,
                         headers=headers)

@@ -175,6 +175,16 @@ class Broker(Protocol):
     async def reclaim_stale_aggregation_sets(self, qname: str, *, now_s: int) -> None:
         ...
 
+    async def sweep_dependencies(self, qname: str, *, now_s: int) -> int:
+        """Start or cancel the runs waiting for other tasks (aqsh.engine.flow.HEADER_AFTER)
+        whose dependencies ended. How many moved."""
+        ...
+
+    async def repair_flow(self, qname: str, *, now_s: int) -> int:
+        """The held-run sweep (aqsh.engine.flow): free dead holders' slots, drop waiters a
+        foreign tool moved, promote waiters into free slots. How many were promoted."""
+        ...
+
     # --- server state --------------------------------------------------------------------
     async def write_server_state(
         self,

@@ -45,6 +45,47 @@ def runs_index_key(qname: str, task_type: str) -> str:
     return f"aqsh:{{{qname}}}:runs:{task_type}"
 
 
+def flow_base(qname: str) -> str:
+    """aqsh's held-run keys of one queue (aqsh/engine/flow.py) start with this: under the
+    queue's ``{qname}`` hash tag, so the scripts that move a task between asynq's sets and
+    these keys stay in one Cluster slot."""
+    return f"aqsh:{{{qname}}}:flow:"
+
+
+def flow_registry_key(qname: str) -> str:
+    """Hash: every concurrency key of the queue with holders or waiters → its limit."""
+    return flow_base(qname) + "keys"
+
+
+def flow_slots_prefix(qname: str) -> str:
+    return flow_base(qname) + "slots:"
+
+
+def flow_wait_prefix(qname: str) -> str:
+    return flow_base(qname) + "wait:"
+
+
+def flow_slots_key(qname: str, flow_key: str) -> str:
+    """Zset: the ids holding a slot of concurrency key ``flow_key``."""
+    return flow_slots_prefix(qname) + flow_key
+
+
+def flow_wait_key(qname: str, flow_key: str) -> str:
+    """Zset: the ids waiting for a slot of ``flow_key``, by submission time."""
+    return flow_wait_prefix(qname) + flow_key
+
+
+def flow_waited_key(qname: str) -> str:
+    """Zset of ``<task type>\t<ms waited>\t<id>`` of held runs that started, by start time
+    (the newest 10000 kept): what the API's metrics turn into a histogram of waiting time."""
+    return flow_base(qname) + "waited"
+
+
+def flow_rate_key(qname: str, rate_key: str, window_start_s: int) -> str:
+    """Counter of the runs a rate window of ``rate_key`` admitted (expires after it)."""
+    return f"{flow_base(qname)}rate:{rate_key}:{window_start_s}"
+
+
 #: aqsh-only keys of the webhook deliveries (what they hold: aqsh/webhooks/store.py): the
 #: intents of running attempts, and per task its deliveries and their attempts (one hash tag).
 WEBHOOK_INTENTS = "aqsh:webhooks:intents"

@@ -141,6 +141,11 @@ class Recoverer(Periodic):
             self.queues, cutoff_s=now_s - RECOVER_GRACE_S
         )
         recovered = 0
+        # Before the expired runs are retried (which frees their slots too): a slot whose
+        # holder died is free once its lease lapsed, and the oldest waiter takes it. Also
+        # what heals a line that a foreign tool changed (a waiter run or deleted by hand).
+        for qname in self.queues:
+            await self.broker.repair_flow(qname, now_s=now_s)
         for msg in expired:
             try:
                 if msg.retried >= msg.retry:
@@ -166,6 +171,24 @@ class Recoverer(Periodic):
                 await self.broker.reclaim_stale_aggregation_sets(qname, now_s=now_s)
             self._next_reclaim_s = now_s + RECLAIM_INTERVAL_S
         return recovered
+
+
+class DependencySweep(Periodic):
+    """Runs submitted to start after other tasks (aqsh.engine.flow.HEADER_AFTER) start once
+    all of those completed, or are cancelled when one failed or was cancelled: looked at every
+    second, so a dependent starts at most ~1 s after its last dependency completed."""
+
+    name = "dependencies"
+
+    def __init__(self, broker: Broker, queues: Sequence[str], clock: Clock,
+                 interval_s: float = 1.0, loops: Loops | None = None) -> None:
+        super().__init__(interval_s, run_first=True, loops=loops)
+        self.broker, self.queues, self.clock = broker, list(queues), clock
+
+    async def run_once(self) -> int:
+        now_s = int(self.clock.now_s())
+        return sum([await self.broker.sweep_dependencies(qname, now_s=now_s)
+                    for qname in self.queues])
 
 
 class Janitor(Periodic):

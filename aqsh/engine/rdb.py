@@ -24,7 +24,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from aqsh import errors
-from aqsh.engine import keys, wire
+from aqsh.engine import flow, keys, wire
 from aqsh.engine.broker import (
     AGGREGATION_TIMEOUT_S,
     ARCHIVED_EXPIRATION_S,
@@ -171,26 +171,128 @@ class RedisBroker:
         out: list[Leased] = []
         for qname in queues:
             q = keys.queue_keys(qname)
-            raw = await guarded(
-                self.scripts.run(
-                    "dequeue",
-                    [q.pending, q.paused, q.active, q.lease],
-                    [expires_s, q.task_prefix, limit - len(out)],
+            while True:
+                wanted = limit - len(out)
+                raw = await guarded(
+                    self.scripts.run(
+                        "dequeue",
+                        [q.pending, q.paused, q.active, q.lease],
+                        [expires_s, q.task_prefix, wanted],
+                    )
                 )
-            )
-            out.extend(Leased(wire.decode_task(m), expires_s) for m in raw)
+                leased = [Leased(wire.decode_task(m), expires_s) for m in raw]
+                admitted = await self._admit(leased, int(now_s))
+                out.extend(admitted)
+                # Runs that now wait left pending: take more in their place, so a line of
+                # waiters never starves the runs behind it (each round empties pending a bit).
+                if len(admitted) == len(leased) or len(raw) < wanted or len(out) >= limit:
+                    break
             if len(out) >= limit:
                 break
         return out
+
+    async def _admit(self, leased: list[Leased], now_s: int) -> list[Leased]:
+        """The leased runs that may start now; the others were moved to wait (aqsh.engine.flow)
+        by their rate window first, then by their concurrency key. One round trip per step,
+        and none for runs without a rule.
+
+        If a step fails the runs it covered stay active under their lease (running them could
+        break their limit); the recoverer takes them back when the lease lapses."""
+        if not any(m.message.headers for m in leased):
+            return leased
+        now_ns = now_s * 1_000_000_000
+        rated = [(i, rate) for i, m in enumerate(leased)
+                 if (rate := flow.rate_of(m.message)) is not None]
+        held: set[int] = set()
+        if rated:
+            batch = Batch()
+            for i, rate in rated:
+                batch.script(*flow.rate_call(leased[i].message, rate, now_s=now_s,
+                                             now_ns=now_ns))
+            replies = await guarded(self.scripts.execute(batch, ["flow_rate"]))
+            for (i, _), reply in zip(rated, replies, strict=True):
+                _raise_reply(reply)
+                if int(reply) != 0:
+                    held.add(i)
+        limited = [(i, rule) for i, m in enumerate(leased)
+                   if i not in held and (rule := flow.concurrency_of(m.message)) is not None]
+        if limited:
+            batch = Batch()
+            for i, rule in limited:
+                batch.script(*flow.acquire_call(leased[i].message, rule, now_s=now_s,
+                                                now_ns=now_ns, reserve_s=LEASE_DURATION_S))
+            replies = await guarded(self.scripts.execute(batch, ["flow_acquire"]))
+            for (i, _), reply in zip(limited, replies, strict=True):
+                _raise_reply(reply)
+                if int(reply) == 0:
+                    held.add(i)
+        return [m for i, m in enumerate(leased) if i not in held]
+
+    async def sweep_dependencies(self, qname: str, *, now_s: int) -> int:
+        """Runs of the queue waiting for other tasks (aqsh.engine.flow.HEADER_AFTER): start
+        those whose dependencies all completed; cancel (archive, naming the dependency) those
+        with one archived (failed or cancelled) or gone. How many moved.
+
+        Dependencies may live in other queues (other Cluster slots): their states are read
+        one command each, and only the waiter's own keys are written, in one script."""
+        q = keys.queue_keys(qname)
+        ids = await guarded(self.client.zrangebyscore(
+            q.scheduled, flow.AFTER_SCORE_S, flow.AFTER_SCORE_S, start=0, num=1000))
+        if not ids:
+            return 0
+        task_ids = [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
+        pipe = self.client.pipeline(transaction=False)
+        for task_id in task_ids:
+            pipe.hget(q.task(task_id), "msg")
+        raws = await guarded(pipe.execute())
+        waiting = [(wire.decode_task(raw), flow.after_of(wire.decode_task(raw)))
+                   for raw in raws if raw is not None]
+        deps = sorted({d for _, after in waiting for d in after})
+        if not deps:
+            return 0
+        pipe = self.client.pipeline(transaction=False)
+        for dq, did in deps:
+            pipe.hget(keys.queue_keys(dq).task(did), "state")
+        states = {d: (s.decode() if isinstance(s, bytes) else s)
+                  for d, s in zip(deps, await guarded(pipe.execute()), strict=True)}
+        moved = 0
+        for msg, after in waiting:
+            if not after:
+                continue
+            problem = next((f"dependency {did} no longer exists" if states[(dq, did)] is None
+                            else f"dependency {did} was archived (failed or cancelled)"
+                            for dq, did in after
+                            if states[(dq, did)] in (None, "archived")), None)
+            if problem is None and not all(states[d] == "completed" for d in after):
+                continue  # still waiting
+            encoded = b""
+            if problem is not None:
+                encoded = wire.encode_task(msgspec.structs.replace(
+                    msg, error_msg=problem, last_failed_at_s=int(now_s)))
+            moved += int(await guarded(self.scripts.run(
+                "flow_after_end", [q.scheduled, q.pending, q.archived, q.task(msg.id)],
+                [msg.id, "run" if problem is None else "cancel", flow.AFTER_SCORE_S,
+                 int(now_s), int(now_s) * 1_000_000_000, encoded, qname,
+                 keys.WAKE_CHANNEL])))
+        return moved
+
+    async def repair_flow(self, qname: str, *, now_s: int) -> int:
+        """The held-run sweep of one queue (lua/flow_repair.lua); how many waiters it
+        promoted."""
+        call = flow.repair_call(qname, now_s=int(now_s), now_ns=int(now_s) * 1_000_000_000,
+                                reserve_s=LEASE_DURATION_S)
+        return int(await guarded(self.scripts.run(*call)))
 
     def _done_call(self, msg: TaskMessage, now_s: int) -> tuple[str, list[str], list[Any]]:
         q = keys.queue_keys(msg.queue)
         key_list = [q.active, q.lease, q.task(msg.id), q.processed_day(now_s), q.processed_total]
         if msg.unique_key:
             key_list.append(msg.unique_key)
-        return "done", key_list, [msg.id, now_s + STATS_TTL_S, MAX_INT64]
+        return _releasing(("done", key_list, [msg.id, now_s + STATS_TTL_S, MAX_INT64]), msg,
+                          now_s)
 
-    def _complete_call(self, msg: TaskMessage, now_s: int) -> tuple[str, list[str], list[Any]]:
+    def _complete_call(self, msg: TaskMessage, now_s: int,
+                       result: bytes | None = None) -> tuple[str, list[str], list[Any]]:
         q = keys.queue_keys(msg.queue)
         completed = msgspec.structs.replace(msg, completed_at_s=now_s)
         key_list = [
@@ -203,12 +305,17 @@ class RedisBroker:
             msg.id, now_s + STATS_TTL_S, now_s + msg.retention_s,
             wire.encode_task(completed), MAX_INT64,
         ]
-        return "mark_complete", key_list, args
+        if result is not None:
+            args.append(result)
+        return _releasing(("mark_complete", key_list, args), msg, now_s)
 
-    def success_call(self, msg: TaskMessage, now_s: int) -> tuple[str, list[str], list[Any]]:
-        """The script that records a success: done, or mark_complete when retention is set."""
+    def success_call(self, msg: TaskMessage, now_s: int,
+                     result: bytes | None = None) -> tuple[str, list[str], list[Any]]:
+        """The script that records a success: done, or mark_complete when retention is set
+        (with the handler's ``result``, stored by the same call). A task without retention
+        is deleted by ``done``, result and all, so its result is not sent."""
         if msg.retention_s > 0:
-            return self._complete_call(msg, now_s)
+            return self._complete_call(msg, now_s, result)
         return self._done_call(msg, now_s)
 
     async def _finish(self, call: tuple[str, list[str], list[Any]], msg: TaskMessage) -> None:
@@ -244,11 +351,7 @@ class RedisBroker:
         slots: list[int] = []  # index of each message's transition reply
         for i, msg in enumerate(msgs):
             result = results[i] if results is not None else None
-            # A result travels inside mark_complete, atomic with it; a task without
-            # retention is deleted by ``done``, result and all, so it is not written.
-            name, key_list, args = self.success_call(msg, int(now_s))
-            if result is not None and name == "mark_complete":
-                args.append(result)
+            name, key_list, args = self.success_call(msg, int(now_s), result)
             names.add(name)
             slots.append(len(batch))
             batch.script(name, key_list, args)
@@ -296,7 +399,7 @@ class RedisBroker:
             msg.id, wire.encode_task(updated), int(retry_at_s), now_s + STATS_TTL_S,
             1 if is_failure else 0, MAX_INT64,
         ]
-        await self._finish(("retry", key_list, args), msg)
+        await self._finish(_releasing(("retry", key_list, args), msg, now_s), msg)
 
     async def archive(self, msg: TaskMessage, *, error_msg: str, now_s: int) -> None:
         now_s = int(now_s)
@@ -310,7 +413,7 @@ class RedisBroker:
             msg.id, wire.encode_task(updated), now_s, now_s - ARCHIVED_EXPIRATION_S,
             MAX_ARCHIVE_SIZE, now_s + STATS_TTL_S, MAX_INT64, q.task_prefix,
         ]
-        await self._finish(("archive", key_list, args), msg)
+        await self._finish(_releasing(("archive", key_list, args), msg, now_s), msg)
 
     async def forward_if_ready(self, queues: Sequence[str], *, now_ns: int) -> int:
         now_s = now_ns // 1_000_000_000
@@ -585,6 +688,21 @@ class RedisBroker:
 
     async def close(self) -> None:
         await self.client.aclose()
+
+
+def _releasing(call: tuple[str, list[str], list[Any]], msg: TaskMessage,
+               now_s: int) -> tuple[str, list[str], list[Any]]:
+    """A finishing transition that also frees the task's concurrency slot (if it has a rule)
+    and promotes the next waiter, in the same script call."""
+    return flow.with_release(call, msg, now_s=now_s, now_ns=now_s * 1_000_000_000,
+                             reserve_s=LEASE_DURATION_S)
+
+
+def _raise_reply(reply: Any) -> None:
+    """A pipelined script's error reply, raised as a single call's would be."""
+    if isinstance(reply, BaseException):
+        mapped = broker_error(reply)
+        raise mapped if mapped is not None else reply
 
 
 def raise_for_produce(reply: int, msg: TaskMessage) -> None:

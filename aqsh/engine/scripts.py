@@ -17,7 +17,6 @@ nothing of the lane (the lane imports it), so the two stay free of a cycle.
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Awaitable, Callable, Sequence
 from functools import cache
 from pathlib import Path
@@ -44,18 +43,35 @@ def lua_dir() -> Path:
     raise FileNotFoundError(f"aqsh Lua scripts not found next to {package_dir}")
 
 
-#: ``-- #include NAME`` on a line of its own splices ``lua/_NAME.lua`` there: Redis scripts
-#: cannot load one another, and a helper several scripts share (the run index's insert and
-#: trim) is written once. The spliced source is what is hashed and loaded.
-_INCLUDE = re.compile(r"^-- #include (\w+)$", re.MULTILINE)
+#: A script ``<transition>+flow`` is the finishing transition ``<transition>`` that also frees
+#: the task's concurrency slot and promotes the next waiter, in the same call
+#: (lua/_flow_release.lua).
+FLOW_VARIANT = "+flow"
+_INCLUDE = "--@include "
+_TRANSITION = "--@transition\n"
+
+
+def _read(name: str) -> str:
+    """A script file with each ``--@include <part>`` line replaced by lua/_<part>.lua. Redis
+    scripts cannot load one another, so what a family of scripts shares (the run index's
+    insert and trim, the held-run functions) is written once and spliced (one level); files
+    named ``_*.lua`` are such parts, never scripts. The spliced source is hashed and loaded."""
+    lines = (lua_dir() / f"{name}.lua").read_text(encoding="utf-8").splitlines(keepends=True)
+    return "".join(
+        (lua_dir() / f"_{line[len(_INCLUDE):].strip()}.lua").read_text(encoding="utf-8")
+        if line.startswith(_INCLUDE) else line
+        for line in lines)
 
 
 @cache
 def script_source(name: str) -> str:
-    source = (lua_dir() / f"{name}.lua").read_text(encoding="utf-8")
-    return _INCLUDE.sub(
-        lambda m: (lua_dir() / f"_{m.group(1)}.lua").read_text(encoding="utf-8").rstrip("\n"),
-        source)
+    if name.endswith(FLOW_VARIANT):
+        # The transition runs as a function, so its early error returns skip the release.
+        release = _read("_flow_release")
+        body = _read(name[:-len(FLOW_VARIANT)])
+        head, tail = release.split(_TRANSITION, 1)
+        return f"{head}local function flow_transition()\n{body}\nend\n{tail}"
+    return _read(name)
 
 
 @cache

@@ -21,7 +21,7 @@ from aqsh.engine.broker import Broker
 from aqsh.engine.client import Client
 from aqsh.engine.faults import Backoff, Loops, redis_error_code, supervise
 from aqsh.engine.heartbeat import HEARTBEAT_INTERVAL_S, Heartbeater
-from aqsh.engine.maintenance import Forwarder, Janitor, Recoverer
+from aqsh.engine.maintenance import DependencySweep, Forwarder, Janitor, Recoverer
 from aqsh.engine.processor import (
     Processor,
     RetryDelayFn,
@@ -166,6 +166,7 @@ class Server:
                                      interval_s=aggregation_interval_s, loops=loops,
                                      group_settings=group_settings)
         self.janitor = Janitor(broker, names, self.clock, janitor_interval_s, loops=loops)
+        self.dependencies = DependencySweep(broker, names, self.clock, loops=loops)
         self._listeners: list[asyncio.Task[None]] = []
         self._started = False
         self._stopped = asyncio.Event()
@@ -196,6 +197,7 @@ class Server:
         self.recoverer.start()
         self.forwarder.start()
         self.janitor.start()
+        self.dependencies.start()
         self.aggregator.start()
         self.processor.start()
         log.info("server.started", server_id=self.server_id, queues=self.queues,
@@ -259,6 +261,7 @@ class Server:
         if stuck:
             log.warning("server.subscriber_did_not_stop", count=len(stuck))
         await self.janitor.stop()
+        await self.dependencies.stop()
         await self.heartbeater.stop()
         self._stopped.set()
         log.info("server.stopped", server_id=self.server_id)

@@ -16,6 +16,7 @@ from aqsh.runner.spec import (
     SCHEDULER_USER,
     TasksConfig,
     access_headers,
+    flow_headers,
 )
 
 
@@ -25,7 +26,8 @@ def periodic_tasks(config: TasksConfig, *, result_retention_s: float) -> list[Pe
             spec=schedule.cron, type=task.name, payload=msgspec.json.encode(schedule.input),
             queue=task.queue, max_retry=task.max_retry, timeout_s=task.timeout_s,
             retention_s=result_retention_s, headers={HEADER_SUBMITTED_BY: SCHEDULER_USER,
-                                                  **access_headers(task.allowed_groups)},
+                                                  **access_headers(task.allowed_groups),
+                                                  **flow_headers(task, schedule.input)},
             fire_time_header=HEADER_SUBMITTED_AT,
         )
         for task in config.tasks.values()

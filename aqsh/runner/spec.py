@@ -17,6 +17,7 @@ import msgspec
 import yaml
 
 from aqsh.durations import parse_duration
+from aqsh.engine import flow
 from aqsh.errors import ConfigError
 from aqsh.runner.inputs import InputSpec, InputType, Scalar
 from aqsh.runner.validate import InvalidInput, check_value, validate_input
@@ -76,6 +77,50 @@ class AggregateSpec(msgspec.Struct, frozen=True, kw_only=True):
     max_delay_s: float = 0.0
 
 
+#: ``{name}`` in a flow key template: the value of input ``name``.
+KEY_FIELD_RE = re.compile(r"\{([^{}]*)\}")
+
+
+class FlowLimitSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """``concurrency: {limit, key}`` or ``rate_limit: {limit, per, key}``: at most ``limit``
+    runs of this task with the same key run at once (or start per ``per_s`` window). ``key``
+    is a template over the inputs (``"{environment}"``); without one the limit is the whole
+    task type's. Runs over the limit wait (aqsh.engine.flow), they are never refused."""
+
+    limit: int
+    key: str | None = None
+    per_s: int = 0
+
+
+def render_flow_key(task: str, template: str | None, values: dict[str, Any]) -> str:
+    """The engine's key for a run: the task name, then the rendered template. A missing
+    optional input renders empty; booleans as JSON does (``true``), as the script sees them."""
+    if template is None:
+        return task
+
+    def field(match: re.Match[str]) -> str:
+        value = values.get(match.group(1))
+        if value is None:
+            return ""
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        return str(value)
+
+    return f"{task}:{KEY_FIELD_RE.sub(field, template)}"
+
+
+def flow_headers(spec: TaskSpec, values: dict[str, Any]) -> dict[str, str]:
+    """The headers that make a submission of ``spec`` wait its turn (none without limits)."""
+    concurrency = rate = None
+    if spec.concurrency is not None:
+        concurrency = flow.Concurrency(
+            render_flow_key(spec.name, spec.concurrency.key, values), spec.concurrency.limit)
+    if spec.rate_limit is not None:
+        rate = flow.Rate(render_flow_key(spec.name, spec.rate_limit.key, values),
+                         spec.rate_limit.limit, spec.rate_limit.per_s)
+    return flow.headers(concurrency=concurrency, rate=rate)
+
+
 class NotifySpec(msgspec.Struct, frozen=True, kw_only=True):
     """A webhook the operator configured for every task of a type (trusted: no SSRF checks).
     The secret is named, never written here: read from the worker's environment or a file
@@ -101,6 +146,8 @@ class TaskSpec(msgspec.Struct, frozen=True, kw_only=True):
     schedules: tuple[ScheduleSpec, ...] = ()
     aggregate: AggregateSpec | None = None
     notify: tuple[NotifySpec, ...] = ()
+    concurrency: FlowLimitSpec | None = None
+    rate_limit: FlowLimitSpec | None = None
 
 
 class TasksConfig(msgspec.Struct, frozen=True):
@@ -110,7 +157,7 @@ class TasksConfig(msgspec.Struct, frozen=True):
 
 _TASK_KEYS = {"script", "description", "timeout", "max_retry", "retry_delay", "queue",
               "log_retention", "allowed_groups", "input", "schedules", "aggregate",
-              "notify"}
+              "notify", "concurrency", "rate_limit"}
 _DEFAULT_KEYS = {"timeout", "max_retry", "retry_delay", "queue", "log_retention"}
 _INPUT_KEYS = {"name", "env", "required", "type", "pattern", "enum", "min", "max", "default",
                "description"}
@@ -277,7 +324,8 @@ def _check_task(
                          "must be a list of group names")
             else:
                 fields[key] = tuple(groups)
-        elif key not in ("script", "input", "schedules", "aggregate", "notify"):
+        elif key not in ("script", "input", "schedules", "aggregate", "notify",
+                         "concurrency", "rate_limit"):
             checked = _check_task_field(key, value, errs, where)
             if checked is not None:
                 fields[key] = checked
@@ -301,9 +349,80 @@ def _check_task(
     )
     schedules = _check_schedules(node.value.get("schedules"), spec, where, errs)
     aggregate = _check_aggregate(node.value.get("aggregate"), where, errs)
+    input_names = {i.name for i in inputs}
+    concurrency = _check_flow_limit(node.value.get("concurrency"), "concurrency", where,
+                                    input_names, errs)
+    rate_limit = _check_flow_limit(node.value.get("rate_limit"), "rate_limit", where,
+                                   input_names, errs)
     if len(errs.items) > before:
         return None
-    return msgspec.structs.replace(spec, schedules=tuple(schedules), aggregate=aggregate)
+    return msgspec.structs.replace(spec, schedules=tuple(schedules), aggregate=aggregate,
+                                   concurrency=concurrency, rate_limit=rate_limit)
+
+
+def _check_flow_limit(node: _Node | None, field: str, where: str, input_names: set[str],
+                      errs: _Errors) -> FlowLimitSpec | None:
+    """``concurrency: {limit: 1, key: "{environment}"}``, ``rate_limit: {limit: 10, per: 1m,
+    key: "{target}"}``: ``limit`` (and for a rate, ``per``) required, ``key`` optional."""
+    if node is None:
+        return None
+    here = f"{where}: field '{field}"
+    allowed = {"limit", "key"} | ({"per"} if field == "rate_limit" else set())
+    shape = "limit, per, key" if field == "rate_limit" else "limit, key"
+    if not isinstance(node.value, dict):
+        errs.add(node.line, here + "'", f"must be a mapping of {shape}")
+        return None
+    ok = True
+    for key in node.value:
+        if key not in allowed:
+            errs.add(_line(node, key), f"{here}.{key}'", "unknown key")
+            ok = False
+    limit_node = node.value.get("limit")
+    raw_limit = limit_node.value if limit_node is not None else None
+    limit = raw_limit if isinstance(raw_limit, int) and not isinstance(raw_limit, bool) else 0
+    if limit < 1:
+        errs.add(limit_node.line if limit_node else node.line, f"{here}.limit'",
+                 "must be an integer of at least 1")
+        ok = False
+    per_s = 0
+    if field == "rate_limit":
+        per_node = node.value.get("per")
+        if per_node is None:
+            errs.add(node.line, f"{here}.per'", "is required (a duration such as 1m)")
+            ok = False
+        else:
+            try:
+                seconds = parse_duration(per_node.value)
+            except ValueError as exc:
+                errs.add(per_node.line, f"{here}.per'", f"expected {exc}")
+                ok = False
+            else:
+                # Windows are whole seconds on Redis's side (the counters' names and expiry).
+                if seconds < 1 or seconds != int(seconds):
+                    errs.add(per_node.line, f"{here}.per'", "must be a whole number of "
+                             "seconds, at least 1s")
+                    ok = False
+                per_s = int(seconds)
+    template: str | None = None
+    key_node = node.value.get("key")
+    if key_node is not None:
+        if not isinstance(key_node.value, str) or not key_node.value.strip():
+            errs.add(key_node.line, f"{here}.key'", "must be a non-blank string such as "
+                     "\"{environment}\"")
+            ok = False
+        else:
+            template = key_node.value
+            unknown = sorted({m for m in KEY_FIELD_RE.findall(template)} - input_names)
+            if unknown:
+                errs.add(key_node.line, f"{here}.key'", "names unknown inputs: "
+                         + ", ".join(repr(u) for u in unknown))
+                ok = False
+            if "{" in KEY_FIELD_RE.sub("", template) or "}" in KEY_FIELD_RE.sub("", template):
+                errs.add(key_node.line, f"{here}.key'", "has an unbalanced '{' or '}'")
+                ok = False
+    if not ok:
+        return None
+    return FlowLimitSpec(limit=limit, key=template, per_s=per_s)
 
 
 def _check_aggregate(node: _Node | None, where: str, errs: _Errors) -> AggregateSpec | None:

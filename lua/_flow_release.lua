@@ -1,0 +1,42 @@
+-- _flow_release: wrapped (with flow_lib) to a finishing transition (done, mark_complete,
+-- retry, archive) as its "+flow" variant, so the slot is freed and the next waiter promoted
+-- in the same script call as the transition: a crash in between cannot exist.
+-- The variant takes the transition's own KEYS and ARGV followed by:
+-- KEYS[n-5] -> aqsh:{q}:flow:slots:<key>
+-- KEYS[n-4] -> aqsh:{q}:flow:wait:<key>
+-- KEYS[n-3] -> aqsh:{q}:flow:keys
+-- KEYS[n-2] -> asynq:{q}:scheduled
+-- KEYS[n-1] -> asynq:{q}:pending
+-- KEYS[n]   -> asynq:{q}:lease
+-- ARGV: ..., concurrency key, limit, now (Unix s), reservation deadline (Unix s),
+--       now (Unix ns), task key prefix, queue name, wake-up channel
+-- They are taken off the ends before the transition runs, so its own optional trailing
+-- KEYS/ARGV (a unique lock, a result) keep their places. The release happens only when the
+-- transition succeeded.
+--@include flow_lib
+local flow_lease = table.remove(KEYS)
+local flow_pending = table.remove(KEYS)
+local flow_scheduled = table.remove(KEYS)
+local flow_registry = table.remove(KEYS)
+local flow_wait = table.remove(KEYS)
+local flow_slots = table.remove(KEYS)
+local flow_channel = table.remove(ARGV)
+local flow_qname = table.remove(ARGV)
+local flow_prefix = table.remove(ARGV)
+local flow_now_ns = table.remove(ARGV)
+local flow_reserve_s = table.remove(ARGV)
+local flow_now_s = table.remove(ARGV)
+local flow_limit = tonumber(table.remove(ARGV))
+local flow_key = table.remove(ARGV)
+local flow_id = ARGV[1]
+--@transition
+local flow_reply = flow_transition()
+if type(flow_reply) == "table" and flow_reply.err then
+  return flow_reply
+end
+redis.call("ZREM", flow_slots, flow_id)
+flow_free_expired(flow_slots, flow_lease, flow_now_s)
+flow_promote(flow_slots, flow_wait, flow_limit, flow_scheduled, flow_pending, flow_prefix,
+             flow_reserve_s, flow_now_ns, flow_qname, flow_channel)
+flow_forget_if_idle(flow_registry, flow_key, flow_slots, flow_wait)
+return flow_reply
