@@ -116,6 +116,13 @@ def document(tasks: Sequence[TaskSpec] = (), *, max_string_len: int = 4096) -> d
                                     "maxLength": 64},
                          "description": "run at this RFC 3339 time, within 366 days of now; "
                                         "not with process_in"},
+                        {"name": "after", "in": "query",
+                         "schema": {"type": "string", "minLength": 1, "maxLength": 8192},
+                         "description": "comma-separated ids of tasks this run waits for: it "
+                                        "starts once all completed, and is canceled if one "
+                                        "fails, is canceled or is gone (404 "
+                                        "dependency_not_found for an id you may not see); not "
+                                        "with process_in/process_at or a group"},
                         {"name": "Idempotency-Key", "in": "header",
                          "schema": {"type": "string", "minLength": 1, "maxLength": 255,
                                     "pattern": r"\S"}},
@@ -134,12 +141,13 @@ def document(tasks: Sequence[TaskSpec] = (), *, max_string_len: int = 4096) -> d
                     "responses": {
                         "202": {**_json("accepted", {"$ref": "#/components/schemas/Accepted"}),
                                 "links": _TASK_LINKS},
-                        "400": _error("malformed JSON, schedule or Idempotency-Key, both "
+                        "400": _error("malformed JSON, schedule, after= or Idempotency-Key, both "
                                       "process_in and process_at, or a callback_url that "
                                       "is refused or not accepted here"),
                         "401": _COMMON_ERRORS["401"],
                         "403": _error("caller is not in the task's allowed groups"),
-                        "404": _error("no such task type"),
+                        "404": _error("no such task type, or an after= task the caller "
+                                      "may not see (dependency_not_found)"),
                         "408": _error("the body did not arrive in time"),
                         "409": _error("Idempotency-Key reused with a different body"),
                         "410": _error("the Idempotency-Key's task ran and is no longer retained"),
