@@ -10,12 +10,14 @@ HTTP headers play the authenticating proxy's part.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
 import sys
 import tempfile
 import textwrap
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,6 +177,13 @@ def playwright() -> Iterator[Playwright]:
     if not Path(CHROMIUM).exists():
         # Never skipped: CI installs chromium (.ci/setup); a missing browser is a failure.
         pytest.fail(f"{CHROMIUM} is missing: run `bash .ci/setup` (apt-get install chromium)")
+    # Playwright spawns its driver through asyncio on a loop of its own. A service test earlier
+    # in the session may have left aqsh's pidfd watcher (install_child_watcher) as the
+    # process-wide child watcher, bound to a loop that is now closed, and asyncio then refuses
+    # every subprocess; the threaded watcher works on any loop.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        asyncio.set_child_watcher(asyncio.ThreadedChildWatcher())
     with sync_playwright() as pw:
         yield pw
 
