@@ -184,6 +184,14 @@ async def serve(settings: Settings) -> int:
             webhook_server = _webhook_worker(settings, broker, metrics, loops=loops)
         if settings.scheduler:
             scheduler = _scheduler(settings, config, broker, metrics, loops=loops)
+
+    async def close_connections() -> None:
+        await config.stop()
+        await state.client.aclose()
+        await broker.close_fast_lane()
+        await blocking.aclose()
+        await redis.aclose()
+
     app = create_app(state, api=settings.mode in ("api", "both"))
     app_runner = ApiRunner(app, handle_signals=False, shutdown_timeout=5.0)
     await app_runner.setup()
@@ -193,11 +201,7 @@ async def serve(settings: Settings) -> int:
         await site.start()
     except OSError as exc:
         await app_runner.cleanup()
-        await config.stop()
-        await state.client.aclose()
-        await broker.close_fast_lane()
-        await blocking.aclose()
-        await redis.aclose()
+        await close_connections()
         reason = os.strerror(exc.errno) if exc.errno else str(exc)
         raise StartupError(f"cannot listen on {settings.bind}: {reason}") from None
     loop = asyncio.get_running_loop()
@@ -238,11 +242,7 @@ async def serve(settings: Settings) -> int:
         await webhook_server.stop()
     await site.stop()
     await app_runner.cleanup()
-    await config.stop()
-    await state.client.aclose()
-    await broker.close_fast_lane()
-    await blocking.aclose()
-    await redis.aclose()
+    await close_connections()
     log.info("aqsh.stopped")
     return 0
 

@@ -1,6 +1,6 @@
 -- flow_lib: shared functions of the held-run scripts (aqsh only), spliced into a script where
--- it says "--@include flow_lib" (this file is lua/_flow_lib.lua). A concurrency key "K" of queue q has three keys, all under
--- the queue's {q} hash tag so every script touching them stays in the queue's Cluster slot:
+-- it says "--@include flow_lib" (this file is lua/_flow_lib.lua). A concurrency key "K" of
+-- queue q has three keys, all under the queue's {q} hash tag so every script touching them stays in the queue's Cluster slot:
 --   aqsh:{q}:flow:slots:K  zset of the ids holding a slot, scored by a reservation deadline
 --                          (Unix s); a holder whose lease is live keeps its slot past it
 --   aqsh:{q}:flow:wait:K   zset of the ids waiting for a slot, scored by submission time
@@ -10,6 +10,17 @@
 --                          work list)
 -- A waiter sits in asynq:{q}:scheduled (far ahead) with state "scheduled", so asynq tools show
 -- it and can delete or run it; its task hash says why with aqsh_wait_reason / aqsh_wait_key.
+
+-- Hold a run that was just dequeued: out of active and the lease set, into scheduled at
+-- score_s with state "scheduled" and why it waits (since: the first time it was held).
+local function flow_hold(active, lease, scheduled, task_key, id, score_s, reason, key, since_ms)
+  redis.call("LREM", active, 0, id)
+  redis.call("ZREM", lease, id)
+  redis.call("ZADD", scheduled, score_s, id)
+  redis.call("HSET", task_key, "state", "scheduled", "aqsh_wait_reason", reason,
+             "aqsh_wait_key", key)
+  redis.call("HSETNX", task_key, "aqsh_wait_since", since_ms)
+end
 
 -- Drop the slots whose holder no longer runs: the reservation deadline has passed and the id
 -- holds no live lease (its worker died, or a promoted waiter was never picked up).

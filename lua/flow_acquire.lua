@@ -33,12 +33,7 @@ if redis.call("ZSCORE", KEYS[6], id)
   flow_record_wait(KEYS[5], KEYS[9], ARGV[13], ARGV[7], id)
   return 1
 end
-redis.call("LREM", KEYS[1], 0, id)
-redis.call("ZREM", KEYS[2], id)
-redis.call("ZADD", KEYS[3], ARGV[5], id)
-redis.call("HSET", KEYS[5], "state", "scheduled", "aqsh_wait_reason", "concurrency",
-           "aqsh_wait_key", ARGV[6])
-redis.call("HSETNX", KEYS[5], "aqsh_wait_since", ARGV[7])
+flow_hold(KEYS[1], KEYS[2], KEYS[3], KEYS[5], id, ARGV[5], "concurrency", ARGV[6], ARGV[7])
 redis.call("ZADD", KEYS[7], ARGV[12], id)
 -- A slot freed by an expiry with waiters ahead goes to the oldest of them.
 flow_promote(KEYS[6], KEYS[7], limit, KEYS[3], KEYS[4], ARGV[8], ARGV[4], ARGV[9], ARGV[10],

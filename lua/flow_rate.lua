@@ -32,10 +32,5 @@ if tonumber(redis.call("GET", KEYS[5]) or "0") < tonumber(ARGV[2]) then
   end
   return 0
 end
-redis.call("LREM", KEYS[1], 0, id)
-redis.call("ZREM", KEYS[2], id)
-redis.call("ZADD", KEYS[3], ARGV[3], id)
-redis.call("HSET", KEYS[4], "state", "scheduled", "aqsh_wait_reason", "rate",
-           "aqsh_wait_key", ARGV[4])
-redis.call("HSETNX", KEYS[4], "aqsh_wait_since", ARGV[5])
+flow_hold(KEYS[1], KEYS[2], KEYS[3], KEYS[4], id, ARGV[3], "rate", ARGV[4], ARGV[5])
 return tonumber(ARGV[3])
