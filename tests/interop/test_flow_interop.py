@@ -1,4 +1,4 @@
-"""Held runs seen and changed by a real Go asynq v0.26 Inspector (tests/interop's binary):
+"""Held runs seen and changed by a real Go asynq v0.26 Inspector (`make interop` builds it):
 a waiting run is a scheduled task; Go can delete it or run it, and the limit still holds."""
 
 from __future__ import annotations
