@@ -161,7 +161,7 @@ async def shell_drain(url: str, config: TasksConfig, work: str, task: str, runs:
 async def main_async(args: argparse.Namespace) -> None:
     samples = _common.Samples()
     tmp = Path(tempfile.mkdtemp(prefix="aqsh-held-"))
-    config = shell_config(tmp, args.shell_runs)
+    config = shell_config(tmp, max(1, args.shell_runs))
     install_child_watcher()  # as the worker does, before its first spawn
     with RedisProcess() as server:
         for round_no in range(args.rounds):
