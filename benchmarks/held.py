@@ -10,13 +10,26 @@ all share one concurrency key whose limit is the number of tasks, so every run t
 (acquire after dequeue, release inside the finishing transition) and none ever waits: what is
 measured is the mechanism's cost, not waiting. Ends with one JSON line whose
 ``limit_vs_plain_ratio`` is limited ÷ plain throughput (ratio of medians; issue 14: ≥ 0.9).
+
+The shell side is the same comparison as users run it: ``--shell-runs`` (1,000) runs of an
+``echo hi`` script through the ShellRunner wired as ``aqsh serve`` wires its worker (fast-lane
+runner and broker, logging at info), from a tasks.yaml loaded by aqsh's own loader, where
+``hi_limited`` has ``concurrency: {limit: <runs>, key: "{x}"}`` and ``hi`` has none. The runs
+are enqueued with the headers a ``POST /tasks/{name}`` gives them (``runner.spec.flow_headers``),
+all with the same ``x`` (one key), then drained as above; ``shell_limit_vs_plain_ratio`` is
+limited ÷ plain runs/s.
+
+    .venv/bin/python benchmarks/held.py [--shell-runs 1000] [--shell-concurrency 10]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import _common
 import redis.asyncio as aioredis
@@ -27,6 +40,11 @@ from aqsh.engine.rdb import RedisBroker
 from aqsh.engine.server import ServeMux, Server
 from aqsh.engine.task import Task, TaskContext
 from aqsh.redis_process import RedisProcess
+from aqsh.runner.handler import RunnerSettings, ShellRunner
+from aqsh.runner.process import install_child_watcher
+from aqsh.runner.spec import TasksConfig, flow_headers, load_tasks
+
+SHELL_QUEUE = "held-shell"
 
 
 async def noop(task: Task, ctx: TaskContext) -> bytes | None:
@@ -76,21 +94,104 @@ async def drain(url: str, queue: str, n: int, concurrency: int, limited: bool) -
     return n / elapsed
 
 
+def shell_config(tmp: Path, runs: int) -> TasksConfig:
+    """A tasks.yaml as an operator writes it, through aqsh's loader (the checks included)."""
+    scripts = tmp / "scripts"
+    scripts.mkdir()
+    hi = scripts / "hi.sh"
+    hi.write_text("#!/bin/sh\necho hi\n")
+    hi.chmod(0o755)
+    task = f"""\
+    script: hi.sh
+    queue: {SHELL_QUEUE}
+    max_retry: 0
+    input:
+      - {{name: x, env: X, required: true}}
+"""
+    path = tmp / "tasks.yaml"
+    path.write_text(f"tasks:\n  hi:\n{task}  hi_limited:\n{task}"
+                    f'    concurrency: {{limit: {runs}, key: "{{x}}"}}\n')
+    return load_tasks(path, scripts)
+
+
+async def shell_drain(url: str, config: TasksConfig, work: str, task: str, runs: int,
+                      concurrency: int) -> float:
+    """Runs per second for one round of ``task``."""
+    redis = aioredis.Redis.from_url(url, max_connections=128)
+    q = keys.queue_keys(SHELL_QUEUE)
+    try:
+        await redis.flushall()
+        await redis.set(q.paused, int(time.time()))
+        values = {"x": "a"}
+        headers = flow_headers(config.tasks[task], values)
+        client = Client(redis, wake_workers=False)
+        payload = b'{"x": "a"}'
+        for start in range(0, runs, 500):
+            await client.enqueue_many([
+                EnqueueRequest(type=task, payload=payload, queue=SHELL_QUEUE,
+                               headers=headers or None, max_retry=0)
+                for _ in range(min(500, runs - start))])
+        # Wired as `aqsh serve` wires its worker (aqsh/service.py: _worker).
+        runner = ShellRunner(lambda: config, redis, RunnerSettings(work_root=work),
+                             fast_lane=True)
+        broker = RedisBroker(redis, fast_lane=True)
+        server = Server(broker, runner, concurrency=concurrency, queues={SHELL_QUEUE: 1})
+        await server.start()
+        try:
+            started = time.perf_counter()
+            await redis.delete(q.paused)
+            await redis.publish(keys.WAKE_CHANNEL, SHELL_QUEUE)
+            while int(await redis.get(q.processed_total) or 0) < runs:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)  # the counter lives in Redis: nothing to await
+            elapsed = time.perf_counter() - started
+        finally:
+            await server.stop(shutdown_timeout_s=5)
+            await runner.aclose()
+            await broker.close_fast_lane()
+        failed = int(await redis.get(q.failed_total) or 0)
+        assert failed == 0, f"{failed} of the {task} runs failed"
+        if headers:  # nothing waited, every slot was given back
+            assert await redis.zcard(keys.flow_slots_key(SHELL_QUEUE, "hi_limited:a")) == 0
+            assert await redis.zcard(q.scheduled) == 0
+    finally:
+        await redis.aclose()
+    return runs / elapsed
+
+
 async def main_async(args: argparse.Namespace) -> None:
     samples = _common.Samples()
+    tmp = Path(tempfile.mkdtemp(prefix="aqsh-held-"))
+    config = shell_config(tmp, max(1, args.shell_runs))
+    install_child_watcher()  # as the worker does, before its first spawn
     with RedisProcess() as server:
         for round_no in range(args.rounds):
+            print(f"# round {round_no + 1}/{args.rounds}", file=sys.stderr, flush=True)
             for side in ("plain", "limit") if round_no % 2 == 0 else ("limit", "plain"):
                 await samples.measure(
                     f"{side}_tasks_per_s",
                     lambda side=side, n=round_no: drain(
                         server.url, f"held-{side}-{n}", args.tasks, args.concurrency,
                         side == "limit"))
-    _common.report("held", {
+            if args.shell_runs <= 0:
+                continue
+            for side in ("limit", "plain") if round_no % 2 == 0 else ("plain", "limit"):
+                await samples.measure(
+                    f"shell_{side}_runs_per_s",
+                    lambda side=side: shell_drain(
+                        server.url, config, str(tmp / "work"),
+                        "hi_limited" if side == "limit" else "hi", args.shell_runs,
+                        args.shell_concurrency))
+    figures: dict[str, object] = {
         "tasks": args.tasks, "rounds": args.rounds, "concurrency": args.concurrency,
         "limit_vs_plain_ratio": round(
             samples.ratio("limit_tasks_per_s", "plain_tasks_per_s"), 3),
-    }, samples)
+    }
+    if args.shell_runs > 0:
+        figures.update({
+            "shell_runs": args.shell_runs, "shell_concurrency": args.shell_concurrency,
+            "shell_limit_vs_plain_ratio": round(
+                samples.ratio("shell_limit_runs_per_s", "shell_plain_runs_per_s"), 3)})
+    _common.report("held", figures, samples)
 
 
 def main() -> None:
@@ -98,7 +199,13 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=5000)
     parser.add_argument("--rounds", type=int, default=_common.MIN_ROUNDS)
     parser.add_argument("--concurrency", type=int, default=10)
+    parser.add_argument("--shell-runs", type=int, default=1000,
+                        help="per shell round (0: the engine side only)")
+    parser.add_argument("--shell-concurrency", type=int, default=10)
     args = parser.parse_args()
+    from aqsh.logging import configure_logging
+
+    configure_logging("json", "info")  # as `aqsh serve` runs its worker
     asyncio.run(main_async(args))
 
 

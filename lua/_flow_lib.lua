@@ -74,14 +74,18 @@ local function flow_forget_if_idle(registry, flow_key, slots, wait)
   end
 end
 
--- A run that waited starts: its wait goes to the queue's short record of waits (a zset by
--- start time, the newest 10000 kept) for the metrics.
+-- A wait goes to the queue's short record of waits (a zset by start time, the newest 10000
+-- kept) for the metrics' histogram.
+local function flow_note_wait(waited, task_type, waited_ms, now_ms, id)
+  redis.call("ZADD", waited, now_ms, task_type .. "\t" .. math.max(0, waited_ms) .. "\t" .. id)
+  redis.call("ZREMRANGEBYRANK", waited, 0, -10001)
+end
+
+-- A run that waited for a slot or a window starts: its wait is recorded.
 local function flow_record_wait(task_key, waited, task_type, now_ms, id)
   local since = redis.call("HGET", task_key, "aqsh_wait_since")
   if since then
     redis.call("HDEL", task_key, "aqsh_wait_since")
-    redis.call("ZADD", waited, now_ms,
-               task_type .. "\t" .. (tonumber(now_ms) - tonumber(since)) .. "\t" .. id)
-    redis.call("ZREMRANGEBYRANK", waited, 0, -10001)
+    flow_note_wait(waited, task_type, tonumber(now_ms) - tonumber(since), now_ms, id)
   end
 end

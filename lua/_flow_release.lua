@@ -35,8 +35,14 @@ if type(flow_reply) == "table" and flow_reply.err then
   return flow_reply
 end
 redis.call("ZREM", flow_slots, flow_id)
-flow_free_expired(flow_slots, flow_lease, flow_now_s)
-flow_promote(flow_slots, flow_wait, flow_limit, flow_scheduled, flow_pending, flow_prefix,
-             flow_reserve_s, flow_now_ns, flow_qname, flow_channel)
-flow_forget_if_idle(flow_registry, flow_key, flow_slots, flow_wait)
+if redis.call("ZCARD", flow_wait) > 0 then
+  flow_free_expired(flow_slots, flow_lease, flow_now_s)
+  flow_promote(flow_slots, flow_wait, flow_limit, flow_scheduled, flow_pending, flow_prefix,
+               flow_reserve_s, flow_now_ns, flow_qname, flow_channel)
+  flow_forget_if_idle(flow_registry, flow_key, flow_slots, flow_wait)
+elseif redis.call("ZCARD", flow_slots) == 0 then
+  -- Nobody waits, so nothing to promote and no dead holder's slot worth freeing now (an
+  -- acquire that meets a full key, or the repair sweep, does that); an idle key is forgotten.
+  redis.call("HDEL", flow_registry, flow_key)
+end
 return flow_reply

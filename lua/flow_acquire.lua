@@ -24,13 +24,29 @@
 --@include flow_lib
 local id, limit = ARGV[1], tonumber(ARGV[2])
 redis.call("HSET", KEYS[8], ARGV[6], limit)
-flow_free_expired(KEYS[6], KEYS[2], ARGV[3])
-if redis.call("ZSCORE", KEYS[6], id)
-    or (redis.call("ZCARD", KEYS[6]) < limit and redis.call("ZCARD", KEYS[7]) == 0) then
-  -- Its own reservation (a promoted waiter, a redelivery), or a free slot nobody waits for.
+-- Its own reservation (a promoted waiter, a redelivery), or a free slot nobody waits for.
+local function may_run()
+  return redis.call("ZSCORE", KEYS[6], id)
+      or (redis.call("ZCARD", KEYS[7]) == 0 and redis.call("ZCARD", KEYS[6]) < limit)
+end
+-- Dead holders' slots are looked for only when they could make a difference: a free slot
+-- with nobody waiting is taken as it is (the common case costs no range scan).
+local run = may_run()
+if not run then
+  flow_free_expired(KEYS[6], KEYS[2], ARGV[3])
+  run = may_run()
+end
+if run then
   redis.call("ZADD", KEYS[6], ARGV[4], id)
-  redis.call("HDEL", KEYS[5], "aqsh_wait_reason", "aqsh_wait_key")
-  flow_record_wait(KEYS[5], KEYS[9], ARGV[13], ARGV[7], id)
+  -- One read tells whether it ever waited: a run that never did writes nothing more.
+  local was = redis.call("HMGET", KEYS[5], "aqsh_wait_reason", "aqsh_wait_key",
+                         "aqsh_wait_since")
+  if was[1] or was[2] then
+    redis.call("HDEL", KEYS[5], "aqsh_wait_reason", "aqsh_wait_key")
+  end
+  if was[3] then
+    flow_record_wait(KEYS[5], KEYS[9], ARGV[13], ARGV[7], id)
+  end
   return 1
 end
 flow_hold(KEYS[1], KEYS[2], KEYS[3], KEYS[5], id, ARGV[5], "concurrency", ARGV[6], ARGV[7])

@@ -589,6 +589,12 @@ async def list_task_types(request: web.Request) -> web.Response:
                  "next_run_at": _iso(CronSpec(schedule.cron).next_after(now_s))}
                 for schedule in spec.schedules
             ],
+            # As configured (the key template, not a rendered key); null: no such limit.
+            "concurrency": None if spec.concurrency is None else {
+                "limit": spec.concurrency.limit, "key": spec.concurrency.key},
+            "rate_limit": None if spec.rate_limit is None else {
+                "limit": spec.rate_limit.limit, "per_s": spec.rate_limit.per_s,
+                "key": spec.rate_limit.key},
         })
     return web.json_response({"tasks": out})
 

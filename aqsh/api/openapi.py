@@ -335,7 +335,32 @@ def document(tasks: Sequence[TaskSpec] = (), *, max_string_len: int = 4096) -> d
                                         "input_schema": {"type": "object"},
                                         "schedules": {
                                             "type": "array",
-                                            "items": {"$ref": "#/components/schemas/Schedule"}}}},
+                                            "items": {"$ref": "#/components/schemas/Schedule"}},
+                                        "concurrency": {"oneOf": [
+                                            {"type": "null"},
+                                            {"$ref": "#/components/schemas/ConcurrencyLimit"}]},
+                                        "rate_limit": {"oneOf": [
+                                            {"type": "null"},
+                                            {"$ref": "#/components/schemas/RateLimit"}]}}},
+            "ConcurrencyLimit": {
+                "type": "object", "required": ["limit", "key"],
+                "description": "at most `limit` runs with the same key run at once, across "
+                               "every worker; the others wait their turn",
+                "properties": {
+                    "limit": {"type": "integer", "minimum": 1},
+                    "key": {"type": ["string", "null"],
+                            "description": "template over the inputs, e.g. {environment}; "
+                                           "null: one limit for the whole task type"}}},
+            "RateLimit": {
+                "type": "object", "required": ["limit", "per_s", "key"],
+                "description": "at most `limit` runs with the same key start per window of "
+                               "`per_s` seconds; the others wait for the next window",
+                "properties": {
+                    "limit": {"type": "integer", "minimum": 1},
+                    "per_s": {"type": "integer", "minimum": 1},
+                    "key": {"type": ["string", "null"],
+                            "description": "template over the inputs; null: one window for "
+                                           "the whole task type"}}},
             "Deliveries": {"type": "object", "required": ["task_id", "deliveries"],
                            "properties": {"task_id": {"type": "string"}, "deliveries": {
                                "type": "array",

@@ -15,6 +15,7 @@ from typing import Protocol
 
 import msgspec
 
+from aqsh.engine.flow import AfterSwept
 from aqsh.engine.models import ServerInfo, TaskMessage, WorkerInfo
 from aqsh.errors import AqshError
 
@@ -175,9 +176,9 @@ class Broker(Protocol):
     async def reclaim_stale_aggregation_sets(self, qname: str, *, now_s: int) -> None:
         ...
 
-    async def sweep_dependencies(self, qname: str, *, now_s: int) -> int:
+    async def sweep_dependencies(self, qname: str, *, now_s: int) -> AfterSwept:
         """Start or cancel the runs waiting for other tasks (aqsh.engine.flow.HEADER_AFTER)
-        whose dependencies ended. How many moved."""
+        whose dependencies ended: how many moved, and the messages of those cancelled."""
         ...
 
     async def repair_flow(self, qname: str, *, now_s: int) -> int:

@@ -64,6 +64,9 @@ AFTER_SCORE_S = HELD_SCORE_S + 1
 #: The tasks a run waits for, as a JSON list of ``[queue, id]`` pairs. The rule travels in
 #: the message, so the run is stored waiting by the one script that schedules it.
 HEADER_AFTER = "aqsh-after"
+#: When such a run was submitted (Unix ms): its dependency wait goes to the wait histogram
+#: when it starts. A run enqueued without it (an older producer) starts unrecorded.
+HEADER_AFTER_SINCE_MS = "aqsh-after-since"
 
 REASON_CONCURRENCY = "concurrency"
 REASON_RATE = "rate"
@@ -93,6 +96,16 @@ class Rate:
 
 
 @dataclass(frozen=True, slots=True)
+class AfterSwept:
+    """What one dependency sweep of a queue did: ``moved`` runs started or were cancelled;
+    ``canceled`` are the messages of those archived, as stored (``error_msg`` names the
+    dependency). No worker ends a cancelled run, so whoever sweeps tells the observers."""
+
+    moved: int = 0
+    canceled: tuple[TaskMessage, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Waiting:
     """Why a run waits: ``position`` is its place in the key's line (0 = next), None for a
     rate wait (every run of a window is released at its end)."""
@@ -118,10 +131,13 @@ def headers(*, concurrency: Concurrency | None = None,
     return out
 
 
-def after_headers(dependencies: Sequence[tuple[str, str]]) -> dict[str, str]:
-    """The header of a run that may start only once every (queue, id) has completed; such a
-    run is scheduled at :data:`AFTER_SCORE_S`."""
-    return {HEADER_AFTER: msgspec.json.encode([list(d) for d in dependencies]).decode()}
+def after_headers(dependencies: Sequence[tuple[str, str]], *,
+                  since_ms: int | None = None) -> dict[str, str]:
+    """The headers of a run that may start only once every (queue, id) has completed; such a
+    run is scheduled at :data:`AFTER_SCORE_S`. ``since_ms``: its submission (default now)."""
+    return {HEADER_AFTER: msgspec.json.encode([list(d) for d in dependencies]).decode(),
+            HEADER_AFTER_SINCE_MS: str(since_ms if since_ms is not None
+                                       else time.time_ns() // 1_000_000)}
 
 
 def after_of(msg: TaskMessage) -> list[tuple[str, str]]:
@@ -134,6 +150,10 @@ def after_of(msg: TaskMessage) -> list[tuple[str, str]]:
     except msgspec.DecodeError:
         return []
     return [(q, i) for q, i in pairs]
+
+
+def after_since_ms(msg: TaskMessage) -> int | None:
+    return _positive(msg.headers.get(HEADER_AFTER_SINCE_MS))
 
 
 def _positive(text: str | None) -> int | None:

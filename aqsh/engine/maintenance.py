@@ -15,6 +15,7 @@ from aqsh import errors
 from aqsh.clock import Clock, finish, wait_event
 from aqsh.engine.broker import Broker
 from aqsh.engine.faults import Backoff, Loops
+from aqsh.engine.models import TaskMessage
 from aqsh.engine.processor import LEASE_EXPIRED_ERROR, RetryDelayFn
 from aqsh.engine.task import Task
 
@@ -181,14 +182,26 @@ class DependencySweep(Periodic):
     name = "dependencies"
 
     def __init__(self, broker: Broker, queues: Sequence[str], clock: Clock,
-                 interval_s: float = 1.0, loops: Loops | None = None) -> None:
+                 interval_s: float = 1.0, loops: Loops | None = None,
+                 on_canceled: Callable[[TaskMessage], None] | None = None) -> None:
+        """``on_canceled``: told of each run this sweep archived (stored message, its
+        ``error_msg`` naming the dependency), after the write; it must not raise."""
         super().__init__(interval_s, run_first=True, loops=loops)
         self.broker, self.queues, self.clock = broker, list(queues), clock
+        self.on_canceled = on_canceled
 
     async def run_once(self) -> int:
         now_s = int(self.clock.now_s())
-        return sum([await self.broker.sweep_dependencies(qname, now_s=now_s)
-                    for qname in self.queues])
+        moved = 0
+        for qname in self.queues:
+            swept = await self.broker.sweep_dependencies(qname, now_s=now_s)
+            moved += swept.moved
+            for msg in swept.canceled:
+                log.info("task.dependency_canceled", task_id=msg.id, queue=msg.queue,
+                         error=msg.error_msg)
+                if self.on_canceled is not None:
+                    self.on_canceled(msg)
+        return moved
 
 
 class Janitor(Periodic):

@@ -34,7 +34,8 @@ LEASE_EXPIRED_ERROR = "asynq: task lease expired"
 
 RetryDelayFn = Callable[[int, BaseException, Task], float]
 #: Told after a finishing write is stored: (the message as it was leased, the transition —
-#: "completed", "archived", "retry" or "revoked" —, the error text or ""). Called on the
+#: "completed", "archived", "retry" or "revoked"; or "canceled" for a run the server's
+#: dependency sweep archived before it ever ran —, the error text or ""). Called on the
 #: event loop; it must return quickly and never raise (an observer, not a participant).
 TransitionHook = Callable[[TaskMessage, str, str], None]
 

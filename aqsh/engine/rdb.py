@@ -228,10 +228,11 @@ class RedisBroker:
                     held.add(i)
         return [m for i, m in enumerate(leased) if i not in held]
 
-    async def sweep_dependencies(self, qname: str, *, now_s: int) -> int:
+    async def sweep_dependencies(self, qname: str, *, now_s: int) -> flow.AfterSwept:
         """Runs of the queue waiting for other tasks (aqsh.engine.flow.HEADER_AFTER): start
         those whose dependencies all completed; cancel (archive, naming the dependency) those
-        with one archived (failed or cancelled) or gone. How many moved.
+        with one archived (failed or cancelled) or gone. How many moved, and the messages of
+        those cancelled (for the server's transition hook: no worker ends them).
 
         Dependencies may live in other queues (other Cluster slots): their states are read
         one command each, and only the waiter's own keys are written, in one script."""
@@ -239,7 +240,7 @@ class RedisBroker:
         ids = await guarded(self.client.zrangebyscore(
             q.scheduled, flow.AFTER_SCORE_S, flow.AFTER_SCORE_S, start=0, num=1000))
         if not ids:
-            return 0
+            return flow.AfterSwept()
         task_ids = [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
         pipe = self.client.pipeline(transaction=False)
         for task_id in task_ids:
@@ -249,13 +250,14 @@ class RedisBroker:
                    for raw in raws if raw is not None]
         deps = sorted({d for _, after in waiting for d in after})
         if not deps:
-            return 0
+            return flow.AfterSwept()
         pipe = self.client.pipeline(transaction=False)
         for dq, did in deps:
             pipe.hget(keys.queue_keys(dq).task(did), "state")
         states = {d: (s.decode() if isinstance(s, bytes) else s)
                   for d, s in zip(deps, await guarded(pipe.execute()), strict=True)}
         moved = 0
+        canceled: list[TaskMessage] = []
         for msg, after in waiting:
             if not after:
                 continue
@@ -265,16 +267,22 @@ class RedisBroker:
                             if states[(dq, did)] in (None, "archived")), None)
             if problem is None and not all(states[d] == "completed" for d in after):
                 continue  # still waiting
-            encoded = b""
+            encoded, ended = b"", None
             if problem is not None:
-                encoded = wire.encode_task(msgspec.structs.replace(
-                    msg, error_msg=problem, last_failed_at_s=int(now_s)))
-            moved += int(await guarded(self.scripts.run(
-                "flow_after_end", [q.scheduled, q.pending, q.archived, q.task(msg.id)],
-                [msg.id, "run" if problem is None else "cancel", flow.AFTER_SCORE_S,
-                 int(now_s), int(now_s) * 1_000_000_000, encoded, qname,
-                 keys.WAKE_CHANNEL])))
-        return moved
+                ended = msgspec.structs.replace(msg, error_msg=problem,
+                                                last_failed_at_s=int(now_s))
+                encoded = wire.encode_task(ended)
+            since_ms = flow.after_since_ms(msg) if problem is None else None
+            if int(await guarded(self.scripts.run(
+                    "flow_after_end", [q.scheduled, q.pending, q.archived, q.task(msg.id),
+                                       keys.flow_waited_key(qname)],
+                    [msg.id, "run" if problem is None else "cancel", flow.AFTER_SCORE_S,
+                     int(now_s), int(now_s) * 1_000_000_000, encoded, qname,
+                     keys.WAKE_CHANNEL, msg.type, since_ms or "", int(now_s) * 1000]))):
+                moved += 1
+                if ended is not None:  # only this sweep's own move: never told twice
+                    canceled.append(ended)
+        return flow.AfterSwept(moved, tuple(canceled))
 
     async def repair_flow(self, qname: str, *, now_s: int) -> int:
         """The held-run sweep of one queue (lua/flow_repair.lua); how many waiters it

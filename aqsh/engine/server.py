@@ -22,6 +22,7 @@ from aqsh.engine.client import Client
 from aqsh.engine.faults import Backoff, Loops, redis_error_code, supervise
 from aqsh.engine.heartbeat import HEARTBEAT_INTERVAL_S, Heartbeater
 from aqsh.engine.maintenance import DependencySweep, Forwarder, Janitor, Recoverer
+from aqsh.engine.models import TaskMessage
 from aqsh.engine.processor import (
     Processor,
     RetryDelayFn,
@@ -166,7 +167,9 @@ class Server:
                                      interval_s=aggregation_interval_s, loops=loops,
                                      group_settings=group_settings)
         self.janitor = Janitor(broker, names, self.clock, janitor_interval_s, loops=loops)
-        self.dependencies = DependencySweep(broker, names, self.clock, loops=loops)
+        self.on_transition = on_transition
+        self.dependencies = DependencySweep(broker, names, self.clock, loops=loops,
+                                            on_canceled=self._dependency_canceled)
         self._listeners: list[asyncio.Task[None]] = []
         self._started = False
         self._stopped = asyncio.Event()
@@ -175,6 +178,16 @@ class Server:
     @property
     def server_id(self) -> str:
         return self.heartbeater.server_id
+
+    def _dependency_canceled(self, msg: TaskMessage) -> None:
+        """A run the dependency sweep archived (a task it waited for failed, was cancelled or
+        is gone) never reached a worker: the hook hears of it here, as "canceled"."""
+        if self.on_transition is None:
+            return
+        try:
+            self.on_transition(msg, "canceled", msg.error_msg)
+        except Exception:
+            log.exception("task.transition_hook_failed", task_id=msg.id)
 
     def _defer_write(self, run: Running, write: Callable[[], object]) -> None:
         self.syncer.add(run.task_id, write, run.lease_expires_s)  # type: ignore[arg-type]

@@ -165,6 +165,8 @@ class Notifier:
         elif transition == "archived":
             event = "task.canceled" if error_msg == CANCELED else "task.failed"
             attempt = msg.retried
+        elif transition == "canceled":  # never ran (a dependency failed): as DELETE does
+            event, attempt = "task.canceled", 0
         elif transition == "retry":
             event, attempt = "task.retrying", msg.retried + 1
         else:

@@ -60,7 +60,7 @@ async def test_held_runs_under_the_documented_acl(restricted: aioredis.Redis,
             "after", b"{}", process_at=datetime.fromtimestamp(flow.AFTER_SCORE_S, UTC),
             headers=flow.after_headers([("default", "d1")]))
         await broker.archive(second[0].message, error_msg="boom", now_s=now)
-        assert await broker.sweep_dependencies("default", now_s=now) == 1
+        assert (await broker.sweep_dependencies("default", now_s=now)).moved == 1
     # Nothing was refused along the way (redis-py's CLIENT SETINFO aside, see tests/acl).
     refusals = [entry for entry in await redis.execute_command("ACL", "LOG")
                 if entry[b"username"] == USER.encode()

@@ -85,6 +85,14 @@ async def test_a_dependency_that_completes_starts_the_next(
     assert docs[1]["finished_at"] <= docs[2]["started_at"]
     assert all("waiting" not in d for d in docs)
 
+    # The two dependency waits are in the wait histogram (the first run never waited).
+    async def waits_observed() -> bool:
+        _, text, _ = await service.request("GET", "/metrics")
+        return 'aqsh_run_wait_seconds_count{task="echo"} 2.0' in text
+
+    await wait_until(waits_observed, timeout_s=30, interval_s=0.5,
+                     message="the dependency waits in the histogram")
+
 
 async def test_a_failed_dependency_cancels_the_chain_naming_it(
         make_service: ServiceFactory) -> None:

@@ -81,3 +81,26 @@ async def test_a_held_run_says_why_it_waits_and_starts_when_the_slot_frees(
 
 async def _state_is(doc: Any, task_id: str, state: str) -> bool:
     return bool((await doc(task_id))["state"] == state)
+
+
+async def test_get_tasks_lists_each_task_types_limits_as_configured(
+        make_service: ServiceFactory) -> None:
+    yaml = HELD_YAML + """\
+  paced:
+    script: echo.sh
+    rate_limit: {limit: 10, per: 1m, key: "{name}"}
+    concurrency: {limit: 3}
+    input:
+      - {name: name, env: NAME, required: true}
+      - {name: times, env: TIMES, type: int, default: 1}
+"""
+    service = await make_service(tasks_yaml=yaml, admin_groups=("platform",))
+    status, body, _ = await service.request("GET", "/tasks", headers=ADMIN)
+    assert status == 200, body
+    by_name = {t["name"]: t for t in body["tasks"]}
+    assert by_name["hold"]["concurrency"] == {"limit": 1, "key": "{lane}"}
+    assert by_name["hold"]["rate_limit"] is None
+    assert by_name["paced"]["concurrency"] == {"limit": 3, "key": None}
+    assert by_name["paced"]["rate_limit"] == {"limit": 10, "per_s": 60, "key": "{name}"}
+    assert by_name["echo"]["concurrency"] is None
+    assert by_name["echo"]["rate_limit"] is None

@@ -66,12 +66,12 @@ async def test_limits_and_dependencies_on_each_node(cluster: RedisCluster,
         waiter = await client.enqueue(
             "after", b"{}", queue=qname, process_at=_at(flow.AFTER_SCORE_S),
             headers=flow.after_headers([(other, dep.id)]))
-        assert await broker.sweep_dependencies(qname, now_s=start) == 0
+        assert (await broker.sweep_dependencies(qname, now_s=start)).moved == 0
         # (The other queue may hold an earlier round's promoted dependent too.)
         leased = await broker.dequeue_many([other], limit=10, now_s=start)
         done = next(m.message for m in leased if m.message.id == dep.id)
         await broker.mark_as_complete(done, now_s=start)
-        assert await broker.sweep_dependencies(qname, now_s=start) == 1
+        assert (await broker.sweep_dependencies(qname, now_s=start)).moved == 1
         info = await inspector.find_task(waiter.id, [qname])
         assert info.state is TaskState.PENDING
 

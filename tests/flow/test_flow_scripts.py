@@ -203,3 +203,33 @@ async def test_acquires_arriving_out_of_order_keep_submission_order(
     await broker.done(running[0].message, now_s=now_s())
     assert [m.message.id for m in await broker.dequeue_many(["default"], limit=10,
                                                            now_s=now_s())] == ["early"]
+
+
+async def test_a_run_that_never_waited_records_no_wait_and_leaves_nothing_behind(
+        redis: aioredis.Redis, broker: RedisBroker, client: Client) -> None:
+    two = flow.headers(concurrency=flow.Concurrency("deploy:prod", 2))
+    await client.enqueue("deploy", b"{}", task_id="d0", headers=two)
+    (leased,) = await broker.dequeue_many(["default"], limit=10, now_s=now_s())
+    assert leased.message.id == "d0"
+    assert not [f for f in await redis.hkeys(Q.task("d0")) if f.startswith(b"aqsh_wait")]
+    assert await redis.zcard(keys.flow_waited_key("default")) == 0
+    assert await broker.finish_successes([leased.message], now_s=now_s()) == [None]
+    assert await redis.zcard(keys.flow_slots_key("default", "deploy:prod")) == 0
+    assert not await redis.hexists(keys.flow_registry_key("default"), "deploy:prod")
+    assert await redis.zcard(keys.flow_waited_key("default")) == 0
+
+
+async def test_with_nobody_waiting_a_dead_holders_slot_is_freed_by_the_next_acquire(
+        redis: aioredis.Redis, broker: RedisBroker, client: Client) -> None:
+    start = now_s()
+    await client.enqueue("deploy", b"{}", task_id="d0", headers=LIMIT_1)
+    assert [m.message.id for m in await broker.dequeue_many(["default"], limit=10,
+                                                           now_s=start)] == ["d0"]
+    await client.enqueue("deploy", b"{}", task_id="d1", headers=LIMIT_1)
+    # d0's worker died; once its lease lapsed, the acquire that meets the full key frees it.
+    later = start + LEASE_DURATION_S + 1
+    assert [m.message.id for m in await broker.dequeue_many(["default"], limit=10,
+                                                           now_s=later)] == ["d1"]
+    slots = keys.flow_slots_key("default", "deploy:prod")
+    assert [m.decode() for m in await redis.zrange(slots, 0, -1)] == ["d1"]
+    assert await redis.zcard(keys.flow_wait_key("default", "deploy:prod")) == 0
