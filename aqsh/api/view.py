@@ -10,6 +10,7 @@ import msgspec
 from aqsh.engine.connection import RedisClient
 from aqsh.engine.keys import log_key, log_meta_key
 from aqsh.engine.models import TaskInfo, TaskState
+from aqsh.engine.task import CONTEXT_CANCELED
 from aqsh.runner.result import decode_result
 from aqsh.runner.spec import HEADER_SUBMITTED_AT, HEADER_SUBMITTED_BY
 
@@ -28,7 +29,13 @@ def links(task_id: str, base_url: str = "") -> dict[str, str]:
 
 
 def public_state(info: TaskInfo) -> str:
-    if info.state is TaskState.ARCHIVED and info.result:
+    """``canceled`` for an archived task that was cancelled: by its script's canceled result, or
+    — cancelled before the script started (DELETE landing as the worker took it), or a Go
+    server's task — by the attempt's error alone when no result was stored."""
+    if info.state is TaskState.ARCHIVED:
+        if not info.result:
+            cancelled = info.message.error_msg in (CANCELED, CONTEXT_CANCELED)
+            return CANCELED if cancelled else info.state.value
         try:
             if decode_result(info.result).error == CANCELED:
                 return CANCELED

@@ -24,7 +24,15 @@ from aqsh.clock import Clock, finish, raise_if_cancelling, wait_event
 from aqsh.engine.broker import Broker, Leased
 from aqsh.engine.faults import Backoff, Loops, pause_after_failure
 from aqsh.engine.models import TaskMessage
-from aqsh.engine.task import CancelReason, Handler, RevokeTask, SkipRetry, Task, TaskError
+from aqsh.engine.task import (
+    CONTEXT_CANCELED,
+    CancelReason,
+    Handler,
+    RevokeTask,
+    SkipRetry,
+    Task,
+    TaskError,
+)
 
 log = structlog.get_logger("aqsh.engine")
 
@@ -471,7 +479,7 @@ def _success_write(
 def _cancel_error(reason: CancelReason | None) -> BaseException:
     if reason is CancelReason.DEADLINE:
         return TimeoutError("context deadline exceeded")
-    return asyncio.CancelledError("context canceled")
+    return asyncio.CancelledError(CONTEXT_CANCELED)
 
 
 def _error_text(exc: BaseException) -> str:

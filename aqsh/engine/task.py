@@ -24,6 +24,11 @@ class Task(msgspec.Struct, frozen=True, kw_only=True):
     max_retry: int = 0
 
 
+#: The error an attempt ends with when it was cancelled (asynq:cancel) before its handler could
+#: say anything of its own: asynq's text for a cancelled context, which Go servers write too.
+CONTEXT_CANCELED = "context canceled"
+
+
 class CancelReason(enum.StrEnum):
     """Why the processor cancelled a running handler."""
 

@@ -31,14 +31,14 @@ import msgspec
 import structlog
 
 from aqsh import errors
-from aqsh.api.view import CANCELED, iso
+from aqsh.api.view import CANCELED, iso, public_state
 from aqsh.clock import finish
 from aqsh.engine.client import Client, EnqueueRequest
 from aqsh.engine.connection import RedisClient
 from aqsh.engine.fastlane import FastLane
 from aqsh.engine.inspect import Inspector
 from aqsh.engine.models import TaskInfo, TaskMessage, TaskState
-from aqsh.engine.task import Handler, Task, TaskContext
+from aqsh.engine.task import CONTEXT_CANCELED, Handler, Task, TaskContext
 from aqsh.runner.spec import HEADER_CALLBACK_URL, TasksConfig
 from aqsh.settings import Settings
 from aqsh.webhooks import WEBHOOK_QUEUE, WEBHOOK_TASK_TYPE
@@ -163,7 +163,8 @@ class Notifier:
         if transition == "completed":
             event, attempt = "task.completed", msg.retried
         elif transition == "archived":
-            event = "task.canceled" if error_msg == CANCELED else "task.failed"
+            event = ("task.canceled" if error_msg in (CANCELED, CONTEXT_CANCELED)
+                     else "task.failed")
             attempt = msg.retried
         elif transition == "canceled":  # never ran (a dependency failed): as DELETE does
             event, attempt = "task.canceled", 0
@@ -355,7 +356,7 @@ def _ended_from(info: TaskInfo, queue: str, retried: int) -> _Ended | None:
     if info.state is TaskState.COMPLETED:
         event = "task.completed"
     elif info.state is TaskState.ARCHIVED:
-        canceled = msg.error_msg == CANCELED or _result_error(info) == CANCELED
+        canceled = public_state(info) == CANCELED
         event = "task.canceled" if canceled else "task.failed"
     else:
         return None
@@ -363,14 +364,6 @@ def _ended_from(info: TaskInfo, queue: str, retried: int) -> _Ended | None:
                   task_type=msg.type, headers=msg.headers)
 
 
-def _result_error(info: TaskInfo) -> Any:
-    if not info.result:
-        return None
-    try:
-        decoded = msgspec.json.decode(info.result)
-    except msgspec.DecodeError:
-        return None
-    return decoded.get("error") if isinstance(decoded, dict) else None
 
 
 class _IntentHandler:

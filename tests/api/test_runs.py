@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -13,6 +14,7 @@ from aqsh.engine import keys
 from aqsh.engine.client import Client, EnqueueRequest
 from aqsh.engine.inspect import Inspector
 from aqsh.engine.runindex import Cursor, RunIndex, RunIndexer, Source
+from aqsh.engine.task import CONTEXT_CANCELED
 from tests.api.conftest import Service, ServiceFactory
 from tests.api.test_api import finished
 from tests.support import wait_until
@@ -338,3 +340,22 @@ async def test_anonymous_callers_are_refused_where_identity_is_required(
     assert status == 401
     assert body["error"]["code"] == "unauthenticated"
     assert (await runs(service, "", ALICE))["runs"] == []
+
+
+async def test_a_cancel_that_beat_the_script_is_canceled_not_archived(
+        make_service: ServiceFactory) -> None:
+    """DELETE landing as a worker takes the task cancels its handler before the script starts:
+    the engine archives it with asynq's "context canceled" and no result (seen in the soak as a
+    409 "already finished (archived)" for a task that was canceled). It reads as canceled."""
+    service = await make_service(worker=False, admin_groups=("platform",))
+    task_id = await submit(service, "slow", {}, ALICE)
+    broker = service.state.broker
+    (taken,) = await broker.dequeue_many(["default"], limit=1, now_s=int(time.time()))
+    await broker.archive(taken.message, error_msg=CONTEXT_CANCELED, now_s=int(time.time()))
+    status, shown, _ = await service.request("GET", f"/tasks/{task_id}", headers=ALICE)
+    assert status == 200
+    assert shown["state"] == "canceled"
+    assert [r["id"] for r in (await runs(service, "?state=canceled"))["runs"]] == [task_id]
+    status, body, _ = await service.request("DELETE", f"/tasks/{task_id}", headers=ALICE)
+    assert status == 409
+    assert "canceled" in body["error"]["message"]
