@@ -9,6 +9,13 @@
   the enqueue), and ``notify_inprocess_vs_plain_ratio`` with the default wiring, where the
   script worker's process delivers too (its event loop then carries both).
 
+- The worker's own cost, ``notify_deferred_vs_plain_ratio`` (≥ 0.9): the same two task types
+  while nothing delivers (the durable deliveries are drained after each timed round), and the
+  worker process's CPU per task with and without (``notify_worker_cpu_ratio``). On a 2-core
+  machine the delivery worker and the receiver take CPU the script worker would otherwise
+  have; this figure is what "delivering must not slow the worker that ran the script" means
+  once deliveries have cores of their own.
+
 Usage: python benchmarks/webhooks.py [tasks] [rounds]
 """
 
@@ -47,7 +54,7 @@ from aqsh.webhooks.store import Delivery
 
 _ARGS = [] if sys.argv[1:2] == ["--receiver"] else sys.argv[1:]
 TASKS = int(_ARGS[0]) if _ARGS else 1000
-ROUNDS = int(_ARGS[1]) if len(_ARGS) > 1 else 3
+ROUNDS = int(_ARGS[1]) if len(_ARGS) > 1 else 5
 
 
 class Receiver:
@@ -153,9 +160,16 @@ def start_delivery_worker(redis_url: str, tasks_yaml: Path,
 
 async def task_rate(redis: aioredis.Redis, settings: Settings, config: ConfigHolder,
                     name: str, count: int, receiver: Receiver, *,
-                    deliver_here: bool = True) -> float:
+                    deliver_here: bool = True, drain_after: bool = False,
+                    cpu: list[float] | None = None) -> float:
     """Tasks/s of ``name`` through a worker wired as ``aqsh serve`` wires one (with the
-    notifier, and the delivery server beside it)."""
+    notifier, and the delivery server beside it).
+
+    ``drain_after``: nothing delivers while the tasks run; a delivery server started once the
+    round is timed drains the (durable) deliveries. That isolates what a ``notify`` costs the
+    worker that ran the script from what the deliveries cost a machine they share.
+    ``cpu`` receives this process's CPU seconds per task over the timed part (the worker's own
+    cost: the scripts are other processes)."""
     await redis.flushall()
     client = Client(redis, wake_workers=False)
     for start in range(0, count, 500):
@@ -174,6 +188,7 @@ async def task_rate(redis: aioredis.Redis, settings: Settings, config: ConfigHol
     if hooks is not None:
         await hooks.start()
     delivered_before = await receiver.count()
+    cpu_started = time.process_time()
     started = time.perf_counter()
     await server.start()
     completed = keys.queue_keys("bench").completed
@@ -183,6 +198,11 @@ async def task_rate(redis: aioredis.Redis, settings: Settings, config: ConfigHol
 
     await until(done, f"{count} {name} tasks")
     elapsed = time.perf_counter() - started
+    if cpu is not None:
+        cpu.append((time.process_time() - cpu_started) / count)
+    if name == "notified" and drain_after:
+        hooks = _webhook_worker(settings, broker, metrics)
+        await hooks.start()
     if name == "notified":  # not timed: every delivery arrives before the next round
 
         async def delivered() -> bool:
@@ -228,6 +248,26 @@ tasks:
                                                              max(50, TASKS // 4))
         figures["deliveries_c50_per_s"] = await delivery_rate(redis, settings, receiver, 50,
                                                               TASKS)
+        # Phase 0: the worker's own cost. No delivery runs while a round is timed; the
+        # deliveries wait, durable, and are drained after it. Sides alternate and the order
+        # flips every round, so drift favours neither.
+        plain_0: list[float] = []
+        deferred: list[float] = []
+        plain_cpu: list[float] = []
+        notify_cpu: list[float] = []
+        for index in range(ROUNDS):
+            sides = [("plain", plain_0, plain_cpu), ("notified", deferred, notify_cpu)]
+            for name, rates, cpu in sides if index % 2 == 0 else sides[::-1]:
+                rates.append(await task_rate(redis, settings, config, name, TASKS, receiver,
+                                             deliver_here=False, drain_after=True, cpu=cpu))
+        figures["tasks_plain_0_per_s"] = statistics.median(plain_0)
+        figures["tasks_notify_deferred_per_s"] = statistics.median(deferred)
+        figures["notify_deferred_vs_plain_ratio"] = (figures["tasks_notify_deferred_per_s"]
+                                                     / figures["tasks_plain_0_per_s"])
+        figures["worker_cpu_us_per_task_plain"] = statistics.median(plain_cpu) * 1e6
+        figures["worker_cpu_us_per_task_notify"] = statistics.median(notify_cpu) * 1e6
+        figures["notify_worker_cpu_ratio"] = (figures["worker_cpu_us_per_task_notify"]
+                                              / figures["worker_cpu_us_per_task_plain"])
         # Phase 1: a delivery worker of its own (AQSH_WORKER_QUEUES=aqsh:webhooks, a separate
         # `aqsh serve --mode worker` on the same machine) delivers; the script worker pays
         # the intent, the hook and the enqueue of each delivery.
@@ -235,9 +275,10 @@ tasks:
         dedicated: list[float] = []
         deliverer = start_delivery_worker(redis_server.url, tasks_yaml, tmp)
         try:
-            for _ in range(ROUNDS):
-                plain.append(await task_rate(redis, settings, config, "plain", TASKS, receiver))
-                dedicated.append(await task_rate(redis, settings, config, "notified", TASKS,
+            for index in range(ROUNDS):
+                sides = [("plain", plain), ("notified", dedicated)]
+                for name, rates in sides if index % 2 == 0 else sides[::-1]:
+                    rates.append(await task_rate(redis, settings, config, name, TASKS,
                                                  receiver, deliver_here=False))
         finally:
             deliverer.terminate()
@@ -245,9 +286,14 @@ tasks:
         # Phase 2: the default wiring — the script worker's process delivers too.
         plain_2: list[float] = []
         in_process: list[float] = []
-        for _ in range(ROUNDS):
-            plain_2.append(await task_rate(redis, settings, config, "plain", TASKS, receiver))
-            in_process.append(await task_rate(redis, settings, config, "notified", TASKS, receiver))
+        for index in range(ROUNDS):
+            sides = [("plain", plain_2), ("notified", in_process)]
+            for name, rates in sides if index % 2 == 0 else sides[::-1]:
+                rates.append(await task_rate(redis, settings, config, name, TASKS, receiver))
+        print("tasks/s per round: plain", [round(x) for x in plain_0], "notify (delivered "
+              "after the round)", [round(x) for x in deferred], "| worker CPU µs per task: "
+              "plain", [round(x * 1e6) for x in plain_cpu], "notify",
+              [round(x * 1e6) for x in notify_cpu])
         print("tasks/s per round: plain", [round(x) for x in plain], "notify (delivery "
               "worker)", [round(x) for x in dedicated], "| plain", [round(x) for x in plain_2],
               "notify (delivered in-process)", [round(x) for x in in_process])
@@ -266,6 +312,13 @@ tasks:
     await receiver.stop()
     print(f"deliveries/s to a local receiver: c1 {figures['deliveries_c1_per_s']:.0f}, "
           f"c50 {figures['deliveries_c50_per_s']:.0f}")
+    print(f"the worker's own cost (deliveries drained after each round): tasks/s plain "
+          f"{figures['tasks_plain_0_per_s']:.0f}, with notify "
+          f"{figures['tasks_notify_deferred_per_s']:.0f} (ratio "
+          f"{figures['notify_deferred_vs_plain_ratio']:.2f}, target ≥ 0.9); worker CPU µs per "
+          f"task {figures['worker_cpu_us_per_task_plain']:.0f} · "
+          f"{figures['worker_cpu_us_per_task_notify']:.0f} "
+          f"(ratio {figures['notify_worker_cpu_ratio']:.2f})")
     print(f"tasks/s: plain {figures['tasks_plain_per_s']:.0f}, with notify "
           f"{figures['tasks_notify_per_s']:.0f} "
           f"(ratio {figures['notify_vs_plain_ratio']:.2f}, target ≥ 0.9); delivered in the "
