@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Literal
 
 import _common
 import aiohttp
@@ -158,18 +158,20 @@ def start_delivery_worker(redis_url: str, tasks_yaml: Path,
                             env=env, cwd=_common.ROOT, stdout=subprocess.DEVNULL)
 
 
-async def task_rate(redis: aioredis.Redis, settings: Settings, config: ConfigHolder,
-                    name: str, count: int, receiver: Receiver, *,
-                    deliver_here: bool = True, drain_after: bool = False,
-                    cpu: list[float] | None = None) -> float:
-    """Tasks/s of ``name`` through a worker wired as ``aqsh serve`` wires one (with the
-    notifier, and the delivery server beside it).
+#: Who delivers while a ``notified`` round runs: the script worker's own process (the default
+#: wiring), a delivery worker of its own (another process, started by the caller), or nobody
+#: until the round is timed (then a delivery server drains the durable deliveries).
+Delivering = Literal["in_process", "delivery_worker", "after_round"]
 
-    ``drain_after``: nothing delivers while the tasks run; a delivery server started once the
-    round is timed drains the (durable) deliveries. That isolates what a ``notify`` costs the
-    worker that ran the script from what the deliveries cost a machine they share.
-    ``cpu`` receives this process's CPU seconds per task over the timed part (the worker's own
-    cost: the scripts are other processes)."""
+
+async def task_rate(redis: aioredis.Redis, settings: Settings, config: ConfigHolder,
+                    name: str, count: int, receiver: Receiver,
+                    delivering: Delivering) -> tuple[float, float]:
+    """Tasks/s of ``name`` through a worker wired as ``aqsh serve`` wires one (with the
+    notifier, and the delivery server beside it unless ``delivering`` says otherwise), and this
+    process's CPU seconds per task over the timed part: the worker's own cost (the scripts are
+    other processes). ``after_round`` isolates what a ``notify`` costs the worker that ran the
+    script from what the deliveries cost a machine they share."""
     await redis.flushall()
     client = Client(redis, wake_workers=False)
     for start in range(0, count, 500):
@@ -183,7 +185,8 @@ async def task_rate(redis: aioredis.Redis, settings: Settings, config: ConfigHol
     notifier = Notifier(config=config, redis=redis, client=lane_client,
                         inspector=Inspector(redis), settings=settings, fast_lane=True)
     server = _worker(settings, config, broker, metrics, notifier=notifier)
-    hooks = _webhook_worker(settings, broker, metrics) if deliver_here else None
+    hooks = (_webhook_worker(settings, broker, metrics) if delivering == "in_process"
+             else None)
     notifier.start(sweep=True)
     if hooks is not None:
         await hooks.start()
@@ -198,9 +201,8 @@ async def task_rate(redis: aioredis.Redis, settings: Settings, config: ConfigHol
 
     await until(done, f"{count} {name} tasks")
     elapsed = time.perf_counter() - started
-    if cpu is not None:
-        cpu.append((time.process_time() - cpu_started) / count)
-    if name == "notified" and drain_after:
+    cpu_per_task = (time.process_time() - cpu_started) / count
+    if name == "notified" and delivering == "after_round":
         hooks = _webhook_worker(settings, broker, metrics)
         await hooks.start()
     if name == "notified":  # not timed: every delivery arrives before the next round
@@ -215,7 +217,7 @@ async def task_rate(redis: aioredis.Redis, settings: Settings, config: ConfigHol
         await hooks.stop()
     await lane_client.aclose()
     await broker.close_fast_lane()
-    return count / elapsed
+    return count / elapsed, cpu_per_task
 
 
 async def main() -> None:
@@ -248,63 +250,45 @@ tasks:
                                                              max(50, TASKS // 4))
         figures["deliveries_c50_per_s"] = await delivery_rate(redis, settings, receiver, 50,
                                                               TASKS)
+        samples = _common.Samples()
+
+        async def interleaved(delivering: Delivering, plain: str, notified: str,
+                              cpu: tuple[str, str] | None = None) -> None:
+            """Both task types ROUNDS times, alternating, the order flipped every round
+            (drift favours neither); ``cpu`` names the worker-CPU samples when recorded."""
+            sides = [("plain", plain, cpu[0] if cpu else None),
+                     ("notified", notified, cpu[1] if cpu else None)]
+            for round_no in range(ROUNDS):
+                for name, rate_sample, cpu_sample in sides if round_no % 2 == 0 else sides[::-1]:
+                    rate, cpu_per_task = await task_rate(redis, settings, config, name, TASKS,
+                                                         receiver, delivering)
+                    samples.add(rate_sample, rate)
+                    if cpu_sample is not None:
+                        samples.add(cpu_sample, cpu_per_task * 1e6)
+
         # Phase 0: the worker's own cost. No delivery runs while a round is timed; the
-        # deliveries wait, durable, and are drained after it. Sides alternate and the order
-        # flips every round, so drift favours neither.
-        plain_0: list[float] = []
-        deferred: list[float] = []
-        plain_cpu: list[float] = []
-        notify_cpu: list[float] = []
-        for index in range(ROUNDS):
-            sides = [("plain", plain_0, plain_cpu), ("notified", deferred, notify_cpu)]
-            for name, rates, cpu in sides if index % 2 == 0 else sides[::-1]:
-                rates.append(await task_rate(redis, settings, config, name, TASKS, receiver,
-                                             deliver_here=False, drain_after=True, cpu=cpu))
-        figures["tasks_plain_0_per_s"] = statistics.median(plain_0)
-        figures["tasks_notify_deferred_per_s"] = statistics.median(deferred)
-        figures["notify_deferred_vs_plain_ratio"] = (figures["tasks_notify_deferred_per_s"]
-                                                     / figures["tasks_plain_0_per_s"])
-        figures["worker_cpu_us_per_task_plain"] = statistics.median(plain_cpu) * 1e6
-        figures["worker_cpu_us_per_task_notify"] = statistics.median(notify_cpu) * 1e6
-        figures["notify_worker_cpu_ratio"] = (figures["worker_cpu_us_per_task_notify"]
-                                              / figures["worker_cpu_us_per_task_plain"])
+        # deliveries wait, durable, and are drained after it.
+        await interleaved("after_round", "tasks_plain_0_per_s", "tasks_notify_deferred_per_s",
+                          cpu=("worker_cpu_us_per_task_plain", "worker_cpu_us_per_task_notify"))
         # Phase 1: a delivery worker of its own (AQSH_WORKER_QUEUES=aqsh:webhooks, a separate
         # `aqsh serve --mode worker` on the same machine) delivers; the script worker pays
         # the intent, the hook and the enqueue of each delivery.
-        plain: list[float] = []
-        dedicated: list[float] = []
         deliverer = start_delivery_worker(redis_server.url, tasks_yaml, tmp)
         try:
-            for index in range(ROUNDS):
-                sides = [("plain", plain), ("notified", dedicated)]
-                for name, rates in sides if index % 2 == 0 else sides[::-1]:
-                    rates.append(await task_rate(redis, settings, config, name, TASKS,
-                                                 receiver, deliver_here=False))
+            await interleaved("delivery_worker", "tasks_plain_per_s", "tasks_notify_per_s")
         finally:
             deliverer.terminate()
             deliverer.wait()
         # Phase 2: the default wiring — the script worker's process delivers too.
-        plain_2: list[float] = []
-        in_process: list[float] = []
-        for index in range(ROUNDS):
-            sides = [("plain", plain_2), ("notified", in_process)]
-            for name, rates in sides if index % 2 == 0 else sides[::-1]:
-                rates.append(await task_rate(redis, settings, config, name, TASKS, receiver))
-        print("tasks/s per round: plain", [round(x) for x in plain_0], "notify (delivered "
-              "after the round)", [round(x) for x in deferred], "| worker CPU µs per task: "
-              "plain", [round(x * 1e6) for x in plain_cpu], "notify",
-              [round(x * 1e6) for x in notify_cpu])
-        print("tasks/s per round: plain", [round(x) for x in plain], "notify (delivery "
-              "worker)", [round(x) for x in dedicated], "| plain", [round(x) for x in plain_2],
-              "notify (delivered in-process)", [round(x) for x in in_process])
-        figures["tasks_plain_per_s"] = statistics.median(plain)
-        figures["tasks_notify_per_s"] = statistics.median(dedicated)
-        figures["notify_vs_plain_ratio"] = (figures["tasks_notify_per_s"]
-                                            / figures["tasks_plain_per_s"])
-        figures["tasks_plain_2_per_s"] = statistics.median(plain_2)
-        figures["tasks_notify_inprocess_per_s"] = statistics.median(in_process)
-        figures["notify_inprocess_vs_plain_ratio"] = (figures["tasks_notify_inprocess_per_s"]
-                                                      / figures["tasks_plain_2_per_s"])
+        await interleaved("in_process", "tasks_plain_2_per_s", "tasks_notify_inprocess_per_s")
+        figures["notify_deferred_vs_plain_ratio"] = samples.ratio("tasks_notify_deferred_per_s",
+                                                                  "tasks_plain_0_per_s")
+        figures["notify_worker_cpu_ratio"] = samples.ratio("worker_cpu_us_per_task_notify",
+                                                           "worker_cpu_us_per_task_plain")
+        figures["notify_vs_plain_ratio"] = samples.ratio("tasks_notify_per_s",
+                                                         "tasks_plain_per_s")
+        figures["notify_inprocess_vs_plain_ratio"] = samples.ratio(
+            "tasks_notify_inprocess_per_s", "tasks_plain_2_per_s")
         figures["deliveries_c50_vs_c1_ratio"] = (figures["deliveries_c50_per_s"]
                                                  / figures["deliveries_c1_per_s"])
         await redis.aclose()
@@ -313,17 +297,17 @@ tasks:
     print(f"deliveries/s to a local receiver: c1 {figures['deliveries_c1_per_s']:.0f}, "
           f"c50 {figures['deliveries_c50_per_s']:.0f}")
     print(f"the worker's own cost (deliveries drained after each round): tasks/s plain "
-          f"{figures['tasks_plain_0_per_s']:.0f}, with notify "
-          f"{figures['tasks_notify_deferred_per_s']:.0f} (ratio "
+          f"{samples.median('tasks_plain_0_per_s'):.0f}, with notify "
+          f"{samples.median('tasks_notify_deferred_per_s'):.0f} (ratio "
           f"{figures['notify_deferred_vs_plain_ratio']:.2f}, target ≥ 0.9); worker CPU µs per "
-          f"task {figures['worker_cpu_us_per_task_plain']:.0f} · "
-          f"{figures['worker_cpu_us_per_task_notify']:.0f} "
+          f"task {samples.median('worker_cpu_us_per_task_plain'):.0f} · "
+          f"{samples.median('worker_cpu_us_per_task_notify'):.0f} "
           f"(ratio {figures['notify_worker_cpu_ratio']:.2f})")
-    print(f"tasks/s: plain {figures['tasks_plain_per_s']:.0f}, with notify "
-          f"{figures['tasks_notify_per_s']:.0f} "
+    print(f"tasks/s: plain {samples.median('tasks_plain_per_s'):.0f}, with notify "
+          f"{samples.median('tasks_notify_per_s'):.0f} "
           f"(ratio {figures['notify_vs_plain_ratio']:.2f}, target ≥ 0.9); delivered in the "
           f"script worker's own process: ratio {figures['notify_inprocess_vs_plain_ratio']:.2f}")
-    _common.report("webhooks", {k: round(v, 3) for k, v in figures.items()})
+    _common.report("webhooks", {k: round(v, 3) for k, v in figures.items()}, samples)
 
 
 if __name__ == "__main__":
