@@ -169,7 +169,8 @@ async def serve(settings: Settings) -> int:
     loops = Loops()
     state = ApiState(settings=settings, config=config, redis=redis, blocking_redis=blocking,
                      broker=broker, client=Client(broker, fast_lane=True),
-                     inspector=Inspector(redis, known_queues=lambda: config_queues(config)),
+                     inspector=Inspector(redis, known_queues=lambda: config_queues(config),
+                                         lane=broker.lane),
                      metrics=metrics, loops=loops)
     server = None
     scheduler = None

@@ -61,7 +61,9 @@ class AccessLogger(AbstractAccessLogger):
     format as every other log line — JSON in containers — instead of aiohttp's Apache-style
     text through the standard library's logging, which cost several times more per request
     (a strftime, a LogRecord, a formatter). Same facts: peer, request line, status, bytes,
-    duration, referer and user agent when sent."""
+    duration, referer and user agent when sent; for an accepted ``POST /tasks/{name}`` also the
+    task's ``task_id``, ``name``, ``queue`` and ``user`` (what a separate ``task.submitted``
+    event said before: one event per request costs a POST a tenth of its CPU less)."""
 
     __slots__ = ("_log",)
 
@@ -79,7 +81,8 @@ class AccessLogger(AbstractAccessLogger):
 
     def log(self, request: BaseRequest, response: web.StreamResponse, time: float) -> None:
         headers = request.headers
-        extra = {}
+        # A submission's task_id, name, queue and user (handlers.SUBMITTED_KEY).
+        extra: dict[str, Any] = request.get(handlers.SUBMITTED_KEY) or {}
         if (referer := headers.get("Referer")) is not None:
             extra["referer"] = referer
         if (agent := headers.get("User-Agent")) is not None:

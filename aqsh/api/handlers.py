@@ -35,6 +35,7 @@ from aqsh.engine.inspect import QueueInfo
 from aqsh.engine.keys import log_key, log_meta_key
 from aqsh.engine.models import TaskInfo, TaskState
 from aqsh.engine.rdb import guarded
+from aqsh.engine.scripts import Batch
 from aqsh.runner.batches import DEFAULT_GROUP, GROUP_RE, group_name
 from aqsh.runner.result import ScriptResult, encode_result
 from aqsh.runner.spec import (
@@ -76,6 +77,10 @@ def json_response(body: Any, status: int = 200) -> web.Response:
 
 
 _JSON_CONTENT_TYPE = "application/json; charset=utf-8"
+
+#: What ``POST /tasks/{name}`` stored (task_id, name, queue, user): the access log line of
+#: the request carries it, so that line is where a submission is logged.
+SUBMITTED_KEY = web.RequestKey("aqsh_submitted", dict[str, Any])
 
 
 # ---------------------------------------------------------------------------- submit
@@ -147,7 +152,10 @@ async def submit_task(request: web.Request) -> web.Response:
     if idem is not None and idem.previous != "enqueued":
         await _mark_enqueued(state, idem)
     state.metrics.task_submitted(name)
-    log.info("task.submitted", task_id=info.id, name=name, queue=spec.queue, user=caller.user)
+    # Said on the request's access log line (app.AccessLogger), not as a second event: one
+    # line per request is a tenth of a POST's CPU less (benchmarks/README.md).
+    request[SUBMITTED_KEY] = {"task_id": info.id, "name": name, "queue": spec.queue,
+                              "user": caller.user}
     return json_response(_accepted(request, info, name, caller), status=202)
 
 
@@ -228,10 +236,15 @@ async def _json_body(request: web.Request) -> Any:
         return {}
     if request.content_type not in ("application/json", ""):
         raise ApiError(415, "unsupported_media_type", "send the input as application/json")
-    if request.content.is_eof():
-        # The whole body came with the headers (the usual small POST): reading cannot wait,
-        # so no timer is armed for it.
-        raw = await request.read()
+    content = request.content
+    if content.is_eof():
+        # The whole body came with the headers (the usual small POST): it is all buffered, so
+        # it is taken as it is — no timer, no read loop — and held to the same size limit
+        # ``request.read()`` enforces.
+        raw = content.read_nowait()
+        if len(raw) > request.client_max_size:
+            raise web.HTTPRequestEntityTooLarge(max_size=request.client_max_size,
+                                                actual_size=len(raw))
     else:
         timeout_s = _state(request).settings.http_body_timeout_s
         try:
@@ -422,14 +435,29 @@ async def _find_authorized(request: web.Request) -> tuple[TaskInfo, TaskSpec | N
 
 
 async def get_task(request: web.Request) -> web.Response:
-    info, _, _ = await _find_authorized(request)
+    """The task, its attempt times riding in the same round trip as its lookup."""
     state = _state(request)
-    started_ms, finished_ms = await _attempt_times(state, info)
+    caller = _caller(request)
+    task_id = request.match_info["id"]
+    times = Batch()
+    times.script(_ATTEMPT_TIMES, [log_meta_key(task_id), log_key(task_id)], [])
+    info, (reply,) = await state.inspector.find_task_with(task_id, times, [_ATTEMPT_TIMES])
+    authorize_task(caller, task_id, info.message.headers, state.config().tasks.get(info.type))
+    if isinstance(reply, Exception):
+        # A task id with a "}" but no hash tag puts the log stream and its meta hash in two
+        # Cluster slots, which one script cannot read: the pipeline reads them apart.
+        started_ms, finished_ms = await guarded(attempt_times(state.redis, info.id))
+    else:
+        started_ms, finished_ms = (None if ms is None else int(ms) for ms in reply)
     waiting = None
     if info.state is TaskState.SCHEDULED:  # the only state a held run is in
         waiting = (await guarded(flow.waiting_many(state.redis, [(info.queue, info.id)])))[0]
     return json_response(with_waiting(task_document(info, started_ms, finished_ms), waiting,
                                       info))
+
+
+#: lua/log_attempt_times.lua: view.attempt_times as one read-only script call.
+_ATTEMPT_TIMES = "log_attempt_times"
 
 
 def with_waiting(doc: dict[str, Any], waiting: flow.Waiting | None,
@@ -448,35 +476,6 @@ def with_waiting(doc: dict[str, Any], waiting: flow.Waiting | None,
             "since": (_iso(waiting.since_ms / 1000) if waiting.since_ms is not None else None),
         }
     return doc
-
-
-async def _attempt_times(state: ApiState, info: TaskInfo) -> tuple[int | None, int | None]:
-    """``view.attempt_times`` over the broker's fast lane where it has one: one multiplexed
-    connection costs a fraction of a redis-py pipeline's CPU (most of a GET otherwise)."""
-    lane = state.broker.lane
-    if lane is None:
-        return await attempt_times(state.redis, info.id)
-    meta, stream = log_meta_key(info.id), log_key(info.id)
-    replies = await lane.execute_many([
-        ("HMGET", meta, "started_ms", "finished_ms"),
-        ("XRANGE", stream, "-", "+", "COUNT", 1),
-        ("XREVRANGE", stream, "+", "-", "COUNT", 1)])
-    for reply in replies:
-        if isinstance(reply, Exception):
-            raise reply
-    (kept_start, kept_end), first, last = replies
-    if kept_start is not None:
-        return int(kept_start), int(kept_end) if kept_end is not None else None
-
-    def ms(entries: Any, marker: bytes) -> int | None:
-        if not entries:
-            return None
-        entry_id, fields = entries[0]
-        if marker in fields[0::2]:  # the raw reply: a flat [field, value, ...] list
-            return int(entry_id.split(b"-")[0])
-        return None
-
-    return ms(first, b"start"), ms(last, b"eof")
 
 
 async def task_logs(request: web.Request) -> web.StreamResponse:

@@ -5,10 +5,19 @@ hashes in one pipeline, queue info is one script. ``find_task`` answers "where i
 for the HTTP API, which only has the id: one pipeline of ``HMGET asynq:{q}:t:<id>`` over every
 known queue (a single round trip on a standalone server; a Cluster client splits it per node,
 so still at most one round trip per queue).
+
+``find_task`` is ``GET /tasks/{id}``'s lookup, so it is kept to one round trip: one
+``inspect_get_task`` script call per queue, pipelined (over the broker's fast lane when the
+Inspector has one, redis-py otherwise, a Cluster included), with the caller's own read-only
+script calls riding along (``find_task_with``); and the list of queues to search is
+remembered for ``QUEUE_LIST_TTL_S`` instead of read per lookup. A remembered list can only
+lack a queue created since: a lookup that finds nothing reads the list afresh and searches the
+queues it did not know, so a stale list costs a miss a round trip, never a wrong 404.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -28,10 +37,13 @@ from aqsh.engine.models import (
     TaskState,
     WorkerInfo,
 )
-from aqsh.engine.rdb import guarded
-from aqsh.engine.scripts import Scripts
+from aqsh.engine.rdb import broker_error, guarded
+from aqsh.engine.scripts import Batch, ScriptLane, Scripts
 
 DEFAULT_PAGE_SIZE = 30
+#: How long ``find_task`` searches a list of queues it read before reading it again.
+QUEUE_LIST_TTL_S = 2.0
+_GET_TASK = "inspect_get_task"
 _MEMORY_SAMPLE = 20
 _MEMORY_GROUP_SAMPLE = 5
 
@@ -81,14 +93,18 @@ def _text(value: Any) -> str:
 
 class Inspector:
     def __init__(self, client: RedisClient, *, clock: Clock | None = None,
-                 known_queues: Callable[[], Iterable[str]] | None = None) -> None:
+                 known_queues: Callable[[], Iterable[str]] | None = None,
+                 lane: ScriptLane | None = None) -> None:
         """``known_queues``: queues to search by id beside those Redis lists in
         ``asynq:queues`` — that set is lost when Redis restarts empty, while the tasks enqueued
-        since then are not."""
+        since then are not. ``lane``: a fast lane (aqsh.engine.fastlane) for ``find_task``'s
+        script calls (the broker's; the owner closes it)."""
         self.redis = client
         self.clock = clock or SystemClock()
         self.scripts = Scripts(client)
+        self._lookups = Scripts(client, lane) if lane is not None else self.scripts
         self.known_queues = known_queues
+        self._searched: tuple[list[str], float] | None = None  # (queues, read at: monotonic)
 
     # ------------------------------------------------------------------ queues
     async def queues(self) -> list[str]:
@@ -226,77 +242,90 @@ class Inspector:
 
     async def task_info(self, qname: str, task_id: str) -> TaskInfo:
         await self._require_queue(qname)
-        found = await self._fetch([qname], task_id)
-        if not found:
-            raise errors.TaskNotFound(f"task {task_id} not found in queue {qname!r}")
-        return found[0]
+        try:
+            return await self.find_task(task_id, [qname])
+        except errors.TaskNotFound:
+            raise errors.TaskNotFound(f"task {task_id} not found in queue {qname!r}") from None
 
     async def find_task(self, task_id: str, queues: Sequence[str] | None = None) -> TaskInfo:
-        """Locate a task by id alone across every queue, in one pipelined round trip."""
-        if queues is not None:
-            names = list(queues)
-        else:
-            names = await self.queues()
-            if self.known_queues is not None:
-                names = sorted({*names, *self.known_queues()})
-        found = await self._fetch(names, task_id)
-        if not found:
+        """Locate a task by id alone across every queue (or ``queues``), in one round trip."""
+        return (await self.find_task_with(task_id, Batch(), (), queues))[0]
+
+    async def find_task_with(self, task_id: str, extra: Batch, names: Sequence[str],
+                             queues: Sequence[str] | None = None,
+                             ) -> tuple[TaskInfo, list[Any]]:
+        """``find_task``, with ``extra`` — read-only calls of the scripts ``names`` — sent in the
+        same round trip; their replies (error replies as exception objects) come back beside
+        the task, in order."""
+        searched = list(queues) if queues is not None else await self._queue_list(fresh=False)
+        batch = Batch()
+        for qname in searched:
+            self._lookup(batch, qname, task_id)
+        batch.commands += extra.commands
+        replies = await self._run(batch, names)
+        found = next((info for info in self._infos(replies[: len(searched)]) if info), None)
+        if found is None and queues is None:
+            # The remembered list may predate the task's queue: search the queues it lacked.
+            known = set(searched)
+            unknown = [q for q in await self._queue_list(fresh=True) if q not in known]
+            if unknown:
+                found = (await self.find_task_with(task_id, Batch(), (), unknown))[0]
+        if found is None:
             raise errors.TaskNotFound(f"task {task_id} not found")
-        return found[0]
+        return found, replies[len(searched):]
+
+    async def _queue_list(self, *, fresh: bool) -> list[str]:
+        """The queues a lookup by id searches: ``asynq:queues`` and ``known_queues``, as read
+        at most ``QUEUE_LIST_TTL_S`` ago unless ``fresh``."""
+        now = time.monotonic()
+        if not fresh and self._searched is not None and now - self._searched[1] < QUEUE_LIST_TTL_S:
+            return self._searched[0]
+        names = await self.queues()
+        if self.known_queues is not None:
+            names = sorted({*names, *self.known_queues()})
+        self._searched = (names, now)
+        return names
 
     async def find_many(self, tasks: Sequence[tuple[str, str]]) -> list[TaskInfo | None]:
         """(queue, task id) pairs → each task (None when absent), in one round trip: for
         callers that look up many tasks whose queues they know."""
-        if not tasks:
-            return []
-        pipe = self.redis.pipeline(transaction=False)
+        batch = Batch()
         for qname, task_id in tasks:
-            self._queue_lookup(pipe, qname, task_id)
-        replies = await guarded(pipe.execute())
-        out: list[TaskInfo | None] = []
-        for i in range(len(tasks)):
-            found = self._infos(replies[4 * i: 4 * i + 4], 1)
-            out.append(found[0] if found else None)
-        return out
+            self._lookup(batch, qname, task_id)
+        return self._infos(await self._run(batch, ()))
 
     @staticmethod
-    def _queue_lookup(pipe: Any, qname: str, task_id: str) -> None:
+    def _lookup(batch: Batch, qname: str, task_id: str) -> None:
         q = keys.queue_keys(qname)
-        pipe.hmget(q.task(task_id), "msg", "state", "result", "pending_since")
-        # Scores for the states that report one; cheap misses for the others.
-        pipe.zscore(q.scheduled, task_id)
-        pipe.zscore(q.retry, task_id)
-        pipe.zscore(q.lease, task_id)
+        batch.script(_GET_TASK, [q.task(task_id), q.scheduled, q.retry, q.lease], [task_id])
 
-    async def _fetch(self, queues: Sequence[str], task_id: str) -> list[TaskInfo]:
-        if not queues:
+    async def _run(self, batch: Batch, names: Sequence[str]) -> list[Any]:
+        if not batch:
             return []
-        pipe = self.redis.pipeline(transaction=False)
-        for qname in queues:
-            self._queue_lookup(pipe, qname, task_id)
-        replies = await guarded(pipe.execute())
-        return self._infos(replies, len(queues))
+        return await guarded(self._lookups.execute(batch, [_GET_TASK, *names]))
 
-    def _infos(self, replies: Sequence[Any], count: int) -> list[TaskInfo]:
+    def _infos(self, replies: Sequence[Any]) -> list[TaskInfo | None]:
+        """``inspect_get_task`` replies → each task, None where the queue holds none."""
         now = unix_s(self.clock)
-        out: list[TaskInfo] = []
-        for i in range(count):
-            (raw_msg, raw_state, result, since), sched, retry, lease = replies[4 * i: 4 * i + 4]
-            message = _decode_or_none(raw_msg)
-            if message is None or raw_state is None:
+        out: list[TaskInfo | None] = []
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise broker_error(reply) or reply
+            message = _decode_or_none(reply[0]) if reply is not None else None
+            if message is None:
+                out.append(None)
                 continue
-            state = TaskState(raw_state.decode())
-            score = sched if state is TaskState.SCHEDULED else retry
-            out.append(
-                TaskInfo(
-                    message=message,
-                    state=state,
-                    result=result,
-                    pending_since_ns=_int(since),
-                    next_process_at_s=_next_process_at(state, int(score or 0), now),
-                    is_orphaned=state is TaskState.ACTIVE and (lease is None or lease <= now),
-                )
-            )
+            _, raw_state, result, since, raw_score = reply
+            state = TaskState(_text(raw_state))
+            score = float(raw_score) if raw_score is not None else None
+            out.append(TaskInfo(
+                message=message,
+                state=state,
+                result=result,
+                pending_since_ns=_int(since),
+                next_process_at_s=_next_process_at(state, int(score or 0), now),
+                is_orphaned=state is TaskState.ACTIVE and (score is None or score <= now),
+            ))
         return out
 
     # ------------------------------------------------------------------ mutations
