@@ -73,9 +73,16 @@ def normalise_groups(values: Iterable[str]) -> frozenset[str]:
     return frozenset(g.strip() for raw in values for g in raw.split(",") if g.strip())
 
 
+#: A request with neither identity nor groups header, from any peer, when identity is optional.
+ANONYMOUS = Caller(user=None, groups=frozenset())
+
+
 def caller_of(request: web.Request, settings: Settings, trust: PeerTrust) -> Caller:
     user_lines = request.headers.getall(settings.identity_header, [])
     group_lines = request.headers.getall(settings.groups_header, [])
+    if not user_lines and not group_lines and not settings.require_identity:
+        # Nothing to believe or ignore: who the peer is cannot change the answer.
+        return ANONYMOUS
     if not trust.trusts(request.remote):
         if (user_lines or group_lines) and not trust.warned:
             trust.warned = True

@@ -4,13 +4,25 @@ exactly as over redis-py."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
+import pytest
+import redis.asyncio as aioredis
 import structlog
 
-from aqsh.api.handlers import _attempt_times
+from aqsh import errors
+from aqsh.api.view import attempt_times
+from aqsh.clock import ManualClock, unix_s
+from aqsh.engine import keys
+from aqsh.engine.broker import LEASE_DURATION_S
+from aqsh.engine.client import Client
 from aqsh.engine.fastlane import FastLane
-from aqsh.engine.keys import log_meta_key
+from aqsh.engine.inspect import Inspector
+from aqsh.engine.keys import log_key, log_meta_key
+from aqsh.engine.models import TaskState
+from aqsh.engine.rdb import RedisBroker
+from aqsh.engine.scripts import Batch, Scripts
 from tests.api.conftest import ServiceFactory
 from tests.api.test_api import finished
 
@@ -58,38 +70,148 @@ async def test_request_metrics_still_count_every_route_and_status(
                                'route="/tasks/{id}"} 4.0') for line in lines)
 
 
-async def test_attempt_times_over_the_fast_lane_equal_redis_py(
+async def test_a_submission_is_logged_on_its_access_log_line(
     make_service: ServiceFactory,
 ) -> None:
+    """task.submitted's facts (task_id, name, queue, user) ride on the POST's one line."""
+    service = await make_service(worker=False)
+    with structlog.testing.capture_logs() as logs:
+        status, body, _ = await service.request("POST", "/tasks/echo", json={"name": "ada"})
+        refused, _, _ = await service.request("POST", "/tasks/echo", json={"name": "ADA!"})
+    assert (status, refused) == (202, 422)
+    assert [e["event"] for e in logs] == ["request.served", "request.served"]
+    accepted, invalid = logs
+    assert (accepted["task_id"], accepted["name"], accepted["queue"], accepted["user"]) == (
+        body["id"], "echo", "default", None)
+    assert "task_id" not in invalid
+
+
+async def test_attempt_times_script_equals_the_pipeline(
+    make_service: ServiceFactory,
+) -> None:
+    """lua/log_attempt_times.lua reads what view.attempt_times reads, from the meta hash and,
+    for logs older than it, from the stream's markers."""
     service = await make_service()
     _, body, _ = await service.request("POST", "/tasks/echo", json={"name": "ada"})
     task = await finished(service, body["id"], "completed")
     state = service.state
-    info = await state.inspector.find_task(body["id"])
-    lane = FastLane.from_redis(state.redis)
-    assert lane is not None
-    assert state.broker.lane is None  # the fixture's broker: redis-py
+    scripts = Scripts(state.redis)
 
     async def both() -> tuple[Any, Any]:
-        over_redis_py = await _attempt_times(state, info)
-        state.broker.lane = lane
-        try:
-            return over_redis_py, await _attempt_times(state, info)
-        finally:
-            state.broker.lane = None
+        reply = await scripts.run("log_attempt_times",
+                                  [log_meta_key(body["id"]), log_key(body["id"])], [])
+        return (await attempt_times(state.redis, body["id"]),
+                tuple(None if ms is None else int(ms) for ms in reply))
 
-    try:
-        via_py, via_lane = await both()
-        assert via_py == via_lane
-        assert via_py[0] is not None
-        assert via_py[1] is not None
-        assert via_py[0] <= via_py[1]
-        assert task["started_at"] is not None
-        # Logs written before the meta hash existed: times from the stream's markers.
-        await state.redis.delete(log_meta_key(body["id"]))
-        old_py, old_lane = await both()
-        assert old_py == old_lane
-        assert old_py[0] is not None
-        assert old_py[1] is not None
-    finally:
-        await lane.aclose()
+    via_py, via_script = await both()
+    assert via_py == via_script
+    assert via_py[0] is not None
+    assert via_py[1] is not None
+    assert via_py[0] <= via_py[1]
+    assert task["started_at"] is not None
+    await state.redis.delete(log_meta_key(body["id"]))
+    old_py, old_script = await both()
+    assert old_py == old_script
+    assert old_py[0] is not None
+    assert old_py[1] is not None
+    await state.redis.delete(log_key(body["id"]))
+    assert await both() == ((None, None), (None, None))
+
+
+@pytest.fixture
+async def lane(redis: aioredis.Redis) -> AsyncIterator[FastLane]:
+    made = FastLane.from_redis(redis)
+    assert made is not None
+    yield made
+    await made.aclose()
+
+
+async def test_find_task_over_the_lane_in_every_state(
+    redis: aioredis.Redis, clock: ManualClock, lane: FastLane,
+) -> None:
+    """One lookup script per queue over the fast lane answers what the redis-py path answers,
+    in every state, for an unknown id too."""
+    client, broker = Client(redis, clock=clock), RedisBroker(redis)
+    over_lane = Inspector(redis, clock=clock, lane=lane)
+    over_py = Inspector(redis, clock=clock)
+    now = unix_s(clock)
+    pending = await client.enqueue("a", b"p", queue="q1")
+    scheduled = await client.enqueue("a", b"s", queue="q2", process_in=60)
+    await client.enqueue("a", b"x", queue="q3", retention=60)
+    leased = await broker.dequeue(["q3"], now_s=now)
+    assert leased is not None
+    await broker.mark_as_complete(leased.message, now_s=now)
+    await client.enqueue("a", b"r", queue="q3")
+    retried = await broker.dequeue(["q3"], now_s=now)
+    assert retried is not None
+    await broker.retry(retried.message, retry_at_s=now + 30, error_msg="boom",
+                       is_failure=True, now_s=now)
+    await client.enqueue("a", b"z", queue="q4")
+    dead = await broker.dequeue(["q4"], now_s=now)
+    assert dead is not None
+    await broker.archive(dead.message, error_msg="gone", now_s=now)
+    await client.enqueue("a", b"a", queue="q4")
+    active = await broker.dequeue(["q4"], now_s=now)
+    assert active is not None
+    await redis.hset(keys.queue_keys("q3").task(leased.message.id), "result", b"done!")
+
+    expected = {
+        pending.id: (TaskState.PENDING, "q1", now, False),
+        scheduled.id: (TaskState.SCHEDULED, "q2", now + 60, False),
+        leased.message.id: (TaskState.COMPLETED, "q3", 0, False),
+        retried.message.id: (TaskState.RETRY, "q3", now + 30, False),
+        dead.message.id: (TaskState.ARCHIVED, "q4", 0, False),
+        active.message.id: (TaskState.ACTIVE, "q4", 0, False),
+    }
+    for task_id, (state, queue, next_at, orphaned) in expected.items():
+        for inspector in (over_lane, over_py):
+            found = await inspector.find_task(task_id)
+            assert (found.id, found.state, found.queue, found.next_process_at_s,
+                    found.is_orphaned) == (task_id, state, queue, next_at, orphaned)
+        assert await over_lane.find_task(task_id) == await over_py.find_task(task_id)
+    assert (await over_lane.find_task(leased.message.id)).result == b"done!"
+    assert (await over_lane.find_many([("q4", active.message.id), ("q1", "nope")]))[1] is None
+    clock.advance(LEASE_DURATION_S + 1)  # the lease lapses: orphaned, on both paths
+    assert (await over_lane.find_task(active.message.id)).is_orphaned
+    assert (await over_py.find_task(active.message.id)).is_orphaned
+    for inspector in (over_lane, over_py):
+        with pytest.raises(errors.TaskNotFound):
+            await inspector.find_task("no-such-id")
+        with pytest.raises(errors.TaskNotFound):
+            await inspector.find_task(pending.id, ["q2"])  # not where it is
+
+
+async def test_a_remembered_queue_list_never_hides_a_task_of_a_new_queue(
+    redis: aioredis.Redis, clock: ManualClock, lane: FastLane,
+) -> None:
+    """The list of queues to search is kept QUEUE_LIST_TTL_S; a miss re-reads it, so a task of
+    a queue created since is found at once, and the re-read list is kept."""
+    client = Client(redis, clock=clock)
+    inspector = Inspector(redis, clock=clock, lane=lane)
+    first = await client.enqueue("a", b"1", queue="old")
+    assert (await inspector.find_task(first.id)).queue == "old"
+    later = await client.enqueue("a", b"2", queue="new")  # "new" is not in the kept list
+    assert (await inspector.find_task(later.id)).queue == "new"
+    await redis.srem(keys.ALL_QUEUES, "new")  # kept: searched without reading the set
+    assert (await inspector.find_task(later.id)).queue == "new"
+    with pytest.raises(errors.TaskNotFound):
+        await inspector.find_task("missing")  # a miss re-reads: "new" is gone from it
+    with pytest.raises(errors.TaskNotFound):
+        await inspector.find_task(later.id)
+
+
+async def test_find_task_with_returns_the_extra_replies_in_order(
+    redis: aioredis.Redis, clock: ManualClock, lane: FastLane,
+) -> None:
+    client = Client(redis, clock=clock)
+    inspector = Inspector(redis, clock=clock, lane=lane)
+    info = await client.enqueue("a", b"1")
+    await redis.hset(log_meta_key(info.id), mapping={"started_ms": 5, "finished_ms": 9})
+    extra = Batch()
+    extra.script("log_attempt_times", [log_meta_key(info.id), log_key(info.id)], [])
+    extra.script("log_attempt_times", [log_meta_key("other"), log_key("other")], [])
+    found, replies = await inspector.find_task_with(info.id, extra, ["log_attempt_times"])
+    assert found.id == info.id
+    assert replies == [[b"5", b"9"], [None, None]]
+    await redis.script_flush()  # NOSCRIPT: loaded and sent again
+    assert (await inspector.find_task_with(info.id, extra, ["log_attempt_times"]))[1] == replies
