@@ -24,7 +24,7 @@ from aqsh.api.errors import ApiError
 from aqsh.api.openapi import document
 from aqsh.api.sse import follow_logs, plain_logs, start_id
 from aqsh.api.state import STATE_KEY, ApiState
-from aqsh.api.view import CANCELED, FINISHED, attempt_times, public_state, task_document
+from aqsh.api.view import CANCELED, FINISHED, public_state, task_document
 from aqsh.api.view import iso as _iso
 from aqsh.api.view import links as _view_links
 from aqsh.durations import parse_duration
@@ -34,7 +34,7 @@ from aqsh.engine.cron import CronSpec
 from aqsh.engine.inspect import QueueInfo
 from aqsh.engine.keys import log_key, log_meta_key
 from aqsh.engine.models import TaskInfo, TaskState
-from aqsh.engine.rdb import guarded
+from aqsh.engine.rdb import broker_error, guarded
 from aqsh.engine.scripts import Batch
 from aqsh.runner.batches import DEFAULT_GROUP, GROUP_RE, group_name
 from aqsh.runner.result import ScriptResult, encode_result
@@ -440,15 +440,14 @@ async def get_task(request: web.Request) -> web.Response:
     caller = _caller(request)
     task_id = request.match_info["id"]
     times = Batch()
+    # One script reads the log stream and its meta hash, which share a Cluster slot for every
+    # id without "{" or "}" (keys.log_meta_key) — and the route's {id} matches no other.
     times.script(_ATTEMPT_TIMES, [log_meta_key(task_id), log_key(task_id)], [])
     info, (reply,) = await state.inspector.find_task_with(task_id, times, [_ATTEMPT_TIMES])
     authorize_task(caller, task_id, info.message.headers, state.config().tasks.get(info.type))
     if isinstance(reply, Exception):
-        # A task id with a "}" but no hash tag puts the log stream and its meta hash in two
-        # Cluster slots, which one script cannot read: the pipeline reads them apart.
-        started_ms, finished_ms = await guarded(attempt_times(state.redis, info.id))
-    else:
-        started_ms, finished_ms = (None if ms is None else int(ms) for ms in reply)
+        raise broker_error(reply) or reply
+    started_ms, finished_ms = (None if ms is None else int(ms) for ms in reply)
     waiting = None
     if info.state is TaskState.SCHEDULED:  # the only state a held run is in
         waiting = (await guarded(flow.waiting_many(state.redis, [(info.queue, info.id)])))[0]

@@ -23,6 +23,7 @@ from aqsh.engine.keys import log_key, log_meta_key
 from aqsh.engine.models import TaskState
 from aqsh.engine.rdb import RedisBroker
 from aqsh.engine.scripts import Batch, Scripts
+from aqsh.runner.spec import access_headers
 from tests.api.conftest import ServiceFactory
 from tests.api.test_api import finished
 
@@ -215,3 +216,17 @@ async def test_find_task_with_returns_the_extra_replies_in_order(
     assert replies == [[b"5", b"9"], [None, None]]
     await redis.script_flush()  # NOSCRIPT: loaded and sent again
     assert (await inspector.find_task_with(info.id, extra, ["log_attempt_times"]))[1] == replies
+
+
+async def test_the_task_route_matches_no_id_with_braces(make_service: ServiceFactory) -> None:
+    """GET /tasks/{id} reads the log stream and its meta hash in one script, which on a
+    Cluster needs them in one slot: true of every id without "{" or "}", and the route takes
+    no other (such an id is refused before any lookup)."""
+    service = await make_service(worker=False)
+    odd = "x}y"
+    await service.state.client.enqueue("echo", b'{"name":"ada"}', queue="default",
+                                       task_id=odd, headers=access_headers(()))
+    for path in ("/tasks/x%7Dy", "/tasks/x%7By"):
+        status, body, _ = await service.request("GET", path)
+        assert (status, body["error"]["code"]) == (404, "not_found")
+    assert keys.log_meta_key("abc") == "{logs:abc}:meta"  # the stream's name as the tag
