@@ -17,6 +17,7 @@ queues it did not know, so a stale list costs a miss a round trip, never a wrong
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -105,6 +106,7 @@ class Inspector:
         self._lookups = Scripts(client, lane) if lane is not None else self.scripts
         self.known_queues = known_queues
         self._searched: tuple[list[str], float] | None = None  # (queues, read at: monotonic)
+        self._reading: asyncio.Future[list[str]] | None = None  # the list's read under way
 
     # ------------------------------------------------------------------ queues
     async def queues(self) -> list[str]:
@@ -276,14 +278,31 @@ class Inspector:
 
     async def _queue_list(self, *, fresh: bool) -> list[str]:
         """The queues a lookup by id searches: ``asynq:queues`` and ``known_queues``, as read
-        at most ``QUEUE_LIST_TTL_S`` ago unless ``fresh``."""
-        now = time.monotonic()
-        if not fresh and self._searched is not None and now - self._searched[1] < QUEUE_LIST_TTL_S:
-            return self._searched[0]
+        at most ``QUEUE_LIST_TTL_S`` ago unless ``fresh``. Lookups that find the list expired
+        together wait for one read (fifty at once would otherwise each take a connection of
+        redis-py's pool); a ``fresh`` read is always its own, begun after its caller's miss."""
+        searched = self._searched
+        if not fresh and searched is not None and time.monotonic() - searched[1] < QUEUE_LIST_TTL_S:
+            return searched[0]
+        if fresh:
+            return await self._read_queue_list()
+        if self._reading is None:
+            self._reading = asyncio.ensure_future(self._read_queue_list())
+            self._reading.add_done_callback(self._read_done)
+        # Shielded: a caller that gives up must not cancel the read the others wait for.
+        return await asyncio.shield(self._reading)
+
+    def _read_done(self, reading: asyncio.Future[list[str]]) -> None:
+        self._reading = None
+        if not reading.cancelled():
+            reading.exception()  # retrieved: a failure is the waiters' to raise, not the loop's
+
+    async def _read_queue_list(self) -> list[str]:
+        read_at = time.monotonic()
         names = await self.queues()
         if self.known_queues is not None:
             names = sorted({*names, *self.known_queues()})
-        self._searched = (names, now)
+        self._searched = (names, read_at)
         return names
 
     async def find_many(self, tasks: Sequence[tuple[str, str]]) -> list[TaskInfo | None]:

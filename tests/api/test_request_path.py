@@ -4,6 +4,7 @@ exactly as over redis-py."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -230,3 +231,18 @@ async def test_the_task_route_matches_no_id_with_braces(make_service: ServiceFac
         status, body, _ = await service.request("GET", path)
         assert (status, body["error"]["code"]) == (404, "not_found")
     assert keys.log_meta_key("abc") == "{logs:abc}:meta"  # the stream's name as the tag
+
+
+async def test_lookups_that_find_the_queue_list_expired_read_it_once(
+    redis: aioredis.Redis, clock: ManualClock, lane: FastLane,
+) -> None:
+    """Fifty GETs arriving as the list expires cost one SMEMBERS, not fifty (each of which
+    took a connection of redis-py's pool)."""
+    client = Client(redis, clock=clock)
+    info = await client.enqueue("a", b"1", queue="q1")
+    inspector = Inspector(redis, clock=clock, lane=lane)  # no list read yet
+    await redis.config_resetstat()
+    found = await asyncio.gather(*(inspector.find_task(info.id) for _ in range(50)))
+    assert {f.id for f in found} == {info.id}
+    stats = await redis.info("commandstats")
+    assert stats["cmdstat_smembers"]["calls"] == 1
