@@ -1,7 +1,8 @@
 """structlog setup: coloured key=value lines in a terminal, JSON lines in containers.
 
-Events are named ``noun.verb`` (``task.submitted``, ``task.started``) with ``task_id``, ``name``,
-``queue`` and ``user`` bound where they are known.
+Events are named ``noun.verb`` (``task.started``, ``task.canceled``) with ``task_id``, ``name``,
+``queue`` and ``user`` bound where they are known. A submission is logged on its request's
+access log line (``request.served`` with ``task_id``, ``name``, ``queue``, ``user``).
 
 JSON lines are rendered by msgspec and written as bytes: the API writes one line per request
 (``request.served``), so the renderer is on the request path, and the standard library's
