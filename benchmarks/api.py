@@ -8,7 +8,8 @@ echo to the line arriving, with 1 and 500 followers of one task.
 The API process runs as deployed: ``aqsh serve --mode api`` (uvloop, fast-lane enqueues and
 lookups), JSON logs at info level (one access log line per request, a submission's task on it)
 to /dev/null. ``wrk`` (one thread, so it holds at most one core) is the load generator; a
-Python client on the same two cores would measure itself. SSE followers are a Python client (wrk cannot follow streams).
+Python client on the same two cores would measure itself. SSE followers are a Python client
+(wrk cannot follow streams).
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ from aqsh.engine.keys import log_key, log_meta_key
 from aqsh.engine.models import TaskState
 from aqsh.engine.rdb import RedisBroker
 from aqsh.engine.scripts import Batch, Scripts
+from aqsh.redis_process import free_port
 from aqsh.runner.spec import access_headers
 from tests.api.conftest import ServiceFactory
 from tests.api.test_api import finished
@@ -246,3 +247,16 @@ async def test_lookups_that_find_the_queue_list_expired_read_it_once(
     assert {f.id for f in found} == {info.id}
     stats = await redis.info("commandstats")
     assert stats["cmdstat_smembers"]["calls"] == 1
+
+
+async def test_a_lookup_over_a_lane_whose_redis_is_gone_is_broker_unavailable(
+    redis: aioredis.Redis, clock: ManualClock,
+) -> None:
+    """The lane's connection errors map as redis-py's do (GET answers 503, not 500)."""
+    dead = FastLane("127.0.0.1", free_port(), connect_timeout_s=1.0)
+    inspector = Inspector(redis, clock=clock, lane=dead)
+    try:
+        with pytest.raises(errors.BrokerUnavailable):
+            await inspector.find_task("some-id", ["default"])
+    finally:
+        await dead.aclose()
