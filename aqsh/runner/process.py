@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import signal
 import subprocess
@@ -400,6 +401,13 @@ class _Child:
         return self.exited.done()
 
 
+@functools.cache
+def _devnull() -> int:
+    """/dev/null, opened once for every script's stdin: ``subprocess.DEVNULL`` would open and
+    close it again for each spawn. Read-only, close-on-exec (the child gets it as fd 0 only)."""
+    return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+
+
 def _spawn(argv: list[str], env: Mapping[str, str], cwd: str) -> tuple[subprocess.Popen[bytes],
                                                                        int, int]:
     out_read, out_write = os.pipe()
@@ -407,7 +415,7 @@ def _spawn(argv: list[str], env: Mapping[str, str], cwd: str) -> tuple[subproces
     try:
         popen = subprocess.Popen(
             argv,
-            stdin=subprocess.DEVNULL,
+            stdin=_devnull(),
             stdout=out_write,
             stderr=err_write,
             env=env,
