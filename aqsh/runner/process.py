@@ -374,6 +374,9 @@ class _Child:
         self.pid = popen.pid
         self.pgid = popen.pid
         self.exited: asyncio.Future[int] = loop.create_future()
+        #: One future per waiting caller, resolved by ``_reap`` itself: the caller wakes in
+        #: the next loop pass, where waiting on ``exited`` through ``asyncio.wait`` took two.
+        self._waiters: list[asyncio.Future[None]] = []
         self._pidfd = -1
         self._poller: asyncio.Task[None] | None = None
         try:
@@ -410,6 +413,9 @@ class _Child:
             self._pidfd = -1
         if not self.exited.done():
             self.exited.set_result(code)
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
         return True
 
     async def _poll(self) -> None:
@@ -426,8 +432,18 @@ class _Child:
     async def wait(self, timeout_s: float | None = None) -> bool:
         """True once the script has exited; False if ``timeout_s`` passed first. Cancelling
         the caller leaves the exit future intact for the next wait."""
-        if not self.exited.done():
-            await asyncio.wait((self.exited,), timeout=timeout_s)
+        if self.exited.done():
+            return True
+        waiter: asyncio.Future[None] = self._loop.create_future()
+        self._waiters.append(waiter)
+        try:
+            if timeout_s is None:
+                await waiter  # a cancel cancels this waiter only, never ``exited``
+            else:
+                await asyncio.wait((waiter,), timeout=timeout_s)
+        finally:
+            waiter.cancel()
+            self._waiters.remove(waiter)
         return self.exited.done()
 
 
