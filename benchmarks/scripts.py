@@ -7,6 +7,8 @@
 - The raw rate with Python 3.11's default (thread-per-child) watcher vs the pidfd watcher the
   worker installs, to show why it is chosen (5 of each; not interleaved: the watcher is
   process-wide and installed once).
+- What each run through the queue costs the worker: its CPU per run, and its Redis script calls
+  (round trips) and commands per run, from Redis's ``INFO commandstats`` around each round.
 - A script printing 1,000,000 lines: every line in the stream, in order; lines/s (once).
 
 Usage: python benchmarks/scripts.py [--runs 2000] [--rounds 5] [--pin-redis CORE]
@@ -20,6 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import _common
 import redis.asyncio as aioredis
@@ -53,8 +56,28 @@ async def raw_spawn_rate(script: str, concurrency: int, runs: int) -> float:
     return runs / (time.perf_counter() - started)
 
 
+class QueueRound(NamedTuple):
+    """One timed round through the queue: the rate, and what each run cost the worker."""
+
+    per_s: float
+    #: CPU of this process (the worker; the enqueues happen before the clock starts) per run.
+    cpu_us_per_run: float
+    #: Script calls (EVALSHA/EVAL) per run: the worker's Redis round trips, since all its
+    #: per-run work is scripts (at c1 nothing shares a call; above, dequeues and acks do).
+    script_calls_per_run: float
+    #: Every command Redis executed per run, those inside scripts included.
+    redis_commands_per_run: float
+
+
+async def _command_calls(redis: aioredis.Redis) -> tuple[int, int]:
+    """(script calls, all commands) so far; the benchmark's own polls are a few per second."""
+    stats = await redis.info("commandstats")
+    scripts = sum(v["calls"] for k, v in stats.items() if k in ("cmdstat_evalsha", "cmdstat_eval"))
+    return scripts, sum(v["calls"] for v in stats.values())
+
+
 async def queue_rate(redis: aioredis.Redis, config: TasksConfig, work: str,
-                     concurrency: int, runs: int) -> float:
+                     concurrency: int, runs: int) -> QueueRound:
     await redis.flushall()
     client = Client(redis, wake_workers=False)
     batch = [EnqueueRequest(type="hi", payload=b"{}", queue="bench") for _ in range(500)]
@@ -64,15 +87,21 @@ async def queue_rate(redis: aioredis.Redis, config: TasksConfig, work: str,
     runner = ShellRunner(lambda: config, redis, RunnerSettings(work_root=work), fast_lane=True)
     broker = RedisBroker(redis, fast_lane=True)
     server = Server(broker, runner, concurrency=concurrency, queues={"bench": 1})
+    calls_before = await _command_calls(redis)
+    cpu_before = time.process_time()
     started = time.perf_counter()
     await server.start()
     while int(await redis.get("asynq:{bench}:processed") or 0) < runs:  # noqa: ASYNC110
         await asyncio.sleep(0.02)  # the counter lives in Redis: nothing to await but a poll
     elapsed = time.perf_counter() - started
+    cpu_s = time.process_time() - cpu_before
+    calls_after = await _command_calls(redis)
     await server.stop()
     await runner.aclose()
     await broker.close_fast_lane()
-    return runs / elapsed
+    return QueueRound(runs / elapsed, cpu_s / runs * 1e6,
+                      (calls_after[0] - calls_before[0]) / runs,
+                      (calls_after[1] - calls_before[1]) / runs)
 
 
 async def million_lines(redis: aioredis.Redis, script: str, work: str) -> tuple[float, bool]:
@@ -143,10 +172,18 @@ async def main(args: argparse.Namespace) -> None:
             for concurrency in (1, 10, 50):
                 sides = ["raw", "queue"] if round_no % 2 == 0 else ["queue", "raw"]
                 for side in sides:
-                    rate = (await raw_spawn_rate(str(hi), concurrency, runs) if side == "raw"
-                            else await queue_rate(redis, config, str(tmp / "work"),
-                                                  concurrency, runs))
-                    samples.add(f"{side}_c{concurrency}_per_s", rate)
+                    if side == "raw":
+                        samples.add(f"raw_c{concurrency}_per_s",
+                                    await raw_spawn_rate(str(hi), concurrency, runs))
+                        continue
+                    measured = await queue_rate(redis, config, str(tmp / "work"),
+                                                concurrency, runs)
+                    samples.add(f"queue_c{concurrency}_per_s", measured.per_s)
+                    samples.add(f"queue_c{concurrency}_cpu_us_per_run", measured.cpu_us_per_run)
+                    samples.add(f"queue_c{concurrency}_script_calls_per_run",
+                                measured.script_calls_per_run)
+                    samples.add(f"queue_c{concurrency}_redis_commands_per_run",
+                                measured.redis_commands_per_run)
         for concurrency in (1, 10, 50):
             figures[f"queue_vs_raw_c{concurrency}_ratio"] = round(samples.ratio(
                 f"queue_c{concurrency}_per_s", f"raw_c{concurrency}_per_s"), 3)

@@ -221,6 +221,10 @@ class ShellRunner:
         # Held while the script runs: the result is read through it, whatever the script does
         # to the path of its directory.
         work_fd = os.open(work_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        #: The last log batch (for a short script, its whole log: start, output, eof) in
+        #: flight while the result is read, the directory recycled and the end logged; the
+        #: handler still returns only once it is written.
+        closing: asyncio.Task[None] | None = None
         try:
             try:
                 async with asyncio.timeout(spec.timeout_s):
@@ -250,8 +254,13 @@ class ShellRunner:
                 enqueuer_deadline = (ctx.deadline_s
                                      < started_wall_s + spec.timeout_s - _DEADLINE_SLACK_S)
             if not logs.closed:
-                await logs.close(outcome.exit_code)
+                closing = asyncio.create_task(logs.close(outcome.exit_code))
+                await asyncio.sleep(0)  # let it send the batch before the work it overlaps
             data, file_error = await read_result_file_async(RESULT_NAME, dir_fd=work_fd)
+        except BaseException:
+            if closing is not None:
+                await closing  # whatever ended the run here, its log is written first
+            raise
         finally:
             try:
                 if not logs.closed:
@@ -272,6 +281,8 @@ class ShellRunner:
         encoded = encode_result(result)
         outcome_name = "succeeded" if error is None else "timeout" if timed_out else "failed"
         self._report(spec.name, outcome_name, duration_s)
+        if closing is not None:
+            await closing
         if error is None:
             return encoded
         await self._store(ctx, result)

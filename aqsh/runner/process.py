@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import signal
 import subprocess
@@ -39,6 +40,13 @@ log = structlog.get_logger("aqsh.runner")
 READ_CHUNK = 64 * 1024
 #: How long the readers may take to drain the pipes once the group has been killed.
 DRAIN_TIMEOUT_S = 5.0
+#: The pipes are watched by the event loop only once a script has run this long; a script
+#: that exits sooner has its output read in one go after its exit (usually up to end of file),
+#: which spares each short run two fd registrations with epoll, their removals, and an
+#: event-loop wake-up per chunk. A longer script's output is read live from then on, and one
+#: that writes more than a pipe holds (64 KiB on Linux) before then waits at most this long.
+#: The log's first batch lingers about as long anyway (aqsh.runner.logs.DEFAULT_LINGER_S).
+READ_AFTER_S = 0.005
 #: Without a pidfd (old kernels, non-Linux) the exit is polled, backing off up to this.
 POLL_MAX_S = 0.05
 
@@ -240,7 +248,10 @@ def _text(raw: bytes, max_line_bytes: int) -> str:
 
 class _OutputReader:
     """Reads one pipe from an event-loop callback and splits it into lines; an over-long line is
-    cut with a marker, not buffered. ``closed`` resolves at end of file."""
+    cut with a marker, not buffered. ``closed`` resolves at end of file.
+
+    It starts idle: ``start`` registers the callback, ``read_now`` reads what the pipe holds
+    at once (see ``READ_AFTER_S``)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, fd: int, stream: str, sink: LineSink,
                  max_line_bytes: int) -> None:
@@ -255,7 +266,18 @@ class _OutputReader:
         self._resumer: asyncio.Task[None] | None = None
         self.closed: asyncio.Future[None] = loop.create_future()
         os.set_blocking(fd, False)
-        self._resume()
+
+    def start(self) -> None:
+        """Read from the event loop as output comes (unless paused for room or closed)."""
+        if self._resumer is None:
+            self._resume()
+
+    def read_now(self) -> None:
+        """Read everything the pipe holds now; then, unless that reached end of file (or the
+        sink is full and a resumer waits for room), go on reading from the event loop."""
+        while self._read_once():
+            pass
+        self.start()
 
     def _resume(self) -> None:
         self._resumer = None
@@ -264,10 +286,16 @@ class _OutputReader:
             self._reading = True
 
     def _on_readable(self) -> None:
+        self._read_once()
+
+    def _read_once(self) -> bool:
+        """One read; True when there may be more to read right away."""
+        if self.closed.done() or self._resumer is not None:
+            return False
         try:
             chunk = os.read(self._fd, READ_CHUNK)
         except (BlockingIOError, InterruptedError):
-            return
+            return False
         except OSError as exc:
             log.warning("process.output_error", stream=self._stream, error=str(exc))
             chunk = b""
@@ -276,15 +304,18 @@ class _OutputReader:
                 self._feed(chunk)
             else:
                 self._finish()
-                return
+                return False
         except Exception as exc:  # a broken sink must not leave a callback spinning on the fd
             log.warning("process.output_error", stream=self._stream, error=repr(exc))
             self.close()
-            return
+            return False
         if self._sink.full:
-            self._loop.remove_reader(self._fd)
-            self._reading = False
+            if self._reading:
+                self._loop.remove_reader(self._fd)
+                self._reading = False
             self._resumer = self._loop.create_task(self._resume_when_room())
+            return False
+        return True
 
     async def _resume_when_room(self) -> None:
         await self._sink.wait_for_room()
@@ -343,6 +374,9 @@ class _Child:
         self.pid = popen.pid
         self.pgid = popen.pid
         self.exited: asyncio.Future[int] = loop.create_future()
+        #: One future per waiting caller, resolved by ``_reap`` itself: the caller wakes in
+        #: the next loop pass, where waiting on ``exited`` through ``asyncio.wait`` took two.
+        self._waiters: list[asyncio.Future[None]] = []
         self._pidfd = -1
         self._poller: asyncio.Task[None] | None = None
         try:
@@ -379,6 +413,9 @@ class _Child:
             self._pidfd = -1
         if not self.exited.done():
             self.exited.set_result(code)
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
         return True
 
     async def _poll(self) -> None:
@@ -395,9 +432,26 @@ class _Child:
     async def wait(self, timeout_s: float | None = None) -> bool:
         """True once the script has exited; False if ``timeout_s`` passed first. Cancelling
         the caller leaves the exit future intact for the next wait."""
-        if not self.exited.done():
-            await asyncio.wait((self.exited,), timeout=timeout_s)
+        if self.exited.done():
+            return True
+        waiter: asyncio.Future[None] = self._loop.create_future()
+        self._waiters.append(waiter)
+        try:
+            if timeout_s is None:
+                await waiter  # a cancel cancels this waiter only, never ``exited``
+            else:
+                await asyncio.wait((waiter,), timeout=timeout_s)
+        finally:
+            waiter.cancel()
+            self._waiters.remove(waiter)
         return self.exited.done()
+
+
+@functools.cache
+def _devnull() -> int:
+    """/dev/null, opened once for every script's stdin: ``subprocess.DEVNULL`` would open and
+    close it again for each spawn. Read-only, close-on-exec (the child gets it as fd 0 only)."""
+    return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
 
 
 def _spawn(argv: list[str], env: Mapping[str, str], cwd: str) -> tuple[subprocess.Popen[bytes],
@@ -407,7 +461,7 @@ def _spawn(argv: list[str], env: Mapping[str, str], cwd: str) -> tuple[subproces
     try:
         popen = subprocess.Popen(
             argv,
-            stdin=subprocess.DEVNULL,
+            stdin=_devnull(),
             stdout=out_write,
             stderr=err_write,
             env=env,
@@ -447,17 +501,25 @@ async def run_process(
         _OutputReader(loop, out_fd, "stdout", sink, max_line_bytes),
         _OutputReader(loop, err_fd, "stderr", sink, max_line_bytes),
     )
+    start_reading = loop.call_later(READ_AFTER_S, _start_readers, readers)
     child = _Child(loop, popen)
     try:
         await child.wait()
     except asyncio.CancelledError:
         after_grace = await _stop_group(child, kill_grace_s)
+        start_reading.cancel()
         await _finish_readers(readers)
         if record is not None:
             record.exit = _exit(child.exited.result(), after_grace)
         raise
+    start_reading.cancel()
     await _finish_readers(readers)
     return _exit(child.exited.result())
+
+
+def _start_readers(readers: tuple[_OutputReader, ...]) -> None:
+    for reader in readers:
+        reader.start()
 
 
 async def _stop_group(child: _Child, kill_grace_s: float) -> bool:
@@ -474,6 +536,8 @@ async def _stop_group(child: _Child, kill_grace_s: float) -> bool:
 async def _finish_readers(readers: tuple[_OutputReader, ...]) -> None:
     """Wait for end of file on both pipes; a pipe still held open by a process outside the
     group (one that called setsid) is abandoned after ``DRAIN_TIMEOUT_S``."""
+    for reader in readers:
+        reader.read_now()  # a script that exited early: its whole output, usually with EOF
     pending = [reader.closed for reader in readers if not reader.closed.done()]
     if pending:
         try:

@@ -96,7 +96,19 @@ async def read_result_file_async(
     path: str, *, max_bytes: int = MAX_RESULT_BYTES, dir_fd: int | None = None
 ) -> tuple[str | None, str | None]:
     """``read_result_file`` in a thread: a slow disk (or a file system a script made slow)
-    stalls that thread, never the event loop with its heartbeats and other tasks."""
+    stalls that thread, never the event loop with its heartbeats and other tasks.
+
+    Most scripts write no result, and for them the answer is one ``lstat`` of a name in the
+    work directory the worker holds open (metadata the kernel has cached, as for the
+    ``mkdir``/``rename`` that prepared the directory on the event loop): that is done here,
+    without the hop to a thread and back, which costs a short script's run more wall time and
+    worker CPU than the rest of reading its outcome. Anything that exists goes to the thread."""
+    try:
+        os.stat(path, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None, None
+    except OSError:
+        pass  # read_result_file says what is wrong with it
     return await asyncio.to_thread(read_result_file, path, max_bytes=max_bytes, dir_fd=dir_fd)
 
 

@@ -137,10 +137,14 @@ class WorkDirs:
         directory's path is removed itself, never followed."""
         if self.keep:
             return
-        if not _remove_result(work_dir, result_file, dir_fd):
+        # One lstat serves both checks: removing the result file changes what the directory
+        # holds, not what the path is, its mode or its owner.
+        seen = _lstat(work_dir)
+        if not _remove_result(work_dir, result_file, dir_fd,
+                              seen is not None and stat.S_ISLNK(seen.st_mode)):
             return
         try:
-            if len(self._spares) < self.max_spares and self._recyclable(work_dir):
+            if len(self._spares) < self.max_spares and self._recyclable(work_dir, seen):
                 spare = os.path.join(self.root, f"{SPARE_PREFIX}{self._pid}-{self._token}"
                                                 f"{self._counter:x}")
                 self._counter += 1
@@ -158,10 +162,11 @@ class WorkDirs:
             with contextlib.suppress(OSError):
                 os.rmdir(spare)  # spares are empty; anything else is not ours to delete
 
-    def _recyclable(self, work_dir: str) -> bool:
-        st = os.lstat(work_dir)
-        return (stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == _MODE
-                and st.st_uid == self._uid and not os.listdir(work_dir))
+    def _recyclable(self, work_dir: str, seen: os.stat_result | None) -> bool:
+        """``seen``: the path's lstat (None: it is gone)."""
+        return (seen is not None and stat.S_ISDIR(seen.st_mode)
+                and stat.S_IMODE(seen.st_mode) == _MODE and seen.st_uid == self._uid
+                and not os.listdir(work_dir))
 
     def _sweep(self) -> None:
         """Remove spares whose worker is gone (or is an earlier life of this pid)."""
@@ -176,10 +181,9 @@ class WorkDirs:
             shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
 
 
-def _remove_result(work_dir: str, result_file: str, dir_fd: int | None) -> bool:
+def _remove_result(work_dir: str, result_file: str, dir_fd: int | None, is_link: bool) -> bool:
     """Remove the result file; False (and the symlink removed) when ``work_dir`` is no longer
-    a directory but a symlink the script put there."""
-    is_link = stat.S_ISLNK(_lstat_mode(work_dir))
+    a directory but a symlink the script put there (``is_link``)."""
     with contextlib.suppress(OSError):  # missing, or a directory the script made there
         if dir_fd is not None:
             os.unlink(os.path.basename(result_file), dir_fd=dir_fd)
@@ -192,11 +196,11 @@ def _remove_result(work_dir: str, result_file: str, dir_fd: int | None) -> bool:
     return True
 
 
-def _lstat_mode(path: str) -> int:
+def _lstat(path: str) -> os.stat_result | None:
     try:
-        return os.lstat(path).st_mode
+        return os.lstat(path)
     except OSError:
-        return 0
+        return None
 
 
 def _alive(pid: int) -> bool:

@@ -214,3 +214,43 @@ async def test_logs_over_the_fast_lane_are_complete_and_survive_a_dropped_connec
         await runner.aclose()
     assert runner._lane is not None
     assert runner._lane._protocol is None
+
+
+async def test_a_running_scripts_output_is_read_before_it_exits(tmp_path: Path) -> None:
+    """The pipes are watched only once a script has run a few ms (a short one is read after its
+    exit): a script that waits must still have its first line read while it waits."""
+    fifo = tmp_path / "go"
+    os.mkfifo(fifo)
+    body = f"""\
+    echo first
+    read answer < "{fifo}"
+    echo "second $answer"
+    """
+    sink = GatedSink(limit=10**9)
+    run = asyncio.create_task(run_process([script(tmp_path, body)],
+                                          env={"PATH": os.environ["PATH"]},
+                                          cwd=str(tmp_path), sink=sink))
+    await wait_until(lambda: sink.lines == [("stdout", "first")], message="first line, live")
+    assert not run.done()
+    writer = await asyncio.to_thread(os.open, fifo, os.O_WRONLY)  # the script opened it
+    os.write(writer, b"go\n")
+    os.close(writer)
+    outcome = await run
+    assert outcome.exit_code == 0
+    assert sink.lines == [("stdout", "first"), ("stdout", "second go")]
+
+
+async def test_a_script_that_fills_its_pipe_at_once_loses_nothing(tmp_path: Path) -> None:
+    """More than a pipe holds, written before the pipes are watched: the script waits for the
+    readers to start and every line arrives, in order, with what it wrote to stderr."""
+    body = """\
+    seq 1 50000
+    echo done >&2
+    """
+    sink = GatedSink(limit=10**9)
+    outcome = await run_process([script(tmp_path, body)], env={"PATH": os.environ["PATH"]},
+                                cwd=str(tmp_path), sink=sink)
+    assert outcome.exit_code == 0
+    assert [line for stream, line in sink.lines if stream == "stdout"] == [
+        str(n) for n in range(1, 50001)]
+    assert [line for stream, line in sink.lines if stream == "stderr"] == ["done"]
