@@ -22,7 +22,7 @@ from typing import Any
 
 import msgspec
 import structlog
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 
 from aqsh import errors
 from aqsh.clock import Clock, SystemClock
@@ -149,7 +149,9 @@ class Client:
             return await guarded(self.broker.scripts.run(name, key_list, args))
         command = evalsha(name, key_list, args)
         try:  # guarded() inlined: one coroutine less on the hot path
-            reply = (await self._lane.execute_scripts([command], [name]))[0]
+            reply = (await self._lane.execute_many([command]))[0]
+            if isinstance(reply, NoScriptError):  # rare (a flushed Redis): load, send again
+                reply = (await self._lane.execute_scripts([command], [name]))[0]
         except REDIS_DOWN as exc:
             raise errors.BrokerUnavailable(f"redis unavailable: {exc}") from exc
         _raise_reply(reply)

@@ -5,8 +5,9 @@ Nothing is lost if a process dies between a task's end and its deliveries:
 1. before an attempt of a task with webhook targets runs, its *intent* is stored
    (``store.INTENTS_KEY``);
 2. after the engine has stored the attempt's end, it tells ``on_transition``; the deliveries
-   are enqueued in the background, with ids derived from (task, event, URL), and only then
-   is the intent removed;
+   are enqueued in the background, with ids derived from (task, event, URL), and the intent
+   is removed in the same atomic script call (lua/webhook_enqueue.lua; on a Cluster, where
+   the keys are in different slots, by a later command, once the deliveries exist);
 3. a worker dying between 1 and the end of 2 leaves the intent behind; every worker sweeps
    intents that are older than a sweep interval, reads the task's stored state and enqueues
    what its end calls for. Enqueueing twice is harmless: the second meets its own delivery's
