@@ -60,7 +60,7 @@ log = structlog.get_logger("aqsh.webhooks")
 
 #: The events a submission's callback_url receives.
 CALLBACK_EVENTS = ("task.completed", "task.failed", "task.canceled")
-#: The most ended attempts one dispatch handles (a few round trips for all of them).
+#: The most ended attempts one dispatch handles (one script call for all of them).
 DISPATCH_BATCH = 256
 ENQUEUE_BATCH = 1000
 #: How long the dispatcher lets ended attempts gather before it enqueues their deliveries. A

@@ -9,6 +9,7 @@ second worker (an ordinary user) must deliver the webhook from the intent left b
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -172,3 +173,30 @@ async def test_the_delivery_its_index_and_the_intent_change_in_one_script_call(
     assert await redis.zcard(INTENTS_KEY) == 0
     assert await redis.llen(pending) == 1
     assert len(await redis.hgetall(deliveries_key(msg.id))) == 1
+
+
+async def test_the_slot_by_slot_path_of_a_cluster_leaves_the_same_keys(
+        redis: aioredis.Redis, make_hooks: HookFactory, receiver: Receiver,
+        secret: str) -> None:
+    """A Cluster cannot take the one-call script (its keys are in three slots): the notifier
+    writes slot by slot there. Both paths must leave the same delivery task, index entry and
+    no intent."""
+    service = await make_hooks(tasks_yaml(receiver), worker=False)
+    notifier = service.notifier
+    assert notifier is not None
+    stored: list[tuple[list[bytes], str, list[str]]] = []
+    for task_id, one_call in (("t-one-call", True), ("t-by-slot", False)):
+        notifier._one_call = one_call
+        msg = TaskMessage(type="ok", payload=b"{}", id=task_id, queue="default")
+        await notifier.register_intent(msg.queue, msg.id, msg.retried)
+        await notifier.canceled(msg)
+        index = await redis.hgetall(deliveries_key(task_id))
+        assert len(index) == 1
+        ((delivery, meta),) = index.items()
+        task = await redis.hgetall(keys.queue_keys(WEBHOOK_QUEUE).task(delivery.decode()))
+        shown = json.loads(meta)
+        stored.append((sorted(task), shown["event"], sorted(shown)))
+        assert await redis.ttl(deliveries_key(task_id)) > 0  # expires with the results
+    assert stored[0] == stored[1]
+    assert await redis.zcard(INTENTS_KEY) == 0
+    assert await redis.llen(keys.queue_keys(WEBHOOK_QUEUE).pending) == 2
