@@ -13,7 +13,6 @@ logs ``wakeup.refused`` once and sends no more wake-ups, and workers find tasks 
 
 from __future__ import annotations
 
-import asyncio
 import os
 import time
 from collections.abc import Sequence
@@ -39,10 +38,6 @@ DEFAULT_QUEUE = "default"
 DEFAULT_MAX_RETRY = 25
 DEFAULT_TIMEOUT_S = 30 * 60
 _BATCH_LIMIT = 1000
-#: Over the fast lane a batch goes as enqueue_batch calls of at most this many tasks, each one's
-#: results built as soon as its reply is in, while Redis still runs the next call: the client's
-#: work per task overlaps Redis's instead of following it.
-_PIPELINE_CHUNK = 250
 #: An enqueue script's reply for "enqueued, but Redis refused the wake-up PUBLISH".
 _ENQUEUED_UNWOKEN = 2
 #: How long an SADD of a queue to asynq:queues is trusted before the next enqueue repeats it.
@@ -280,9 +275,8 @@ class Client:
             batch.script(plan.script, plan.keys, plan.args)
         now_ns = self.clock.now_ns()
         for (qname, group), members in batches.items():
-            step = _BATCH_LIMIT if self._lane is None else _PIPELINE_CHUNK
-            for start in range(0, len(members), step):
-                chunk = members[start:start + step]
+            for start in range(0, len(members), _BATCH_LIMIT):
+                chunk = members[start:start + _BATCH_LIMIT]
                 for position, i in enumerate(chunk):
                     where[i] = (len(batch), position)
                 batch_keys, batch_args = self._packed_call(
@@ -293,37 +287,7 @@ class Client:
         for index, wake in last_pending.values():
             batch.commands[index] = (*batch.commands[index], *wake)
         names = sorted({p.script for p in plans} | ({"enqueue_batch"} if batches else set()))
-        if self._lane is None or len(batch) == 1:
-            return self._results(plans, where,
-                                 await self._send_registering(batch, names, new_queues))
-        return await self._pipelined(self._lane, plans, where, batch, names, new_queues)
-
-    async def _pipelined(self, lane: FastLane, plans: Sequence[_Plan],
-                         where: Sequence[tuple[int, int]], batch: Batch, names: Sequence[str],
-                         new_queues: set[str]) -> list[TaskInfo | errors.AqshError]:
-        """``batch`` over the lane as one call per command, all sent at once, in order; each
-        call's tasks get their results when its reply arrives (see _PIPELINE_CHUNK)."""
-        of_command: dict[int, list[int]] = {}
-        for i, (slot, _) in enumerate(where):
-            of_command.setdefault(slot, []).append(i)
-        results: list[TaskInfo | errors.AqshError] = [errors.AqshError("no reply")] * len(plans)
-
-        async def call(slot: int, command: tuple[Any, ...]) -> Any:
-            reply = (await lane.execute_scripts([command], names))[0]
-            members = of_command.get(slot, [])
-            for i, result in zip(members, self._results(
-                    [plans[i] for i in members], [(0, where[i][1]) for i in members], [reply]),
-                    strict=True):
-                results[i] = result
-            return reply
-
-        replies = await guarded(asyncio.gather(
-            *(call(slot, command) for slot, command in enumerate(batch.commands))))
-        if new_queues:
-            _raise_reply(replies[0])
-            for qname in new_queues:
-                self._registered(qname)
-        return results
+        return self._results(plans, where, await self._send_registering(batch, names, new_queues))
 
     async def enqueue_batch_with(
         self, requests: Sequence[EnqueueRequest], script: str,

@@ -210,11 +210,11 @@ async def test_a_wake_up_is_published_only_once_its_tasks_exist(
     assert seen == [("single", 1), ("single", 2), ("many", 4), ("other", 1)]
 
 
-async def test_a_large_batch_over_the_lane_is_pipelined_in_order_with_per_task_results(
+async def test_a_large_batch_over_the_lane_keeps_order_and_per_task_results(
         redis: aioredis.Redis, clock: ManualClock) -> None:
-    """Over the fast lane a batch travels as several enqueue_batch calls (results built as each
-    reply arrives): conflicts land on the right tasks in any call, the pending list is in the
-    order single enqueues would leave it, and a flushed script cache is healed in every call."""
+    """enqueue_batch pushes the ids once per chunk, not once per task: conflicts still land
+    on the right tasks, the pending list is in the order single enqueues would leave it, and a
+    flushed script cache is healed."""
     taken = {3, 260, 599}
     for i in taken:
         await redis.hset(Q.task(f"b{i}"), "msg", b"other")
