@@ -21,7 +21,7 @@ from typing import Any
 
 import msgspec
 import structlog
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 
 from aqsh import errors
 from aqsh.clock import Clock, SystemClock
@@ -144,7 +144,9 @@ class Client:
             return await guarded(self.broker.scripts.run(name, key_list, args))
         command = evalsha(name, key_list, args)
         try:  # guarded() inlined: one coroutine less on the hot path
-            reply = (await self._lane.execute_scripts([command], [name]))[0]
+            reply = (await self._lane.execute_many([command]))[0]
+            if isinstance(reply, NoScriptError):  # rare (a flushed Redis): load, send again
+                reply = (await self._lane.execute_scripts([command], [name]))[0]
         except REDIS_DOWN as exc:
             raise errors.BrokerUnavailable(f"redis unavailable: {exc}") from exc
         _raise_reply(reply)
@@ -273,30 +275,87 @@ class Client:
             batch.script(plan.script, plan.keys, plan.args)
         now_ns = self.clock.now_ns()
         for (qname, group), members in batches.items():
-            q = keys.queue_keys(qname)
-            batch_keys = [q.pending]
-            if self.index_runs:
-                batch_keys.append(keys.runs_index_key(qname, group))
             for start in range(0, len(members), _BATCH_LIMIT):
                 chunk = members[start:start + _BATCH_LIMIT]
-                packed = bytearray()
                 for position, i in enumerate(chunk):
-                    packed += _packed(plans[i].message.id.encode(), plans[i].args[0])
                     where[i] = (len(batch), position)
+                batch_keys, batch_args = self._packed_call(
+                    qname, group, [plans[i] for i in chunk], now_ns)
                 if wake := self._wake_args(plans[chunk[0]]):
                     last_pending[qname] = (len(batch), wake)
-                batch.script("enqueue_batch", batch_keys, [now_ns, q.task_prefix, bytes(packed)])
+                batch.script("enqueue_batch", batch_keys, batch_args)
         for index, wake in last_pending.values():
             batch.commands[index] = (*batch.commands[index], *wake)
         names = sorted({p.script for p in plans} | ({"enqueue_batch"} if batches else set()))
+        return self._results(plans, where, await self._send_registering(batch, names, new_queues))
+
+    async def enqueue_batch_with(
+        self, requests: Sequence[EnqueueRequest], script: str,
+        extra_keys: Sequence[str], extra_args: Sequence[Any],
+    ) -> list[TaskInfo | errors.AqshError]:
+        """Enqueue plain immediate tasks of one queue and one type (no unique key, group or
+        process time: ``enqueue_batch``'s tasks) in one call of ``script``, a script that
+        enqueues them as enqueue_batch does (lua/_enqueue_packed.lua) and writes more in the
+        same atomic call. Its KEYS are [pending, the type's run index, *extra_keys], its ARGV
+        enqueue_batch's five (the wake-up as "" "" when none is sent), then "1" when the client
+        indexes runs ("0" otherwise), then ``extra_args``. Per-task conflicts come back in the
+        result list, as from ``enqueue_many``. Not for Redis Cluster unless the extra keys
+        share the queue's slot."""
+        plans = [self._indexed(self._plan(r)) for r in requests]
+        if not plans:
+            raise errors.InvalidArgument("enqueue_batch_with needs at least one task")
+        first = plans[0].message
+        if any(p.script != "enqueue" or p.message.queue != first.queue
+               or p.message.type != first.type for p in plans):
+            raise errors.InvalidArgument(
+                "enqueue_batch_with takes plain immediate tasks of one queue and type")
+        batch = Batch()
+        new_queues = {first.queue} if self._needs_registration(first.queue) else set()
+        if new_queues:
+            batch.command("SADD", keys.ALL_QUEUES, first.queue)
+        batch_keys, batch_args = self._packed_call(
+            first.queue, first.type, plans, self.clock.now_ns())
+        if not self.index_runs:
+            batch_keys.append(keys.runs_index_key(first.queue, first.type))
+        wake = self._wake_args(plans[0]) or ["", ""]
+        batch.script(script, [*batch_keys, *extra_keys],
+                     [*batch_args, *wake, "1" if self.index_runs else "0", *extra_args])
+        slot = len(batch) - 1
+        return self._results(plans, [(slot, i) for i in range(len(plans))],
+                             await self._send_registering(batch, [script], new_queues))
+
+    def _packed_call(self, qname: str, task_type: str, plans: Sequence[_Plan],
+                     now_ns: int) -> tuple[list[str], list[Any]]:
+        """enqueue_batch's KEYS and its first three ARGV for ``plans`` (one queue; one type
+        when the client indexes runs)."""
+        q = keys.queue_keys(qname)
+        batch_keys = [q.pending]
+        if self.index_runs:
+            batch_keys.append(keys.runs_index_key(qname, task_type))
+        packed = b"".join(_packed(p.message.id.encode(), p.args[0]) for p in plans)
+        return batch_keys, [now_ns, q.task_prefix, packed]
+
+    async def _send_registering(self, batch: Batch, names: Sequence[str],
+                                new_queues: set[str]) -> list[Any]:
+        """Run ``batch``, whose first command is the SADD of ``new_queues`` when there are
+        any; they count as registered once it succeeded."""
         replies = await self._run_batch(batch, names)
         if new_queues:
             _raise_reply(replies[0])
             for qname in new_queues:
                 self._registered(qname)
+        return replies
+
+    def _results(self, plans: Sequence[_Plan], where: Sequence[tuple[int, int]],
+                 replies: list[Any]) -> list[TaskInfo | errors.AqshError]:
+        """Each plan's outcome from ``replies``: ``where[i]`` is (reply index, position in a
+        batch script's reply or -1)."""
         results: list[TaskInfo | errors.AqshError] = []
         for plan, (slot, position) in zip(plans, where, strict=True):
             reply = replies[slot]
+            if position >= 0 and type(reply) is list and reply[position] == 1:
+                results.append(_info(plan))  # the common case, without the checks below
+                continue
             try:
                 _raise_reply(reply)
                 raise_for_produce(self._produced(reply[position] if position >= 0 else reply),
@@ -320,7 +379,7 @@ class Client:
     def _plan(self, r: EnqueueRequest) -> _Plan:
         if not isinstance(r.type, str) or not r.type.strip():
             raise errors.InvalidArgument("task type must be a non-blank string")
-        if not isinstance(r.payload, bytes | bytearray | memoryview):
+        if not isinstance(r.payload, (bytes, bytearray, memoryview)):
             raise errors.InvalidArgument(
                 f"payload must be bytes, got {type(r.payload).__name__}"
             )

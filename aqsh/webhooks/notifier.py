@@ -5,8 +5,9 @@ Nothing is lost if a process dies between a task's end and its deliveries:
 1. before an attempt of a task with webhook targets runs, its *intent* is stored
    (``store.INTENTS_KEY``);
 2. after the engine has stored the attempt's end, it tells ``on_transition``; the deliveries
-   are enqueued in the background, with ids derived from (task, event, URL), and only then
-   is the intent removed;
+   are enqueued in the background, with ids derived from (task, event, URL), and the intent
+   is removed in the same atomic script call (lua/webhook_enqueue.lua; on a Cluster, where
+   the keys are in different slots, by a later command, once the deliveries exist);
 3. a worker dying between 1 and the end of 2 leaves the intent behind; every worker sweeps
    intents that are older than a sweep interval, reads the task's stored state and enqueues
    what its end calls for. Enqueueing twice is harmless: the second meets its own delivery's
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import time
 from collections.abc import Callable, Mapping
@@ -34,7 +36,7 @@ from aqsh import errors
 from aqsh.api.view import CANCELED, iso, public_state
 from aqsh.clock import finish
 from aqsh.engine.client import Client, EnqueueRequest
-from aqsh.engine.connection import RedisClient
+from aqsh.engine.connection import RedisClient, is_cluster
 from aqsh.engine.fastlane import FastLane
 from aqsh.engine.inspect import Inspector
 from aqsh.engine.models import TaskInfo, TaskMessage, TaskState
@@ -46,6 +48,7 @@ from aqsh.webhooks.batch import Coalescer
 from aqsh.webhooks.ssrf import redact
 from aqsh.webhooks.store import (
     INTENTS_KEY,
+    WEBHOOK_ENQUEUE_SCRIPT,
     Delivery,
     DeliveryMeta,
     deliveries_key,
@@ -57,10 +60,19 @@ log = structlog.get_logger("aqsh.webhooks")
 
 #: The events a submission's callback_url receives.
 CALLBACK_EVENTS = ("task.completed", "task.failed", "task.canceled")
-#: The most ended attempts one dispatch handles (a few round trips for all of them).
+#: The most ended attempts one dispatch handles (one script call for all of them).
 DISPATCH_BATCH = 256
 ENQUEUE_BATCH = 1000
+#: How long the dispatcher lets ended attempts gather before it enqueues their deliveries. A
+#: worker running short scripts ends one every few ms; each dispatch costs it a script call and
+#: each of its wake-ups a message to every subscribed worker, so a batch of several is far
+#: cheaper per task than one each. Durability does not depend on it (the intents are stored);
+#: a delivery starts at most this much later.
+DISPATCH_LINGER_S = 0.01
 SWEEP_BATCH = 200
+
+#: The delivery log's form of a URL, once per URL (per-task notify URLs repeat on every task).
+_shown_url = functools.lru_cache(maxsize=256)(redact)
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,21 +132,38 @@ class Notifier:
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
         self._intents: Coalescer[tuple[bytes, float]] = Coalescer(self._store_intents)
+        # Each ended task asks for its targets three times (intent, hook, dispatch): tasks.yaml's
+        # part is kept per task type until the config object is replaced by a reload.
+        self._targets_config: TasksConfig | None = None
+        self._notify_targets: dict[str, tuple[Target, ...]] = {}
+        # One atomic script call per dispatch (webhook_enqueue.lua) where every key is on one
+        # server; on a Cluster the keys are in three slots and are written slot by slot.
+        self._one_call = not is_cluster(client.redis)
         #: for tests and the benchmark: how many ended tasks were dispatched, and failures
         self.dispatched = 0
 
     # ------------------------------------------------------------------ who wants what
     def targets(self, task_type: str, headers: Mapping[str, str]) -> list[Target]:
-        out: list[Target] = []
-        spec = self.config().tasks.get(task_type)
-        if spec is not None:
-            out.extend(Target(url=n.url, events=n.events, kind="notify",
-                              secret_env=n.secret_env, secret_file=n.secret_file)
-                       for n in spec.notify)
+        out = list(self._notify_of(task_type))
         callback = headers.get(HEADER_CALLBACK_URL)
         if callback:
             out.append(Target(url=callback, events=CALLBACK_EVENTS, kind="callback"))
         return out
+
+    def _notify_of(self, task_type: str) -> tuple[Target, ...]:
+        config = self.config()
+        if config is not self._targets_config:
+            self._targets_config, self._notify_targets = config, {}
+        cached = self._notify_targets.get(task_type)
+        if cached is not None:
+            return cached
+        spec = config.tasks.get(task_type)
+        if spec is None:  # not cached: any name may come from a Go client
+            return ()
+        cached = self._notify_targets[task_type] = tuple(
+            Target(url=n.url, events=n.events, kind="notify", secret_env=n.secret_env,
+                   secret_file=n.secret_file) for n in spec.notify)
+        return cached
 
     def wants(self, task_type: str, headers: Mapping[str, str], event: str) -> bool:
         return any(event in t.events for t in self.targets(task_type, headers))
@@ -207,13 +236,16 @@ class Notifier:
         return await self.dispatch_many([ended])
 
     async def dispatch_many(self, batch: list[_Ended]) -> int:
-        """Enqueue the deliveries of ended attempts (two round trips for the whole batch, and
-        no reads: the delivery builds its body when first attempted, so this costs the worker
-        that ran the script as little as possible); returns how many deliveries were new.
+        """Enqueue the deliveries of ended attempts and write their delivery index, then clear
+        their intents; returns how many deliveries were new. No reads: the delivery builds its
+        body when first attempted, so this costs the worker that ran the script as little as
+        possible. One atomic script call for the whole batch (two on a Cluster, slot by slot).
         Raises when they could not all be enqueued: the intents then stay for a sweep."""
         requests: list[EnqueueRequest] = []
-        metas: dict[str, dict[str, bytes]] = {}
+        metas: dict[str, list[bytes]] = {}
         now = iso(time.time()) or ""
+        max_retry = len(self.settings.webhook_schedule_s) - 1
+        timeout_s = self.settings.webhook_timeout_s + 30
         for ended in batch:
             targets = [t for t in self.targets(ended.task_type, ended.headers)
                        if ended.event in t.events]
@@ -226,30 +258,34 @@ class Notifier:
                                    secret_file=target.secret_file)
                 requests.append(EnqueueRequest(
                     type=WEBHOOK_TASK_TYPE, payload=msgspec.json.encode(payload),
-                    queue=WEBHOOK_QUEUE, max_retry=len(self.settings.webhook_schedule_s) - 1,
-                    timeout=self.settings.webhook_timeout_s + 30, task_id=did,
+                    queue=WEBHOOK_QUEUE, max_retry=max_retry, timeout=timeout_s, task_id=did,
                     retention=self.settings.result_retention_s))
-                metas.setdefault(ended.task_id, {})[did] = msgspec.json.encode(DeliveryMeta(
-                    event=ended.event, url=redact(target.url), webhook_id=wid, created_at=now))
-        created = 0
-        for start in range(0, len(requests), ENQUEUE_BATCH):
-            for reply in await self.client.enqueue_many(requests[start:start + ENQUEUE_BATCH]):
-                if isinstance(reply, errors.TaskIdConflict):
-                    continue
-                if isinstance(reply, errors.AqshError):
-                    raise reply
-                created += 1
+                metas.setdefault(ended.task_id, []).extend((did.encode(), msgspec.json.encode(
+                    DeliveryMeta(event=ended.event, url=_shown_url(target.url),
+                                 webhook_id=wid, created_at=now))))
         done = [intent_member(e.queue, e.task_id, e.retried) for e in batch if e.remove_intent]
-        if metas or done:
-            ttl_s = max(1, int(self.settings.result_retention_s))
+        ttl_s = max(1, int(self.settings.result_retention_s))
+        if requests and self._one_call:
+            replies = await self.client.enqueue_batch_with(
+                requests, WEBHOOK_ENQUEUE_SCRIPT,
+                [INTENTS_KEY, *(deliveries_key(t) for t in metas)],
+                [ttl_s, _framed(done), *(_framed(fields) for fields in metas.values())])
+            created = _created(replies)
+        else:
+            # Slot by slot, the intents last: they are cleared only once every delivery task
+            # and index entry exists (a failure before leaves them for a sweep).
+            created = 0
+            for start in range(0, len(requests), ENQUEUE_BATCH):
+                created += _created(await self.client.enqueue_many(
+                    requests[start:start + ENQUEUE_BATCH]))
             commands: list[tuple[Any, ...]] = []
             for task_id, fields in metas.items():
-                pairs = [part for item in fields.items() for part in item]
-                commands.append(("HSET", deliveries_key(task_id), *pairs))
+                commands.append(("HSET", deliveries_key(task_id), *fields))
                 commands.append(("EXPIRE", deliveries_key(task_id), ttl_s))
             if done:
                 commands.append(("ZREM", INTENTS_KEY, *done))
-            await self._write_many(commands)
+            if commands:
+                await self._write_many(commands)
         self.dispatched += len(batch)
         return created
 
@@ -266,9 +302,11 @@ class Notifier:
                 raise reply
 
     async def _dispatch_loop(self) -> None:
-        """One batch at a time: what ends while a batch is being enqueued goes in the next."""
+        """One batch at a time: what ends while a batch lingers or is being enqueued goes in
+        the next."""
         while True:
             batch = [await self._ended.get()]
+            await asyncio.sleep(DISPATCH_LINGER_S)
             while not self._ended.empty() and len(batch) < DISPATCH_BATCH:
                 batch.append(self._ended.get_nowait())
             try:
@@ -344,6 +382,24 @@ class Notifier:
         self._tasks.clear()
         if self._lane is not None:
             await self._lane.aclose()
+
+
+def _created(replies: list[TaskInfo | errors.AqshError]) -> int:
+    """How many deliveries an enqueue created; one already there (its id) is no error."""
+    created = 0
+    for reply in replies:
+        if isinstance(reply, errors.TaskIdConflict):
+            continue
+        if isinstance(reply, errors.AqshError):
+            raise reply
+        created += 1
+    return created
+
+
+def _framed(items: list[bytes]) -> bytes:
+    """``items`` as webhook_enqueue.lua unpacks them: each a 4-byte big-endian length, then
+    the bytes."""
+    return b"".join(len(item).to_bytes(4, "big") + item for item in items)
 
 
 def _ended_from(info: TaskInfo, queue: str, retried: int) -> _Ended | None:

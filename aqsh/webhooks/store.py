@@ -19,6 +19,8 @@ import msgspec
 from aqsh.engine import keys
 
 INTENTS_KEY = keys.WEBHOOK_INTENTS
+#: The script that enqueues deliveries, writes their index and clears their intents at once.
+WEBHOOK_ENQUEUE_SCRIPT = "webhook_enqueue"
 deliveries_key = keys.webhook_deliveries_key
 attempts_key = keys.webhook_attempts_key
 

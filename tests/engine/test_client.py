@@ -11,7 +11,7 @@ from aqsh import errors
 from aqsh.clock import ManualClock, unix_s
 from aqsh.engine import keys, wire
 from aqsh.engine.client import Client, EnqueueRequest
-from aqsh.engine.models import TaskState
+from aqsh.engine.models import TaskInfo, TaskState
 
 Q = keys.queue_keys("default")
 
@@ -208,3 +208,47 @@ async def test_a_wake_up_is_published_only_once_its_tasks_exist(
     await listener.aclose()
     # each wake-up arrived when all of its call's tasks of that queue were already there
     assert seen == [("single", 1), ("single", 2), ("many", 4), ("other", 1)]
+
+
+async def test_a_large_batch_over_the_lane_keeps_order_and_per_task_results(
+        redis: aioredis.Redis, clock: ManualClock) -> None:
+    """enqueue_batch pushes the ids once per chunk, not once per task: conflicts still land
+    on the right tasks, the pending list is in the order single enqueues would leave it, and a
+    flushed script cache is healed."""
+    taken = {3, 260, 599}
+    for i in taken:
+        await redis.hset(Q.task(f"b{i}"), "msg", b"other")
+    await redis.script_flush()
+    requests = [EnqueueRequest(type="t", payload=b"", task_id=f"b{i}") for i in range(600)]
+    requests.insert(300, EnqueueRequest(type="t", payload=b"", task_id="later", process_in=60))
+    async with Client(redis, clock=clock, fast_lane=True) as client:
+        results = await client.enqueue_many(requests)
+    ids = [r.task_id for r in requests]
+    for task_id, result in zip(ids, results, strict=True):
+        if task_id in {f"b{i}" for i in taken}:
+            assert isinstance(result, errors.TaskIdConflict), task_id
+        else:
+            assert isinstance(result, TaskInfo), task_id
+            assert result.id == task_id
+    scheduled = results[300]
+    assert isinstance(scheduled, TaskInfo)
+    assert scheduled.state is TaskState.SCHEDULED
+    fresh = [f"b{i}".encode() for i in range(600) if i not in taken]
+    assert await redis.lrange(Q.pending, 0, -1) == fresh[::-1]
+    assert await redis.zcard(keys.runs_index_key("default", "t")) == len(fresh) + 1
+
+
+async def test_a_batch_trims_index_entries_of_gone_tasks_from_the_old_end(
+        redis: aioredis.Redis, clock: ManualClock) -> None:
+    """As a single enqueue trims up to two per task, a batch trims up to two per task it
+    enqueued, oldest first, and stops at the first entry whose task still exists."""
+    index = keys.runs_index_key("default", "t")
+    await redis.zadd(index, {"gone1": 1, "gone2": 2, "gone3": 3, "kept": 4, "gone5": 5})
+    await redis.hset(Q.task("kept"), "msg", b"x")
+    client = Client(redis, clock=clock)
+    await client.enqueue_many([EnqueueRequest(type="t", payload=b"", task_id="n1"),
+                               EnqueueRequest(type="t", payload=b"", task_id="n2")])
+    assert await redis.zrange(index, 0, -1) == [b"kept", b"gone5", b"n1", b"n2"]
+    await redis.zadd(index, {"old": 0})
+    await client.enqueue_many([EnqueueRequest(type="t", payload=b"", task_id="n3")])
+    assert (await redis.zrange(index, 0, 0)) == [b"kept"]

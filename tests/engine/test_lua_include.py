@@ -20,7 +20,9 @@ async def test_every_script_is_spliced_and_accepted_by_redis(redis: aioredis.Red
 def test_the_run_index_helper_is_spliced_where_it_is_called() -> None:
     callers = [name for name in SCRIPTS if FLOW_VARIANT not in name and "index_run(" in
                (lua_dir() / f"{name}.lua").read_text(encoding="utf-8")]
-    assert set(callers) >= {"enqueue", "enqueue_unique", "enqueue_batch", "schedule",
-                            "schedule_unique"}
+    assert set(callers) >= {"enqueue", "enqueue_unique", "schedule", "schedule_unique"}
     for name in callers:
         assert "local function index_run" in script_source(name), name
+    # The batch scripts index a whole batch at once (lua/_enqueue_packed.lua).
+    for name in ("enqueue_batch", "webhook_enqueue"):
+        assert "local function enqueue_packed" in script_source(name), name

@@ -8,6 +8,8 @@ second worker (an ordinary user) must deliver the webhook from the intent left b
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -20,13 +22,13 @@ from standardwebhooks.webhooks import Webhook
 from aqsh.engine import keys
 from aqsh.engine.client import Client
 from aqsh.engine.inspect import Inspector
-from aqsh.engine.models import TaskState
+from aqsh.engine.models import TaskMessage, TaskState
 from aqsh.redis_process import free_port
 from aqsh.webhooks import WEBHOOK_QUEUE
-from aqsh.webhooks.store import INTENTS_KEY
+from aqsh.webhooks.store import INTENTS_KEY, deliveries_key
 from tests.services import write_tasks
 from tests.support import wait_until
-from tests.webhooks.conftest import SCRIPTS, Receiver
+from tests.webhooks.conftest import SCRIPTS, HookFactory, Receiver
 from tests.webhooks.test_webhooks import tasks_yaml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -139,3 +141,62 @@ async def test_failed_is_delivered_when_the_worker_dies_mid_script(
             if proc is not None and proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+async def test_the_delivery_its_index_and_the_intent_change_in_one_script_call(
+        redis: aioredis.Redis, make_hooks: HookFactory, receiver: Receiver,
+        secret: str) -> None:
+    """The intent is what makes a delivery durable: it may go only together with the
+    delivery task it stood for. MONITOR shows each command a script runs right after the
+    EVALSHA that ran it, tagged ``lua``: every write of the dispatch must come from one call."""
+    service = await make_hooks(tasks_yaml(receiver), worker=False)
+    assert service.notifier is not None
+    msg = TaskMessage(type="ok", payload=b"{}", id="t-atomic", queue="default")
+    await service.notifier.register_intent(msg.queue, msg.id, msg.retried)
+    async with redis.monitor() as monitor:
+        await service.notifier.canceled(msg)
+        seen: list[tuple[str, str]] = []
+
+        async def zrem_seen() -> bool:
+            command = await asyncio.wait_for(monitor.next_command(), 5)
+            seen.append((command["client_type"], command["command"]))
+            return command["command"].startswith(f"ZREM {INTENTS_KEY}")
+
+        await wait_until(zrem_seen, timeout_s=10, interval_s=0, message="the intent's ZREM")
+    call = max(i for i, (client, _) in enumerate(seen) if client != "lua")
+    assert seen[call][1].startswith("EVALSHA"), seen
+    ran = [command.split(" ", 2)[:2] for _, command in seen[call + 1:]]
+    pending = keys.queue_keys(WEBHOOK_QUEUE).pending
+    for command in (["LPUSH", pending], ["HSET", deliveries_key(msg.id)],
+                    ["EXPIRE", deliveries_key(msg.id)], ["ZREM", INTENTS_KEY]):
+        assert command in ran, (command, seen)
+    assert await redis.zcard(INTENTS_KEY) == 0
+    assert await redis.llen(pending) == 1
+    assert len(await redis.hgetall(deliveries_key(msg.id))) == 1
+
+
+async def test_the_slot_by_slot_path_of_a_cluster_leaves_the_same_keys(
+        redis: aioredis.Redis, make_hooks: HookFactory, receiver: Receiver,
+        secret: str) -> None:
+    """A Cluster cannot take the one-call script (its keys are in three slots): the notifier
+    writes slot by slot there. Both paths must leave the same delivery task, index entry and
+    no intent."""
+    service = await make_hooks(tasks_yaml(receiver), worker=False)
+    notifier = service.notifier
+    assert notifier is not None
+    stored: list[tuple[list[bytes], str, list[str]]] = []
+    for task_id, one_call in (("t-one-call", True), ("t-by-slot", False)):
+        notifier._one_call = one_call
+        msg = TaskMessage(type="ok", payload=b"{}", id=task_id, queue="default")
+        await notifier.register_intent(msg.queue, msg.id, msg.retried)
+        await notifier.canceled(msg)
+        index = await redis.hgetall(deliveries_key(task_id))
+        assert len(index) == 1
+        ((delivery, meta),) = index.items()
+        task = await redis.hgetall(keys.queue_keys(WEBHOOK_QUEUE).task(delivery.decode()))
+        shown = json.loads(meta)
+        stored.append((sorted(task), shown["event"], sorted(shown)))
+        assert await redis.ttl(deliveries_key(task_id)) > 0  # expires with the results
+    assert stored[0] == stored[1]
+    assert await redis.zcard(INTENTS_KEY) == 0
+    assert await redis.llen(keys.queue_keys(WEBHOOK_QUEUE).pending) == 2
