@@ -7,9 +7,12 @@ queue ignores these headers and does not honour the limits.
 
 How a run waits (lua/flow_*.lua, one script per step):
 
-- **Concurrency.** Right after dequeue leases a task, ``flow_acquire`` either gives it a slot of
-  its key (a zset of holders) or moves it back from active to ``scheduled``, scored far ahead
-  (:data:`HELD_SCORE_S`), and puts it in the key's line, ordered by submission time. Waiting
+- **Concurrency.** The dequeue script reads the rule out of the message it leases
+  (lua/_flow_headers.lua walks the protobuf headers) and, in the same call, either gives the
+  run a slot of its key (a zset of holders) or moves it back from active to ``scheduled``,
+  scored far ahead (:data:`HELD_SCORE_S`), puts it in the key's line, ordered by submission
+  time, and takes the next pending task instead. A run that also has a rate rule is left to
+  the worker: ``flow_rate`` first, then ``flow_acquire`` does the same as the dequeue. Waiting
   holds no lease and uses no retry and no timeout. Asynqmon, the asynq CLI and a Go Inspector
   see a scheduled task and can delete or run it. The finishing transitions (done, mark_complete,
   retry, archive: their ``+flow`` variants) free the slot and promote the oldest waiter in the
@@ -157,10 +160,12 @@ def after_since_ms(msg: TaskMessage) -> int | None:
 
 
 def _positive(text: str | None) -> int | None:
-    try:
-        value = int(text) if text is not None else 0
-    except ValueError:
+    """A whole number >= 1 written in ASCII digits only, or None: the dequeue script reads
+    the same headers (lua/_flow_headers.lua), and both must agree on every rule (Python's
+    ``int`` alone would also take " 5", "+5" and "1_0")."""
+    if text is None or not text.isascii() or not text.isdigit():
         return None
+    value = int(text)
     return value if value >= 1 else None
 
 
