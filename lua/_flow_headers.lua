@@ -2,16 +2,21 @@
 -- protobuf in a task hash's "msg"), spliced where a script says "--@include flow_headers".
 -- The rule travels in the message (aqsh/engine/flow.py), so the dequeue script can apply it
 -- without another round trip, for any producer (aqsh, Go, a tool that moved the task).
--- Only what the walk needs of protobuf: tag varints, and the wire types 0 (varint),
--- 1 (64-bit), 2 (length-delimited) and 5 (32-bit). TaskMessage: field 1 is the type,
--- field 15 the map<string, string> headers, each entry a message of key = 1, value = 2.
+-- Only what the walk needs of protobuf: varints, and the wire types 0 (varint), 1 (64-bit),
+-- 2 (length-delimited) and 5 (32-bit). TaskMessage: field 1 is the type, field 15 the
+-- map<string, string> headers, each entry a message of key = 1, value = 2.
+-- This runs inside the dequeue of every message that names a concurrency header, so it is
+-- written for Lua 5.1's interpreter: one-byte tags and lengths (nearly every field) are read
+-- inline, and only header names starting "aqsh-" become Lua strings.
+local pb_byte, pb_sub, pb_find = string.byte, string.sub, string.find
 
--- A varint at pos: its value and the position after it (nil at a truncated one). Lengths
--- and tags are small; other varints are only skipped, so a double's precision is enough.
-local function pb_varint(s, pos, stop)
-  local value, scale = 0, 1
+-- A varint whose first byte b (>= 128) was at pos - 1: its value and the position after it
+-- (nil at a truncated one). Lengths are small; other varints are only skipped, so a double's
+-- precision is enough.
+local function pb_varint_rest(s, b, pos, stop)
+  local value, scale = b - 128, 128
   while pos <= stop do
-    local b = string.byte(s, pos)
+    b = pb_byte(s, pos)
     pos = pos + 1
     if b < 128 then
       return value + b * scale, pos
@@ -22,81 +27,123 @@ local function pb_varint(s, pos, stop)
   return nil, pos
 end
 
--- The position after the field of wire type wt whose value starts at pos; for a
--- length-delimited one also where its bytes start and end. nil when malformed.
-local function pb_skip(s, pos, stop, wt)
-  if wt == 0 then
-    local v, after = pb_varint(s, pos, stop)
-    return v and after
-  elseif wt == 2 then
-    local len, start = pb_varint(s, pos, stop)
-    if not len or start + len - 1 > stop then
-      return nil
-    end
-    return start + len, start, start + len - 1
-  elseif wt == 1 then
-    return pos + 8 <= stop + 1 and pos + 8 or nil
-  elseif wt == 5 then
-    return pos + 4 <= stop + 1 and pos + 4 or nil
-  end
-  return nil
-end
-
--- One header map entry between first and last: its key and value (nil when malformed).
+-- One header map entry between first and last: its key's and value's bounds (nil when
+-- malformed). Any order of the entry's fields, as protobuf allows; last one wins.
 local function pb_entry(s, first, last)
-  local pos, key, value = first, "", ""
+  local pos, ks, ke, vs, ve = first, first, first - 1, first, first - 1
   while pos <= last do
-    local tag, at = pb_varint(s, pos, last)
-    if not tag then
-      return nil
-    end
-    local after, from, to = pb_skip(s, at, last, tag % 8)
-    if not after then
-      return nil
-    end
-    if tag == 10 then
-      key = string.sub(s, from, to)
-    elseif tag == 18 then
-      value = string.sub(s, from, to)
-    end
-    pos = after
-  end
-  return key, value
-end
-
--- The message's type and its headers whose names start with "aqsh-" (a table), or nil when
--- the message is malformed. What the worker decodes in Python is the same bytes, so a
--- message this walk refuses is one the worker refuses too.
-local function flow_message_headers(msg)
-  local pos, stop, headers, task_type = 1, #msg, {}, ""
-  while pos <= stop do
-    local tag, at = pb_varint(msg, pos, stop)
-    if not tag then
-      return nil
-    end
-    local after, from, to = pb_skip(msg, at, stop, tag % 8)
-    if not after then
-      return nil
-    end
-    if tag == 122 then  -- field 15, length-delimited: one header
-      local key, value = pb_entry(msg, from, to)
-      if key == nil then
+    local tag = pb_byte(s, pos)
+    pos = pos + 1
+    if tag >= 128 then
+      tag, pos = pb_varint_rest(s, tag, pos, last)
+      if not tag then
         return nil
       end
-      if string.sub(key, 1, 5) == "aqsh-" then
-        headers[key] = value
-      end
-    elseif tag == 10 then  -- field 1: the type
-      task_type = string.sub(msg, from, to)
     end
-    pos = after
+    local wt = tag % 8
+    if wt == 2 then
+      local len = pb_byte(s, pos)
+      if not len then
+        return nil
+      end
+      pos = pos + 1
+      if len >= 128 then
+        len, pos = pb_varint_rest(s, len, pos, last)
+        if not len then
+          return nil
+        end
+      end
+      if tag == 10 then
+        ks, ke = pos, pos + len - 1
+      elseif tag == 18 then
+        vs, ve = pos, pos + len - 1
+      end
+      pos = pos + len
+    elseif wt == 0 then
+      while (pb_byte(s, pos) or 0) >= 128 do
+        pos = pos + 1
+      end
+      pos = pos + 1
+    elseif wt == 1 then
+      pos = pos + 8
+    elseif wt == 5 then
+      pos = pos + 4
+    else
+      return nil
+    end
   end
-  return task_type, headers
+  if pos ~= last + 1 then
+    return nil
+  end
+  return ks, ke, vs, ve
+end
+
+-- The message's headers whose names start with "aqsh-" (a table of name -> value) and the
+-- bounds of its type, or nil when the message is malformed (the worker's decoder refuses
+-- the same bytes).
+local function flow_message_headers(msg)
+  local pos, stop, headers, ts, te = 1, #msg, {}, 1, 0
+  while pos <= stop do
+    local tag = pb_byte(msg, pos)
+    pos = pos + 1
+    if tag >= 128 then
+      tag, pos = pb_varint_rest(msg, tag, pos, stop)
+      if not tag then
+        return nil
+      end
+    end
+    local wt = tag % 8
+    if wt == 2 then
+      local len = pb_byte(msg, pos)
+      if not len then
+        return nil
+      end
+      pos = pos + 1
+      if len >= 128 then
+        len, pos = pb_varint_rest(msg, len, pos, stop)
+        if not len then
+          return nil
+        end
+      end
+      local last = pos + len - 1
+      if last > stop then
+        return nil
+      end
+      if tag == 122 then  -- field 15: one header
+        local ks, ke, vs, ve = pb_entry(msg, pos, last)
+        if not ks then
+          return nil
+        end
+        local a, q, s, h, dash = pb_byte(msg, ks, ks + 4)
+        if a == 97 and q == 113 and s == 115 and h == 104 and dash == 45 and ke >= ks + 4 then
+          headers[pb_sub(msg, ks, ke)] = pb_sub(msg, vs, ve)
+        end
+      elseif tag == 10 then  -- field 1: the type
+        ts, te = pos, last
+      end
+      pos = last + 1
+    elseif wt == 0 then
+      while (pb_byte(msg, pos) or 0) >= 128 do
+        pos = pos + 1
+      end
+      pos = pos + 1
+    elseif wt == 1 then
+      pos = pos + 8
+    elseif wt == 5 then
+      pos = pos + 4
+    else
+      return nil
+    end
+  end
+  if pos ~= stop + 1 then
+    return nil
+  end
+  return headers, ts, te
 end
 
 -- A header that must be a whole number >= 1 (ASCII digits, as aqsh.engine.flow reads it).
 local function flow_positive(text)
-  if text == nil or not string.find(text, "^%d+$") then
+  if text == nil or not pb_find(text, "^%d+$") then
     return nil
   end
   local n = tonumber(text)
@@ -106,19 +153,21 @@ local function flow_positive(text)
   return n
 end
 
--- The concurrency rule of a message that dequeue applies itself: {key, limit, seq_us, type},
--- or nil without one. A run that also has a rate rule is left to the worker (its rate
--- window comes first: lua/flow_rate.lua, then lua/flow_acquire.lua), as is a malformed one.
+-- The concurrency rule of a message that dequeue applies itself, or nil without one:
+-- {key, limit, limit_text, seq (text or nil), msg, ts, te (the type's bounds in msg)}.
+-- A run that also has a rate rule is left to the worker (its rate window comes first:
+-- lua/flow_rate.lua, then lua/flow_acquire.lua), as is a malformed one.
 -- The plain search first: a message without the header name (most) is never walked.
 local function flow_dequeue_rule(msg)
-  if not string.find(msg, "aqsh-concurrency-key", 1, true) then
+  if not pb_find(msg, "aqsh-concurrency-key", 1, true) then
     return nil
   end
-  local task_type, h = flow_message_headers(msg)
-  if task_type == nil then
+  local h, ts, te = flow_message_headers(msg)
+  if h == nil then
     return nil
   end
-  local key, limit = h["aqsh-concurrency-key"], flow_positive(h["aqsh-concurrency-limit"])
+  local key, limit_text = h["aqsh-concurrency-key"], h["aqsh-concurrency-limit"]
+  local limit = flow_positive(limit_text)
   if key == nil or limit == nil then
     return nil
   end
@@ -129,6 +178,11 @@ local function flow_dequeue_rule(msg)
   -- Numbers go back to Redis as the header's own text: Lua would print a large one as
   -- "1.7e+15", losing digits of a submission time.
   local seq = h["aqsh-concurrency-seq"]
-  return {key = key, limit = limit, limit_text = h["aqsh-concurrency-limit"],
-          seq = flow_positive(seq) and seq or nil, type = task_type}
+  return {key = key, limit = limit, limit_text = limit_text,
+          seq = flow_positive(seq) and seq or nil, msg = msg, ts = ts, te = te}
+end
+
+-- The task type of a rule's message (only a run that waited needs it, for its record).
+local function flow_rule_type(rule)
+  return pb_sub(rule.msg, rule.ts, rule.te)
 end

@@ -36,17 +36,21 @@ end
 -- The run takes a slot of rule's key (true), or is held in the key's line (false).
 local function acquire(id, task_key, rule, was)
   local slots, wait = ARGV[10] .. rule.key, ARGV[11] .. rule.key
-  redis.call("HSET", KEYS[6], rule.key, rule.limit_text)
-  -- Its own reservation (a promoted waiter, a redelivery), or a free slot nobody waits for.
-  local function may_run()
-    return redis.call("ZSCORE", slots, id)
-        or (redis.call("ZCARD", wait) == 0 and redis.call("ZCARD", slots) < rule.limit)
-  end
+  -- A free slot nobody waits for, or its own reservation (a promoted waiter, a redelivery).
+  local holders = redis.call("ZCARD", slots)
+  local run = (holders < rule.limit and redis.call("ZCARD", wait) == 0)
+      or redis.call("ZSCORE", slots, id)
   -- Dead holders' slots are looked for only when they could make a difference.
-  local run = may_run()
   if not run then
     flow_free_expired(slots, KEYS[4], ARGV[5])
-    run = may_run()
+    run = redis.call("ZSCORE", slots, id)
+        or (redis.call("ZCARD", wait) == 0 and redis.call("ZCARD", slots) < rule.limit)
+    holders = 0  -- registered below whatever it finds
+  end
+  -- The sweep's work list: a key with holders is on it already (it leaves the list only
+  -- once nobody holds or waits), so only a first holder or a waiter writes it.
+  if holders == 0 or not run then
+    redis.call("HSET", KEYS[6], rule.key, rule.limit_text)
   end
   if run then
     redis.call("ZADD", slots, ARGV[1], id)
@@ -54,7 +58,7 @@ local function acquire(id, task_key, rule, was)
       redis.call("HDEL", task_key, "aqsh_wait_reason", "aqsh_wait_key")
     end
     if was[4] then
-      flow_record_wait(task_key, KEYS[7], rule.type, ARGV[6], id)
+      flow_record_wait(task_key, KEYS[7], flow_rule_type(rule), ARGV[6], id)
     end
     return true
   end

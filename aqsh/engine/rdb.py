@@ -215,13 +215,12 @@ class RedisBroker:
 
         If a step fails the runs it covered stay active under their lease (running them could
         break their limit); the recoverer takes them back when the lease lapses."""
-        if not any(m.message.headers for m in leased):
-            return leased
-        now_ns = now_s * 1_000_000_000
         rated = [(i, rate) for i, m in enumerate(leased)
-                 if (rate := flow.rate_of(m.message)) is not None]
+                 if flow.HEADER_RATE_KEY in m.message.headers
+                 and (rate := flow.rate_of(m.message)) is not None]
         if not rated:
             return leased
+        now_ns = now_s * 1_000_000_000
         held: set[int] = set()
         batch = Batch()
         for i, rate in rated:
