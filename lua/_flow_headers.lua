@@ -80,25 +80,27 @@ end
 
 -- The message's headers whose names start with "aqsh-" (a table of name -> value) and the
 -- bounds of its type, or nil when the message is malformed (the worker's decoder refuses
--- the same bytes).
+-- the same bytes). A field with a one-byte tag and length, and a header entry written as
+-- encoders write it (key, then value, one-byte lengths), are read with one string.byte call
+-- each; anything else takes the general path.
 local function flow_message_headers(msg)
   local pos, stop, headers, ts, te = 1, #msg, {}, 1, 0
   while pos <= stop do
-    local tag = pb_byte(msg, pos)
-    pos = pos + 1
+    local tag, len = pb_byte(msg, pos, pos + 1)
+    pos = pos + 2
     if tag >= 128 then
-      tag, pos = pb_varint_rest(msg, tag, pos, stop)
+      tag, pos = pb_varint_rest(msg, tag, pos - 1, stop)
       if not tag then
         return nil
       end
+      len = pb_byte(msg, pos)
+      pos = pos + 1
     end
     local wt = tag % 8
     if wt == 2 then
-      local len = pb_byte(msg, pos)
       if not len then
         return nil
       end
-      pos = pos + 1
       if len >= 128 then
         len, pos = pb_varint_rest(msg, len, pos, stop)
         if not len then
@@ -110,12 +112,23 @@ local function flow_message_headers(msg)
         return nil
       end
       if tag == 122 then  -- field 15: one header
-        local ks, ke, vs, ve = pb_entry(msg, pos, last)
-        if not ks then
-          return nil
+        local kt, kl, ka = pb_byte(msg, pos, pos + 2)
+        local ks, ke, vs, ve
+        if kt == 10 and kl < 128 then
+          ks, ke = pos + 2, pos + 1 + kl
+          local vt, vl = pb_byte(msg, ke + 1, ke + 2)
+          if vt == 18 and vl and vl < 128 and ke + 2 + vl == last then
+            vs, ve = ke + 3, last
+          end
         end
-        local a, q, s, h, dash = pb_byte(msg, ks, ks + 4)
-        if a == 97 and q == 113 and s == 115 and h == 104 and dash == 45 and ke >= ks + 4 then
+        if not vs then
+          ks, ke, vs, ve = pb_entry(msg, pos, last)
+          if not ks then
+            return nil
+          end
+          ka = pb_byte(msg, ks)
+        end
+        if ka == 97 and ke - ks >= 4 and pb_sub(msg, ks, ks + 4) == "aqsh-" then
           headers[pb_sub(msg, ks, ke)] = pb_sub(msg, vs, ve)
         end
       elseif tag == 10 then  -- field 1: the type
@@ -123,14 +136,15 @@ local function flow_message_headers(msg)
       end
       pos = last + 1
     elseif wt == 0 then
+      pos = pos - 1  -- the varint started where len was read
       while (pb_byte(msg, pos) or 0) >= 128 do
         pos = pos + 1
       end
       pos = pos + 1
     elseif wt == 1 then
-      pos = pos + 8
+      pos = pos + 7
     elseif wt == 5 then
-      pos = pos + 4
+      pos = pos + 3
     else
       return nil
     end

@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 from aqsh.engine import flow, keys, wire
 from aqsh.engine.broker import LEASE_DURATION_S
 from aqsh.engine.client import Client
+from aqsh.engine.models import TaskMessage
 from aqsh.engine.rdb import DEQUEUE_HOLD_LIMIT, RedisBroker
 
 Q = keys.queue_keys("default")
@@ -139,3 +140,31 @@ async def test_a_run_with_a_rate_rule_is_admitted_by_its_window_first(
     assert [m.message.id for m in leased] == ["r0"]
     assert await redis.zrange(keys.flow_slots_key("default", "c"), 0, -1) == [b"r0"]
     assert await redis.hget(Q.task("r1"), flow.FIELD_REASON) == b"rate"
+
+
+def _entry(first: tuple[int, bytes], second: tuple[int, bytes]) -> bytes:
+    """A header map entry (field 15) with its two fields in the given order."""
+    body = b"".join(bytes([tag, len(text)]) + text for tag, text in (first, second))
+    return bytes([0x7A, len(body)]) + body
+
+
+async def test_the_walk_reads_any_field_order_and_long_lengths(
+        redis: aioredis.Redis, broker: RedisBroker, client: Client) -> None:
+    """Protobuf lets an encoder write an entry's value before its key, and a key of 200
+    characters has multi-byte lengths: the script's general path must read both as the
+    worker's decoder does."""
+    long_key = "k" * 200
+    await client.enqueue("t", b"", task_id="long",
+                         headers=flow.headers(concurrency=flow.Concurrency(long_key, 1)))
+    plain = wire.encode_task(TaskMessage(type="t", payload=b"", id="swapped", queue="default"))
+    swapped = plain + b"".join(
+        _entry((0x12, value.encode()), (0x0A, name.encode())) for name, value in
+        ((flow.HEADER_CONCURRENCY_KEY, "swapped"), (flow.HEADER_CONCURRENCY_LIMIT, "1")))
+    assert flow.concurrency_of(wire.decode_task(swapped)) == flow.Concurrency("swapped", 1)
+    await redis.hset(Q.task("swapped"), mapping={"msg": swapped, "state": "pending"})
+    await redis.lpush(Q.pending, "swapped")
+    leased = await broker.dequeue_many(["default"], limit=10, now_s=now_s())
+    assert [m.message.id for m in leased] == ["long", "swapped"]
+    for key, task_id in ((long_key, "long"), ("swapped", "swapped")):
+        assert await redis.zrange(keys.flow_slots_key("default", key), 0, -1) == [
+            task_id.encode()]
