@@ -33,43 +33,17 @@ if redis.call("EXISTS", KEYS[2]) == 1 then
   return {}
 end
 
+local queue = {active = KEYS[3], lease = KEYS[4], scheduled = KEYS[5], pending = KEYS[1],
+               registry = KEYS[6], waited = KEYS[7], prefix = ARGV[2], reserve_s = ARGV[1],
+               now_s = ARGV[5], now_ms = ARGV[6], now_ns = ARGV[8], held_score = ARGV[9],
+               qname = ARGV[12], channel = ARGV[13]}
+
 -- The run takes a slot of rule's key (true), or is held in the key's line (false).
 local function acquire(id, task_key, rule, was)
-  local slots, wait = ARGV[10] .. rule.key, ARGV[11] .. rule.key
-  -- A free slot nobody waits for, or its own reservation (a promoted waiter, a redelivery).
-  local holders = redis.call("ZCARD", slots)
-  local run = (holders < rule.limit and redis.call("ZCARD", wait) == 0)
-      or redis.call("ZSCORE", slots, id)
-  -- Dead holders' slots are looked for only when they could make a difference.
-  if not run then
-    flow_free_expired(slots, KEYS[4], ARGV[5])
-    run = redis.call("ZSCORE", slots, id)
-        or (redis.call("ZCARD", wait) == 0 and redis.call("ZCARD", slots) < rule.limit)
-    holders = 0  -- registered below whatever it finds
-  end
-  -- The sweep's work list: a key with holders is on it already (it leaves the list only
-  -- once nobody holds or waits), so only a first holder or a waiter writes it.
-  if holders == 0 or not run then
-    redis.call("HSET", KEYS[6], rule.key, rule.limit_text)
-  end
-  if run then
-    redis.call("ZADD", slots, ARGV[1], id)
-    if was[2] or was[3] then
-      redis.call("HDEL", task_key, "aqsh_wait_reason", "aqsh_wait_key")
-    end
-    if was[4] then
-      flow_record_wait(task_key, KEYS[7], flow_rule_type(rule), ARGV[6], id)
-    end
-    return true
-  end
-  flow_hold(KEYS[3], KEYS[4], KEYS[5], task_key, id, ARGV[9], "concurrency", rule.key,
-            ARGV[6])
-  redis.call("ZADD", wait, rule.seq or ARGV[7], id)
-  -- A slot freed by an expiry with waiters ahead goes to the oldest of them: to the front of
-  -- pending, so this very loop takes it next.
-  flow_promote(slots, wait, rule.limit, KEYS[5], KEYS[1], ARGV[2], ARGV[1], ARGV[8], ARGV[12],
-               ARGV[13])
-  return false
+  return flow_take_slot({id = id, task_key = task_key, slots = ARGV[10] .. rule.key,
+                         wait = ARGV[11] .. rule.key, key = rule.key, limit = rule.limit,
+                         limit_text = rule.limit_text, seq = rule.seq or ARGV[7], was = was,
+                         task_type = function() return flow_rule_type(rule) end}, queue)
 end
 
 local out = {0}
@@ -81,9 +55,9 @@ while taken < limit and held < hold_limit do
     break
   end
   local key = ARGV[2] .. id
-  local was = redis.call("HMGET", key, "msg", "aqsh_wait_reason", "aqsh_wait_key",
-                         "aqsh_wait_since")
-  local msg = was[1]
+  local was = redis.call("HMGET", key, "aqsh_wait_reason", "aqsh_wait_key",
+                         "aqsh_wait_since", "msg")
+  local msg = was[4]
   if msg then
     redis.call("HDEL", key, "pending_since")
     local rule = flow_dequeue_rule(msg)
