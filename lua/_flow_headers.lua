@@ -27,6 +27,23 @@ local function pb_varint_rest(s, b, pos, stop)
   return nil, pos
 end
 
+-- The position after a field of wire type wt (0: varint, 1: 64-bit, 5: 32-bit) whose
+-- value starts at pos; nil for another wire type. (A truncated value is caught by the
+-- caller's final position check.)
+local function pb_skip_scalar(s, pos, wt)
+  if wt == 0 then
+    while (pb_byte(s, pos) or 0) >= 128 do
+      pos = pos + 1
+    end
+    return pos + 1
+  elseif wt == 1 then
+    return pos + 8
+  elseif wt == 5 then
+    return pos + 4
+  end
+  return nil
+end
+
 -- One header map entry between first and last: its key's and value's bounds (nil when
 -- malformed). Any order of the entry's fields, as protobuf allows; last one wins.
 local function pb_entry(s, first, last)
@@ -59,17 +76,11 @@ local function pb_entry(s, first, last)
         vs, ve = pos, pos + len - 1
       end
       pos = pos + len
-    elseif wt == 0 then
-      while (pb_byte(s, pos) or 0) >= 128 do
-        pos = pos + 1
-      end
-      pos = pos + 1
-    elseif wt == 1 then
-      pos = pos + 8
-    elseif wt == 5 then
-      pos = pos + 4
     else
-      return nil
+      pos = pb_skip_scalar(s, pos, wt)
+      if not pos then
+        return nil
+      end
     end
   end
   if pos ~= last + 1 then
@@ -135,18 +146,11 @@ local function flow_message_headers(msg)
         ts, te = pos, last
       end
       pos = last + 1
-    elseif wt == 0 then
-      pos = pos - 1  -- the varint started where len was read
-      while (pb_byte(msg, pos) or 0) >= 128 do
-        pos = pos + 1
-      end
-      pos = pos + 1
-    elseif wt == 1 then
-      pos = pos + 7
-    elseif wt == 5 then
-      pos = pos + 3
     else
-      return nil
+      pos = pb_skip_scalar(msg, pos - 1, wt)  -- its value started where len was read
+      if not pos then
+        return nil
+      end
     end
   end
   if pos ~= stop + 1 then
