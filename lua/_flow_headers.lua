@@ -91,9 +91,10 @@ end
 
 -- The message's headers whose names start with "aqsh-" (a table of name -> value) and the
 -- bounds of its type, or nil when the message is malformed (the worker's decoder refuses
--- the same bytes). A field with a one-byte tag and length, and a header entry written as
--- encoders write it (key, then value, one-byte lengths), are read with one string.byte call
--- each; anything else takes the general path.
+-- those bytes too) or holds a field of wire type 3 or 4 (proto2 groups: no asynq or aqsh
+-- producer writes one; such a run is taken as if it had no rule). A field with a one-byte
+-- tag and length, and a header entry written as encoders write it (key, then value, one-byte
+-- lengths), are read with one string.byte call each; anything else takes the general path.
 local function flow_message_headers(msg)
   local pos, stop, headers, ts, te = 1, #msg, {}, 1, 0
   while pos <= stop do
