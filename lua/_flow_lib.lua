@@ -94,8 +94,7 @@ end
 -- in the key's line (false): what dequeue does for a limited run, and flow_acquire for one a
 -- rate window admitted first. r: id, task_key, slots, wait (the key's zsets), key, limit
 -- (a number) and limit_text (as written to the registry), seq (its place in line, text),
--- was (HMGET of the task's aqsh_wait_reason, aqsh_wait_key, aqsh_wait_since), task_type (a
--- function: only a run that waited needs it). q: active, lease, scheduled, pending,
+-- task_type (a function: only a run that waited needs it). q: active, lease, scheduled, pending,
 -- registry, waited, prefix (task keys), reserve_s (a slot's deadline), now_s, now_ms, now_ns,
 -- qname, channel (the wake-up).
 local function flow_take_slot(r, q)
@@ -118,11 +117,13 @@ local function flow_take_slot(r, q)
   end
   if run then
     redis.call("ZADD", r.slots, q.reserve_s, r.id)
-    -- A run that never waited writes nothing more.
-    if r.was[1] or r.was[2] then
+    -- One read tells whether it ever waited: a run that never did writes nothing more.
+    local was = redis.call("HMGET", r.task_key, "aqsh_wait_reason", "aqsh_wait_key",
+                           "aqsh_wait_since")
+    if was[1] or was[2] then
       redis.call("HDEL", r.task_key, "aqsh_wait_reason", "aqsh_wait_key")
     end
-    if r.was[3] then
+    if was[3] then
       flow_record_wait(r.task_key, q.waited, r.task_type(), q.now_ms, r.id)
     end
     return true

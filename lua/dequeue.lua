@@ -39,10 +39,10 @@ local queue = {active = KEYS[3], lease = KEYS[4], scheduled = KEYS[5], pending =
                qname = ARGV[12], channel = ARGV[13]}
 
 -- The run takes a slot of rule's key (true), or is held in the key's line (false).
-local function acquire(id, task_key, rule, was)
+local function acquire(id, task_key, rule)
   return flow_take_slot({id = id, task_key = task_key, slots = ARGV[10] .. rule.key,
                          wait = ARGV[11] .. rule.key, key = rule.key, limit = rule.limit,
-                         limit_text = rule.limit_text, seq = rule.seq or ARGV[7], was = was,
+                         limit_text = rule.limit_text, seq = rule.seq or ARGV[7],
                          task_type = function() return flow_rule_type(rule) end}, queue)
 end
 
@@ -55,13 +55,11 @@ while taken < limit and held < hold_limit do
     break
   end
   local key = ARGV[2] .. id
-  local was = redis.call("HMGET", key, "aqsh_wait_reason", "aqsh_wait_key",
-                         "aqsh_wait_since", "msg")
-  local msg = was[4]
+  local msg = redis.call("HGET", key, "msg")
   if msg then
     redis.call("HDEL", key, "pending_since")
     local rule = flow_dequeue_rule(msg)
-    if rule == nil or acquire(id, key, rule, was) then
+    if rule == nil or acquire(id, key, rule) then
       taken = taken + 1
       redis.call("HSET", key, "state", "active")
       redis.call("ZADD", KEYS[4], ARGV[1], id)

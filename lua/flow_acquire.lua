@@ -24,10 +24,8 @@
 -- Returns 1 when the task holds a slot and may run, 0 when it now waits (moved from active
 -- to scheduled: no lease, no retry and no timeout used while it waits).
 --@include flow_lib
-local was = redis.call("HMGET", KEYS[5], "aqsh_wait_reason", "aqsh_wait_key",
-                       "aqsh_wait_since")
 local run = {id = ARGV[1], task_key = KEYS[5], slots = KEYS[6], wait = KEYS[7], key = ARGV[6],
-             limit = tonumber(ARGV[2]), limit_text = ARGV[2], seq = ARGV[12], was = was,
+             limit = tonumber(ARGV[2]), limit_text = ARGV[2], seq = ARGV[12],
              task_type = function() return ARGV[13] end}
 local queue = {active = KEYS[1], lease = KEYS[2], scheduled = KEYS[3], pending = KEYS[4],
                registry = KEYS[8], waited = KEYS[9], prefix = ARGV[8], reserve_s = ARGV[4],
