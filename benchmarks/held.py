@@ -1,15 +1,18 @@
 """Held-run overhead: throughput of a task with a concurrency limit that never binds against the
 same task without one, on one private Redis, same run, interleaved rounds (A B A B …).
 
-    .venv/bin/python benchmarks/held.py [--tasks 5000] [--rounds 5] [--concurrency 10]
+    .venv/bin/python benchmarks/held.py [--tasks 5000] [--rounds 7] [--concurrency 10]
 
 Each round preloads ``--tasks`` no-op tasks into a fresh paused queue, starts an aqsh worker
 (fast-lane broker, in this process) on it, and times the drain from the unpause (with the
 wake-up an aqsh client publishes) until pending and active are empty. The limited side's tasks
 all share one concurrency key whose limit is the number of tasks, so every run takes a slot
-(acquire after dequeue, release inside the finishing transition) and none ever waits: what is
-measured is the mechanism's cost, not waiting. Ends with one JSON line whose
-``limit_vs_plain_ratio`` is limited ÷ plain throughput (ratio of medians; issue 14: ≥ 0.9).
+(inside the dequeue script, released inside the finishing transition) and none ever waits:
+what is measured is the mechanism's cost, not waiting. Ends with one JSON line whose
+``limit_vs_plain_ratio`` is limited ÷ plain throughput (ratio of medians; issue 14: ≥ 0.9);
+``limit_cpu_vs_plain_ratio`` and ``limit_redis_cpu_vs_plain_ratio`` compare the CPU per task
+of this process (the worker and the polling) and of Redis, which the machine's other load
+moves less than it moves the rates; ``shell_limit_cpu_vs_plain_ratio`` the shell worker's.
 
 The shell side is the same comparison as users run it: ``--shell-runs`` (1,000) runs of an
 ``echo hi`` script through the ShellRunner wired as ``aqsh serve`` wires its worker (fast-lane
@@ -60,8 +63,15 @@ async def preload(redis: aioredis.Redis, queue: str, n: int,
             for _ in range(min(1000, n - start))])
 
 
-async def drain(url: str, queue: str, n: int, concurrency: int, limited: bool) -> float:
-    """Tasks per second for one round."""
+async def redis_cpu_s(redis: aioredis.Redis) -> float:
+    info = await redis.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+async def drain(url: str, queue: str, n: int, concurrency: int,
+                limited: bool) -> dict[str, float]:
+    """Tasks per second for one round, and the CPU per task of this process (the worker and
+    the benchmark's polling) and of Redis: less moved by the machine's load than the rate."""
     redis = aioredis.Redis.from_url(url)
     q = keys.queue_keys(queue)
     headers = (flow.headers(concurrency=flow.Concurrency(f"bench:{queue}", n))
@@ -74,12 +84,14 @@ async def drain(url: str, queue: str, n: int, concurrency: int, limited: bool) -
     server = Server(broker, mux, concurrency=concurrency, queues={queue: 1})
     await server.start()
     try:
+        cpu0, redis_cpu0 = time.process_time(), await redis_cpu_s(redis)
         started = time.perf_counter()
         await redis.delete(q.paused)
         await redis.publish(keys.WAKE_CHANNEL, queue)
         while await redis.llen(q.pending) or await redis.llen(q.active):  # noqa: ASYNC110
             await asyncio.sleep(0.005)  # the state is in Redis: no local event to wait on
         elapsed = time.perf_counter() - started
+        cpu_s, redis_s = time.process_time() - cpu0, await redis_cpu_s(redis) - redis_cpu0
     finally:
         await server.stop(shutdown_timeout_s=5)
         await broker.close_fast_lane()
@@ -91,7 +103,8 @@ async def drain(url: str, queue: str, n: int, concurrency: int, limited: bool) -
             assert await check.zcard(q.scheduled) == 0
         finally:
             await check.aclose()
-    return n / elapsed
+    return {"tasks_per_s": n / elapsed, "cpu_us_per_task": cpu_s / n * 1e6,
+            "redis_cpu_us_per_task": redis_s / n * 1e6}
 
 
 def shell_config(tmp: Path, runs: int) -> TasksConfig:
@@ -115,8 +128,9 @@ def shell_config(tmp: Path, runs: int) -> TasksConfig:
 
 
 async def shell_drain(url: str, config: TasksConfig, work: str, task: str, runs: int,
-                      concurrency: int) -> float:
-    """Runs per second for one round of ``task``."""
+                      concurrency: int) -> dict[str, float]:
+    """Runs per second for one round of ``task``, and the worker's CPU per run (this
+    process: the scripts are its children, not counted)."""
     redis = aioredis.Redis.from_url(url, max_connections=128)
     q = keys.queue_keys(SHELL_QUEUE)
     try:
@@ -138,12 +152,14 @@ async def shell_drain(url: str, config: TasksConfig, work: str, task: str, runs:
         server = Server(broker, runner, concurrency=concurrency, queues={SHELL_QUEUE: 1})
         await server.start()
         try:
+            cpu0 = time.process_time()
             started = time.perf_counter()
             await redis.delete(q.paused)
             await redis.publish(keys.WAKE_CHANNEL, SHELL_QUEUE)
             while int(await redis.get(q.processed_total) or 0) < runs:  # noqa: ASYNC110
                 await asyncio.sleep(0.01)  # the counter lives in Redis: nothing to await
             elapsed = time.perf_counter() - started
+            cpu_s = time.process_time() - cpu0
         finally:
             await server.stop(shutdown_timeout_s=5)
             await runner.aclose()
@@ -155,7 +171,7 @@ async def shell_drain(url: str, config: TasksConfig, work: str, task: str, runs:
             assert await redis.zcard(q.scheduled) == 0
     finally:
         await redis.aclose()
-    return runs / elapsed
+    return {"runs_per_s": runs / elapsed, "cpu_us_per_run": cpu_s / runs * 1e6}
 
 
 async def main_async(args: argparse.Namespace) -> None:
@@ -167,37 +183,43 @@ async def main_async(args: argparse.Namespace) -> None:
         for round_no in range(args.rounds):
             print(f"# round {round_no + 1}/{args.rounds}", file=sys.stderr, flush=True)
             for side in ("plain", "limit") if round_no % 2 == 0 else ("limit", "plain"):
-                await samples.measure(
-                    f"{side}_tasks_per_s",
-                    lambda side=side, n=round_no: drain(
-                        server.url, f"held-{side}-{n}", args.tasks, args.concurrency,
-                        side == "limit"))
+                got = await drain(server.url, f"held-{side}-{round_no}", args.tasks,
+                                  args.concurrency, side == "limit")
+                for name, value in got.items():
+                    samples.add(f"{side}_{name}", value)
             if args.shell_runs <= 0:
                 continue
             for side in ("limit", "plain") if round_no % 2 == 0 else ("plain", "limit"):
-                await samples.measure(
-                    f"shell_{side}_runs_per_s",
-                    lambda side=side: shell_drain(
-                        server.url, config, str(tmp / "work"),
-                        "hi_limited" if side == "limit" else "hi", args.shell_runs,
-                        args.shell_concurrency))
+                got = await shell_drain(server.url, config, str(tmp / "work"),
+                                        "hi_limited" if side == "limit" else "hi",
+                                        args.shell_runs, args.shell_concurrency)
+                for name, value in got.items():
+                    samples.add(f"shell_{side}_{name}", value)
     figures: dict[str, object] = {
         "tasks": args.tasks, "rounds": args.rounds, "concurrency": args.concurrency,
         "limit_vs_plain_ratio": round(
             samples.ratio("limit_tasks_per_s", "plain_tasks_per_s"), 3),
+        "limit_cpu_vs_plain_ratio": round(
+            samples.ratio("limit_cpu_us_per_task", "plain_cpu_us_per_task"), 3),
+        "limit_redis_cpu_vs_plain_ratio": round(
+            samples.ratio("limit_redis_cpu_us_per_task", "plain_redis_cpu_us_per_task"), 3),
     }
     if args.shell_runs > 0:
         figures.update({
             "shell_runs": args.shell_runs, "shell_concurrency": args.shell_concurrency,
             "shell_limit_vs_plain_ratio": round(
-                samples.ratio("shell_limit_runs_per_s", "shell_plain_runs_per_s"), 3)})
+                samples.ratio("shell_limit_runs_per_s", "shell_plain_runs_per_s"), 3),
+            "shell_limit_cpu_vs_plain_ratio": round(
+                samples.ratio("shell_limit_cpu_us_per_run", "shell_plain_cpu_us_per_run"), 3)})
     _common.report("held", figures, samples)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=5000)
-    parser.add_argument("--rounds", type=int, default=_common.MIN_ROUNDS)
+    # 7, not the usual 5: both ratios compare sides whose difference is a few percent of a
+    # round, and a shared machine swings single rounds by more than that.
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--concurrency", type=int, default=10)
     parser.add_argument("--shell-runs", type=int, default=1000,
                         help="per shell round (0: the engine side only)")

@@ -9,7 +9,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 # chaos.py last: ~2 minutes, and it checks invariants (lost / stuck tasks) rather than speed;
 # a failed drill fails the run.
-BENCHMARKS = ["enqueue.py", "server.py", "scripts.py", "api.py", "webhooks.py", "chaos.py"]
+BENCHMARKS = ["enqueue.py", "server.py", "scripts.py", "api.py", "webhooks.py", "held.py",
+              "chaos.py"]
 
 if __name__ == "__main__":
     failed = []

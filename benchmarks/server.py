@@ -2,6 +2,7 @@
 every side repeated ``--rounds`` times (at least 5), interleaved.
 
     .venv/bin/python benchmarks/server.py [--tasks 20000] [--rounds 5] [--pin-redis CORE]
+        [--backlog 10000] [--backlog-pending 1000000] [--backlog-only]
 
 Needs the Go harness (``make interop`` builds .venv/bin/aqsh-interop; built here if missing).
 Measures:
@@ -14,7 +15,17 @@ Measures:
   publish) to the last acknowledgement (pending and active empty), as Go times start → last ack;
 - CPU seconds per 1,000 tasks for each side during that drain;
 - pick-up latency p50/p99 on an idle server (enqueue → handler start);
-- idle Redis commands/s and RSS of one idle worker (each in its own process).
+- idle Redis commands/s and RSS of one idle worker (each in its own process);
+- processing cost against the backlog (``--backlog``, issue 15: "1,000,000 pending within 10%
+  of 1,000 pending"): the same worker draining ``--backlog`` (10,000) tasks from the head of a
+  queue holding ``--backlog-pending`` (1,000,000) against one holding ``--backlog`` + 1,000,
+  each in its own database of one private Redis (so one keyspace holds the million and the
+  other does not, and both share one Redis process and its placement). One worker process
+  per side, kept paused between rounds; a round unpauses it, times the first ``--backlog``
+  acknowledgements, pauses it again and refills what it drained. ``backlog_1m_vs_1k_ratio``
+  is tasks/s with the million ÷ without (target ≥ 0.9), ``backlog_cpu_1m_vs_1k_ratio`` the
+  worker's CPU per task likewise, ``backlog_redis_cpu_1m_vs_1k_ratio`` Redis's.
+  ``--backlog-only`` runs just this phase (~2 minutes).
 Every ``*_ratio`` is aqsh divided by Go (ratio of medians): above 1 is a win for throughput,
 below 1 is a win for latency, CPU, RSS and idle commands.
 """
@@ -49,12 +60,12 @@ HERE = Path(__file__).resolve().parent
 IDLE_QUEUES = "critical:6,default:3"
 
 
-async def preload(redis: aioredis.Redis, queue: str, n: int) -> None:
-    client = Client(redis, wake_workers=False)
-    for start in range(0, n, 1000):
-        batch = [EnqueueRequest(type="bench:noop", payload=b"x", queue=queue)
-                 for _ in range(min(1000, n - start))]
-        await client.enqueue_many(batch)
+async def preload(redis: aioredis.Redis, queue: str, n: int, *, per_call: int = 1000) -> None:
+    async with Client(redis, wake_workers=False, fast_lane=True) as client:
+        for start in range(0, n, per_call):
+            batch = [EnqueueRequest(type="bench:noop", payload=b"x", queue=queue)
+                     for _ in range(min(per_call, n - start))]
+            await client.enqueue_many(batch)
 
 
 def children_cpu_s() -> float:
@@ -122,6 +133,117 @@ async def aqsh_throughput(redis: aioredis.Redis, url: str, n: int, concurrency: 
     return {"tasks_per_s": n / elapsed_s, "cpu_s_per_1000": cpu_s / n * 1000}
 
 
+async def redis_cpu_s(redis: aioredis.Redis) -> float:
+    """CPU time Redis has used (its own getrusage, microsecond resolution)."""
+    info = await redis.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+class BacklogSide:
+    """One side of the backlog phase: a queue in a database of its own, kept at ``pending``
+    tasks, and the user's worker on it as its own process, paused between rounds."""
+
+    def __init__(self, url: str, queue: str, pending: int, concurrency: int) -> None:
+        self.url, self.pending, self.concurrency = url, pending, concurrency
+        self.q = keys.queue_keys(queue)
+        self.redis = aioredis.Redis.from_url(url)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    async def start(self) -> float:
+        """Fill the queue (paused) and start the worker; returns the fill's tasks/s."""
+        await self.redis.flushdb()
+        await self.redis.set(self.q.paused, "1")
+        started = time.perf_counter()
+        await preload(self.redis, self.q.name, self.pending, per_call=10_000)
+        fill_per_s = self.pending / (time.perf_counter() - started)
+        self.proc = subprocess.Popen(  # noqa: ASYNC220 - a fork, before any timed span
+            [sys.executable, str(HERE / "_noop_worker.py"), "--redis", self.url,
+             "--queue", self.q.name, "--concurrency", str(self.concurrency)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while not await self.redis.zcard(keys.ALL_SERVERS):
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise RuntimeError("aqsh worker did not start")
+            await asyncio.sleep(0.02)
+        return fill_per_s
+
+    async def drain(self, n: int) -> dict[str, float]:
+        """Time the first ``n`` acknowledgements from the unpause, pause, and refill what was
+        drained (the overshoot of the tasks in flight at the pause included)."""
+        assert self.proc is not None
+        tree = psutil.Process(self.proc.pid)
+        done0 = int(await self.redis.get(self.q.processed_total) or 0)
+        cpu0, redis_cpu0 = tree_cpu_s(tree), await redis_cpu_s(self.redis)
+        start = time.perf_counter()
+        await self.redis.delete(self.q.paused)
+        await self.redis.publish(keys.WAKE_CHANNEL, self.q.name)
+        # The acks are counted in Redis: no event to wait on.
+        while int(await self.redis.get(self.q.processed_total) or 0) - done0 < n:  # noqa: ASYNC110
+            await asyncio.sleep(0.002)
+        elapsed_s = time.perf_counter() - start
+        cpu_s = tree_cpu_s(tree) - cpu0
+        redis_cpu = await redis_cpu_s(self.redis) - redis_cpu0
+        await self.redis.set(self.q.paused, "1")
+        while await self.redis.llen(self.q.active):  # noqa: ASYNC110 - Redis state again
+            await asyncio.sleep(0.01)
+        missing = self.pending - int(await self.redis.llen(self.q.pending))
+        await preload(self.redis, self.q.name, missing, per_call=10_000)
+        return {"tasks_per_s": n / elapsed_s, "cpu_us_per_task": cpu_s / n * 1e6,
+                "redis_cpu_us_per_task": redis_cpu / n * 1e6}
+
+    async def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGTERM)
+            await asyncio.to_thread(self.proc.wait, 60)
+        await self.redis.flushdb(asynchronous=True)  # a million keys: freed in the background
+        await self.redis.aclose()
+
+
+async def backlog_phase(args: argparse.Namespace, samples: _common.Samples,
+                        figures: dict[str, object]) -> None:
+    """Throughput with a huge backlog against a small one (see the module doc)."""
+    n, big = args.backlog, args.backlog_pending
+    with RedisProcess() as server:
+        if args.pin_redis is not None:
+            _common.pin(_common.redis_pid(server), args.pin_redis)
+        base = server.url.rsplit("/", 1)[0]
+        sides = {"backlog_1m": BacklogSide(f"{base}/1", "backlog-1m", big, args.backlog_c),
+                 "backlog_1k": BacklogSide(f"{base}/2", "backlog-1k", n + 1000,
+                                           args.backlog_c)}
+        try:
+            for name, side in sides.items():
+                print(f"# backlog: filling {side.pending:,}", file=sys.stderr, flush=True)
+                figures[f"{name}_fill_tasks_per_s"] = round(await side.start())
+            info = await sides["backlog_1m"].redis.info("memory")
+            figures["backlog_redis_used_memory_mb"] = round(info["used_memory"] / 2**20)
+            for round_no in range(args.rounds):
+                print(f"# backlog round {round_no + 1}/{args.rounds}", file=sys.stderr,
+                      flush=True)
+                order = list(sides) if round_no % 2 == 0 else list(reversed(sides))
+                for name in order:
+                    r = await sides[name].drain(n)
+                    samples.add(f"{name}_tasks_per_s", r["tasks_per_s"])
+                    samples.add(f"{name}_cpu_us_per_task", r["cpu_us_per_task"])
+                    samples.add(f"{name}_redis_cpu_us_per_task", r["redis_cpu_us_per_task"])
+            for key, value in _common.placement(_common.redis_pid(server),
+                                                args.pin_redis).items():
+                figures.setdefault(key, value)  # the phase against Go reported its own
+        finally:
+            for side in sides.values():
+                await side.stop()
+    figures.update({
+        "backlog_tasks": n, "backlog_pending_big": big, "backlog_pending_small": n + 1000,
+        "backlog_concurrency": args.backlog_c,
+        "backlog_1m_vs_1k_ratio": round(
+            samples.ratio("backlog_1m_tasks_per_s", "backlog_1k_tasks_per_s"), 3),
+        "backlog_cpu_1m_vs_1k_ratio": round(
+            samples.ratio("backlog_1m_cpu_us_per_task", "backlog_1k_cpu_us_per_task"), 3),
+        "backlog_redis_cpu_1m_vs_1k_ratio": round(
+            samples.ratio("backlog_1m_redis_cpu_us_per_task",
+                          "backlog_1k_redis_cpu_us_per_task"), 3),
+    })
+
+
 async def aqsh_pickup(redis: aioredis.Redis, n: int) -> dict[str, float]:
     await redis.flushall()
     latencies_ms: asyncio.Queue[float] = asyncio.Queue()
@@ -166,23 +288,11 @@ async def idle_profile(redis: aioredis.Redis, argv: list[str], window_s: float) 
     return {"commands_per_s": (after - before - 1) / window_s, "rss_mb": rss_mb}
 
 
-async def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--tasks", type=int, default=20_000)
-    parser.add_argument("--rounds", type=int, default=_common.MIN_ROUNDS)
-    parser.add_argument("--pickups", type=int, default=20, help="per round")
-    parser.add_argument("--idle-window-s", type=float, default=5.0)
-    parser.add_argument("--concurrency", default="10,100")
-    parser.add_argument("--processes", type=int, default=len(os.sched_getaffinity(0)),
-                        help="the multi-process side (default: the cores this may use)")
-    parser.add_argument("--pin-redis", type=int, default=None, metavar="CORE",
-                        help="pin Redis to this core (taskset)")
-    args = parser.parse_args()
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+async def against_go(args: argparse.Namespace, samples: _common.Samples,
+                     figures: dict[str, object]) -> None:
+    """Throughput, CPU, pick-up latency and idle cost, aqsh against Go (see the module doc)."""
     _common.go_binary()
-    samples = _common.Samples()
-    figures: dict[str, object] = {"tasks": args.tasks, "rounds": args.rounds,
-                                  "processes_multi": args.processes}
+    figures.update({"tasks": args.tasks, "processes_multi": args.processes})
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     with RedisProcess() as server:
         if args.pin_redis is not None:
@@ -240,6 +350,35 @@ async def main() -> None:
     figures["idle_commands_ratio"] = round(
         samples.ratio("aqsh_idle_commands_per_s", "go_idle_commands_per_s"), 2)
     figures["idle_rss_ratio"] = round(samples.ratio("aqsh_idle_rss_mb", "go_idle_rss_mb"), 2)
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tasks", type=int, default=20_000)
+    parser.add_argument("--rounds", type=int, default=_common.MIN_ROUNDS)
+    parser.add_argument("--pickups", type=int, default=20, help="per round")
+    parser.add_argument("--idle-window-s", type=float, default=5.0)
+    parser.add_argument("--concurrency", default="10,100")
+    parser.add_argument("--processes", type=int, default=len(os.sched_getaffinity(0)),
+                        help="the multi-process side (default: the cores this may use)")
+    parser.add_argument("--pin-redis", type=int, default=None, metavar="CORE",
+                        help="pin Redis to this core (taskset)")
+    parser.add_argument("--backlog", type=int, default=10_000,
+                        help="tasks drained per backlog round (0: skip the phase)")
+    parser.add_argument("--backlog-pending", type=int, default=1_000_000,
+                        help="pending tasks of the big-backlog side")
+    parser.add_argument("--backlog-c", type=int, default=10,
+                        help="worker concurrency in the backlog phase")
+    parser.add_argument("--backlog-only", action="store_true",
+                        help="run only the backlog phase")
+    args = parser.parse_args()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    samples = _common.Samples()
+    figures: dict[str, object] = {"rounds": args.rounds}
+    if not args.backlog_only:
+        await against_go(args, samples, figures)
+    if args.backlog > 0:
+        await backlog_phase(args, samples, figures)
     _common.report("server", figures, samples)
 
 

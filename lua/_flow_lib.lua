@@ -89,3 +89,51 @@ local function flow_record_wait(task_key, waited, task_type, now_ms, id)
     flow_note_wait(waited, task_type, tonumber(now_ms) - tonumber(since), now_ms, id)
   end
 end
+
+-- A run just moved to active takes a slot of its concurrency key (returns true), or is held
+-- in the key's line (false): what dequeue does for a limited run, and flow_acquire for one a
+-- rate window admitted first. r: id, task_key, slots, wait (the key's zsets), key, limit
+-- (a number) and limit_text (as written to the registry), seq (its place in line, text),
+-- task_type (a function: only a run that waited needs it). q: active, lease, scheduled, pending,
+-- registry, waited, prefix (task keys), reserve_s (a slot's deadline), now_s, now_ms, now_ns,
+-- qname, channel (the wake-up).
+local function flow_take_slot(r, q)
+  -- A free slot nobody waits for, or its own reservation (a promoted waiter, a redelivery).
+  local holders = redis.call("ZCARD", r.slots)
+  local run = (holders < r.limit and redis.call("ZCARD", r.wait) == 0)
+      or redis.call("ZSCORE", r.slots, r.id)
+  -- Dead holders' slots are looked for only when they could make a difference: a free slot
+  -- with nobody waiting is taken as it is (the common case costs no range scan).
+  if not run then
+    flow_free_expired(r.slots, q.lease, q.now_s)
+    run = redis.call("ZSCORE", r.slots, r.id)
+        or (redis.call("ZCARD", r.wait) == 0 and redis.call("ZCARD", r.slots) < r.limit)
+    holders = 0  -- registered below whatever it finds
+  end
+  -- The sweep's work list: a key with holders is on it already (it leaves the list only
+  -- once nobody holds or waits), so only a first holder or a waiter writes it.
+  if holders == 0 or not run then
+    redis.call("HSET", q.registry, r.key, r.limit_text)
+  end
+  if run then
+    redis.call("ZADD", r.slots, q.reserve_s, r.id)
+    -- One read tells whether it ever waited: a run that never did writes nothing more.
+    local was = redis.call("HMGET", r.task_key, "aqsh_wait_reason", "aqsh_wait_key",
+                           "aqsh_wait_since")
+    if was[1] or was[2] then
+      redis.call("HDEL", r.task_key, "aqsh_wait_reason", "aqsh_wait_key")
+    end
+    if was[3] then
+      flow_record_wait(r.task_key, q.waited, r.task_type(), q.now_ms, r.id)
+    end
+    return true
+  end
+  flow_hold(q.active, q.lease, q.scheduled, r.task_key, r.id, q.held_score, "concurrency",
+            r.key, q.now_ms)
+  redis.call("ZADD", r.wait, r.seq, r.id)
+  -- A slot freed by an expiry with waiters ahead goes to the oldest of them (to the front of
+  -- pending: a dequeue takes it next).
+  flow_promote(r.slots, r.wait, r.limit, q.scheduled, q.pending, q.prefix, q.reserve_s,
+               q.now_ns, q.qname, q.channel)
+  return false
+end

@@ -14,20 +14,22 @@
 -- KEYS/ARGV (a unique lock, a result) keep their places. The release happens only when the
 -- transition succeeded.
 --@include flow_lib
-local flow_lease = table.remove(KEYS)
-local flow_pending = table.remove(KEYS)
-local flow_scheduled = table.remove(KEYS)
-local flow_registry = table.remove(KEYS)
-local flow_wait = table.remove(KEYS)
-local flow_slots = table.remove(KEYS)
-local flow_channel = table.remove(ARGV)
-local flow_qname = table.remove(ARGV)
-local flow_prefix = table.remove(ARGV)
-local flow_now_ns = table.remove(ARGV)
-local flow_reserve_s = table.remove(ARGV)
-local flow_now_s = table.remove(ARGV)
-local flow_limit = tonumber(table.remove(ARGV))
-local flow_key = table.remove(ARGV)
+-- (Read by index and cut from the end: a finishing transition of every limited run pays
+-- this, and fourteen table.remove calls cost more than the release itself.)
+local flow_nk, flow_na = #KEYS, #ARGV
+local flow_slots, flow_wait, flow_registry, flow_scheduled, flow_pending, flow_lease =
+  KEYS[flow_nk - 5], KEYS[flow_nk - 4], KEYS[flow_nk - 3], KEYS[flow_nk - 2],
+  KEYS[flow_nk - 1], KEYS[flow_nk]
+local flow_key, flow_limit, flow_now_s, flow_reserve_s, flow_now_ns, flow_prefix, flow_qname,
+      flow_channel =
+  ARGV[flow_na - 7], tonumber(ARGV[flow_na - 6]), ARGV[flow_na - 5], ARGV[flow_na - 4],
+  ARGV[flow_na - 3], ARGV[flow_na - 2], ARGV[flow_na - 1], ARGV[flow_na]
+for i = flow_nk, flow_nk - 5, -1 do
+  KEYS[i] = nil
+end
+for i = flow_na, flow_na - 7, -1 do
+  ARGV[i] = nil
+end
 local flow_id = ARGV[1]
 --@transition
 local flow_reply = flow_transition()

@@ -7,9 +7,12 @@ queue ignores these headers and does not honour the limits.
 
 How a run waits (lua/flow_*.lua, one script per step):
 
-- **Concurrency.** Right after dequeue leases a task, ``flow_acquire`` either gives it a slot of
-  its key (a zset of holders) or moves it back from active to ``scheduled``, scored far ahead
-  (:data:`HELD_SCORE_S`), and puts it in the key's line, ordered by submission time. Waiting
+- **Concurrency.** The dequeue script reads the rule out of the message it leases
+  (lua/_flow_headers.lua walks the protobuf headers) and, in the same call, either gives the
+  run a slot of its key (a zset of holders) or moves it back from active to ``scheduled``,
+  scored far ahead (:data:`HELD_SCORE_S`), puts it in the key's line, ordered by submission
+  time, and takes the next pending task instead. A run that also has a rate rule is left to
+  the worker: ``flow_rate`` first, then ``flow_acquire`` does the same as the dequeue. Waiting
   holds no lease and uses no retry and no timeout. Asynqmon, the asynq CLI and a Go Inspector
   see a scheduled task and can delete or run it. The finishing transitions (done, mark_complete,
   retry, archive: their ``+flow`` variants) free the slot and promote the oldest waiter in the
@@ -36,6 +39,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import msgspec
@@ -157,10 +161,12 @@ def after_since_ms(msg: TaskMessage) -> int | None:
 
 
 def _positive(text: str | None) -> int | None:
-    try:
-        value = int(text) if text is not None else 0
-    except ValueError:
+    """A whole number >= 1 written in ASCII digits only, or None: the dequeue script reads
+    the same headers (lua/_flow_headers.lua), and both must agree on every rule (Python's
+    ``int`` alone would also take " 5", "+5" and "1_0")."""
+    if text is None or not text.isascii() or not text.isdigit():
         return None
+    value = int(text)
     return value if value >= 1 else None
 
 
@@ -212,18 +218,33 @@ def rate_call(msg: TaskMessage, rule: Rate, *, now_s: int,
 def with_release(call: tuple[str, list[str], list[Any]], msg: TaskMessage, *, now_s: int,
                  now_ns: int, reserve_s: int) -> tuple[str, list[str], list[Any]]:
     """A finishing transition's call, turned into its ``+flow`` variant when the task holds
-    (or may hold) a concurrency slot; unchanged otherwise."""
-    rule = concurrency_of(msg)
-    if rule is None:
+    (or may hold) a concurrency slot; unchanged otherwise. Every limited run's ack comes
+    here, so what depends only on the queue and the rule is built once (``_release_parts``)."""
+    key = msg.headers.get(HEADER_CONCURRENCY_KEY)
+    if key is None:
+        return call
+    parts = _release_parts(msg.queue, key, msg.headers.get(HEADER_CONCURRENCY_LIMIT))
+    if parts is None:
         return call
     name, key_list, args = call
-    q = keys.queue_keys(msg.queue)
-    return (name + "+flow",
-            [*key_list, keys.flow_slots_key(msg.queue, rule.key),
-             keys.flow_wait_key(msg.queue, rule.key), keys.flow_registry_key(msg.queue),
-             q.scheduled, q.pending, q.lease],
-            [*args, rule.key, rule.limit, now_s, now_s + reserve_s, now_ns, q.task_prefix,
-             msg.queue, keys.WAKE_CHANNEL])
+    flow_keys, limit, task_prefix = parts
+    return (name + "+flow", [*key_list, *flow_keys],
+            [*args, key, limit, now_s, now_s + reserve_s, now_ns, task_prefix, msg.queue,
+             keys.WAKE_CHANNEL])
+
+
+@lru_cache(maxsize=4096)
+def _release_parts(qname: str, flow_key: str,
+                   limit_text: str | None) -> tuple[tuple[str, ...], int, str] | None:
+    """The release's extra KEYS, the key's limit and the task prefix; None when the rule is
+    not one (``concurrency_of`` reads it the same way)."""
+    limit = _positive(limit_text)
+    if limit is None:
+        return None
+    q = keys.queue_keys(qname)
+    return ((keys.flow_slots_key(qname, flow_key), keys.flow_wait_key(qname, flow_key),
+             keys.flow_registry_key(qname), q.scheduled, q.pending, q.lease),
+            limit, q.task_prefix)
 
 
 def repair_call(qname: str, *, now_s: int, now_ns: int,

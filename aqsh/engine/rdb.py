@@ -48,6 +48,10 @@ from aqsh.engine.scripts import Batch, Scripts
 
 T = TypeVar("T")
 
+#: Most runs one dequeue call holds (moves to wait) before it returns: a long line of runs of
+#: one busy key is put aside in calls of bounded length, never in one that blocks Redis.
+DEQUEUE_HOLD_LIMIT = 100
+
 #: Connection-level failures: Redis is away, the operation may be retried later. On a Cluster
 #: that includes a cluster that is down or has a slot no node serves (both mean a node is away).
 REDIS_DOWN = (
@@ -165,9 +169,13 @@ class RedisBroker:
         """Queues are tried in the given order; later queues only fill what earlier ones left.
 
         One script call per queue, stopping at the first queue that fills the batch: the same
-        priority behaviour as asynq's one-task dequeue, with fewer round trips under load.
+        priority behaviour as asynq's one-task dequeue, with fewer round trips under load. The
+        script applies a run's concurrency rule itself (taking its slot or holding it), so a
+        limited run costs no round trip more than a plain one; runs with a rate rule are
+        admitted after it (``_admit``).
         """
         expires_s = int(now_s) + LEASE_DURATION_S
+        now_ns = int(now_s) * 1_000_000_000
         out: list[Leased] = []
         for qname in queues:
             q = keys.queue_keys(qname)
@@ -176,46 +184,55 @@ class RedisBroker:
                 raw = await guarded(
                     self.scripts.run(
                         "dequeue",
-                        [q.pending, q.paused, q.active, q.lease],
-                        [expires_s, q.task_prefix, wanted],
+                        [q.pending, q.paused, q.active, q.lease, q.scheduled,
+                         keys.flow_registry_key(qname), keys.flow_waited_key(qname)],
+                        [expires_s, q.task_prefix, wanted, DEQUEUE_HOLD_LIMIT, int(now_s),
+                         now_ns // 1_000_000, now_ns // 1000, now_ns, flow.HELD_SCORE_S,
+                         keys.flow_slots_prefix(qname), keys.flow_wait_prefix(qname), qname,
+                         keys.WAKE_CHANNEL],
                     )
                 )
-                leased = [Leased(wire.decode_task(m), expires_s) for m in raw]
+                held_here = int(raw[0]) if raw else 0
+                leased = [Leased(wire.decode_task(m), expires_s) for m in raw[1:]]
                 admitted = await self._admit(leased, int(now_s))
                 out.extend(admitted)
+                if len(out) >= limit:
+                    break
                 # Runs that now wait left pending: take more in their place, so a line of
                 # waiters never starves the runs behind it (each round empties pending a bit).
-                if len(admitted) == len(leased) or len(raw) < wanted or len(out) >= limit:
+                if held_here < DEQUEUE_HOLD_LIMIT and (len(admitted) == len(leased)
+                                                       or len(leased) < wanted):
                     break
             if len(out) >= limit:
                 break
         return out
 
     async def _admit(self, leased: list[Leased], now_s: int) -> list[Leased]:
-        """The leased runs that may start now; the others were moved to wait (aqsh.engine.flow)
-        by their rate window first, then by their concurrency key. One round trip per step,
-        and none for runs without a rule.
+        """The leased runs with a rate rule that may start now; the others were moved to wait
+        (aqsh.engine.flow) by their rate window, or then by their concurrency key (the dequeue
+        script left a run with both rules to this, as the rate window comes first). One round
+        trip per step, and none for runs without a rate rule.
 
         If a step fails the runs it covered stay active under their lease (running them could
         break their limit); the recoverer takes them back when the lease lapses."""
-        if not any(m.message.headers for m in leased):
+        rated = [(i, rate) for i, m in enumerate(leased)
+                 if flow.HEADER_RATE_KEY in m.message.headers
+                 and (rate := flow.rate_of(m.message)) is not None]
+        if not rated:
             return leased
         now_ns = now_s * 1_000_000_000
-        rated = [(i, rate) for i, m in enumerate(leased)
-                 if (rate := flow.rate_of(m.message)) is not None]
         held: set[int] = set()
-        if rated:
-            batch = Batch()
-            for i, rate in rated:
-                batch.script(*flow.rate_call(leased[i].message, rate, now_s=now_s,
-                                             now_ns=now_ns))
-            replies = await guarded(self.scripts.execute(batch, ["flow_rate"]))
-            for (i, _), reply in zip(rated, replies, strict=True):
-                _raise_reply(reply)
-                if int(reply) != 0:
-                    held.add(i)
-        limited = [(i, rule) for i, m in enumerate(leased)
-                   if i not in held and (rule := flow.concurrency_of(m.message)) is not None]
+        batch = Batch()
+        for i, rate in rated:
+            batch.script(*flow.rate_call(leased[i].message, rate, now_s=now_s, now_ns=now_ns))
+        replies = await guarded(self.scripts.execute(batch, ["flow_rate"]))
+        for (i, _), reply in zip(rated, replies, strict=True):
+            _raise_reply(reply)
+            if int(reply) != 0:
+                held.add(i)
+        limited = [(i, rule) for i, _ in rated
+                   if i not in held and (rule := flow.concurrency_of(leased[i].message))
+                   is not None]
         if limited:
             batch = Batch()
             for i, rule in limited:
