@@ -66,7 +66,7 @@ class Heartbeater:
             host=self.host, pid=self.pid, server_id=self.server_id,
             concurrency=self.concurrency, queues=self.queues,
             strict_priority=self.strict_priority, status=self.status,
-            start_time_ns=self.started_ns, active_worker_count=len(self.processor.running),
+            start_time_ns=self.started_ns, active_worker_count=self.processor.busy,
         )
 
     def worker_info(self, run: Running) -> WorkerInfo:

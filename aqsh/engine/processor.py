@@ -176,6 +176,8 @@ class Processor:
         self.max_batch = max_batch
         self.cancel_retries = cancel_retries
         self.running: dict[str, Running] = {}
+        #: Runs in ``running`` whose handler succeeded and whose acknowledgement is on its way.
+        self._acking = 0
         self._wake = asyncio.Event()
         #: While idle: the event-loop time of the next poll (what a wake-up cuts short).
         self.next_poll_at: float | None = None
@@ -192,6 +194,14 @@ class Processor:
         self.fetch_monitor = self.loops.monitor("fetcher", ready_after_s=30.0,
                                                 live_after_s=120.0)
         self.ack_monitor = self.loops.monitor("acks", ready_after_s=30.0, live_after_s=120.0)
+
+    @property
+    def busy(self) -> int:
+        """Slots taken by handlers still working. A success waiting for its ack has given its
+        slot back already: at concurrency 1 the ack and the next dequeue then share a round
+        trip instead of following each other, and the ack cannot be lost by it (drain waits
+        for it; a failed one goes to the syncer)."""
+        return len(self.running) - self._acking
 
     # ---------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -260,7 +270,7 @@ class Processor:
         idle_polls = 0
         backoff = Backoff(first_s=0.1, max_s=2.0)
         while not self._stopping.is_set():
-            free = self.concurrency - len(self.running)
+            free = self.concurrency - self.busy
             if free <= 0:
                 self.fetch_monitor.ok()
                 self._slot_free.clear()
@@ -364,7 +374,12 @@ class Processor:
         if outcome is None:
             done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             await self._acks.put((run, result, done))
-            await done
+            self._acking += 1
+            self._slot_free.set()
+            try:
+                await done
+            finally:
+                self._acking -= 1
             log.debug("task.succeeded", task_id=msg.id, type=msg.type)
             return
         if isinstance(outcome, RevokeTask):

@@ -510,3 +510,53 @@ async def test_acknowledged_task_is_not_reported_as_a_lost_lease(
     await run.handler_task
     await server.heartbeater.extend_leases([run], int(clock.now_s()))
     assert run.cancel_reason is None
+
+
+class _GatedAcks(RedisBroker):
+    """A real broker whose acknowledgements wait at a gate the test opens: the window between
+    a handler's success and its ack's reply, held open so the test can look inside it."""
+
+    def __init__(self, redis: aioredis.Redis) -> None:
+        super().__init__(redis)
+        self.gate = asyncio.Event()
+        self.acks_waiting = 0
+
+    async def finish_successes(self, *args: Any, **kwargs: Any) -> Any:
+        self.acks_waiting += 1
+        await self.gate.wait()
+        return await super().finish_successes(*args, **kwargs)
+
+
+async def test_a_success_gives_its_slot_back_before_its_ack_returns(
+    redis: aioredis.Redis, clock: ManualClock, client: Client
+) -> None:
+    """At concurrency 1 the next task starts while the previous one's ack is on its way (they
+    share a round trip), and the ack still lands: nothing is lost by giving the slot back."""
+    started: list[str] = []
+
+    async def handler(task: Task, ctx: TaskContext) -> bytes | None:
+        started.append(task.id)
+        return None
+
+    broker = _GatedAcks(redis)
+    server = Server(broker, handler, clock=clock, queues={"default": 1}, concurrency=1,
+                    heartbeat_interval_s=3600, forward_interval_s=3600,
+                    recover_interval_s=3600, janitor_interval_s=3600)
+    first = await client.enqueue("t", b"1")
+    second = await client.enqueue("t", b"2")
+    await server.start()
+    try:
+        await wait_until(lambda: len(started) == 2, message="the second task starting")
+        assert broker.acks_waiting >= 1  # the first ack was still held when the second started
+        assert await redis.get(Q.processed_total) is None
+        assert server.processor.busy <= 1
+        broker.gate.set()
+
+        async def both_acked() -> bool:
+            return await redis.get(Q.processed_total) == b"2"
+
+        await wait_until(both_acked, message="both acks")
+        assert await redis.exists(Q.task(first.id), Q.task(second.id)) == 0
+    finally:
+        broker.gate.set()
+        await server.stop(shutdown_timeout_s=5)
