@@ -9,8 +9,10 @@ independent (each resumes exactly from its ``Last-Event-ID``) while Redis sees o
 Each read is encoded once (``Frames``): every entry's SSE frame (``id:``/``event:``/``data:``
 lines, and the ``event: gap`` before an entry the length cap cut off from its predecessor) is
 built when the hub reads it, and every follower at the same place gets the same bytes object.
-A follower wakes once for whatever queued while it was writing and sends it in one write, so
-the cost per follower is a wake-up and a socket write, not an encoding.
+The hub hands a share straight to the follower's socket when nothing stands in the way (the
+follower's ``direct``: nothing queued for it, room in the socket's buffer); otherwise it is
+queued, and the follower's task wakes once for whatever queued and sends it in one write. The
+cost of a line per follower is then a socket write, not an encoding or a task's wake-up.
 
 A follower first catches up on its own (``XRANGE``, no blocking) and then joins at its last id.
 A follower that falls more than ``queue_limit`` batches or ``max_bytes`` of entries behind (a
@@ -33,7 +35,7 @@ import contextlib
 import itertools
 import re
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -104,15 +106,23 @@ class Share:
     ``ending``: the eof marker ``(id, exit code)`` that ends the stream unless more follows,
     ``None`` when a line or a new attempt came after it, or ``KEEP``."""
 
-    __slots__ = ("data", "ending", "ids", "last")
+    __slots__ = ("_chunk", "data", "ending", "ids", "last")
 
     def __init__(self, data: bytes, last: tuple[int, int], ending: Any,
                  ids: Sequence[str]) -> None:
         self.data = data
+        self._chunk: bytes | None = None
         self.last = last
         self.ending = ending
         #: The entry ids it covers (tests, logs).
         self.ids = ids
+
+    def chunk(self) -> bytes:
+        """``data`` as one HTTP/1.1 chunk (what aiohttp's chunked writer would send), made
+        once for every follower this share goes to."""
+        if self._chunk is None:
+            self._chunk = b"%x\r\n" % len(self.data) + self.data + b"\r\n"
+        return self._chunk
 
 
 class Frames:
@@ -148,7 +158,7 @@ class Frames:
         #: The last entry that decides ``ending``, and what it decides.
         self._end_at = -1
         self._end: Any = KEEP
-        self._cache: dict[tuple[int, int, bool], bytes] = {}
+        self._cache: dict[tuple[int, int, bool], Share] = {}
         previous: tuple[int, int] | None = None
         for index, ((entry_id, fields), at) in enumerate(zip(entries, self.ids, strict=True)):
             line = fields.get(b"line")
@@ -177,15 +187,15 @@ class Frames:
     def share(self, last: tuple[int, int], marked: bool = False) -> Share | None:
         """What a follower at ``last`` gets: the entries after it (never one twice, never
         backwards), or None when it has them all. Followers at the same place get the same
-        bytes object (encoded on the first one's demand)."""
+        share (encoded on the first one's demand)."""
         start = bisect.bisect_right(self.ids, last)
         if start == len(self.ids):
             return None
         lost = lost_between(last, self.ids[start])
         marked = marked and bool(self._marked)
         key = (start, lost, marked)
-        data = self._cache.get(key)
-        if data is None:
+        share = self._cache.get(key)
+        if share is None:
             if marked:
                 rest = b"".join(self._gaps[i] + self._marked.get(i, self._heads[i])
                                 for i in range(start + 1, len(self.ids)))
@@ -193,9 +203,11 @@ class Frames:
             else:
                 rest = b"".join(self._parts[start + 1:])
                 first = self._heads[start]
-            data = self._cache[key] = (gap_event(lost) if lost else b"") + first + rest
-        return Share(data, self.ids[-1], self._end if self._end_at >= start else KEEP,
-                     self.entry_ids[start:])
+            data = (gap_event(lost) if lost else b"") + first + rest
+            share = self._cache[key] = Share(
+                data, self.ids[-1], self._end if self._end_at >= start else KEEP,
+                self.entry_ids[start:])
+        return share
 
 
 class Follower:
@@ -205,8 +217,12 @@ class Follower:
     the one future the follower waits on, and ``take`` returns everything waiting at once."""
 
     def __init__(self, key: str, last: str, queue_limit: int,
-                 max_bytes: int = FOLLOWER_MAX_BYTES, *, marked: bool = False) -> None:
+                 max_bytes: int = FOLLOWER_MAX_BYTES, *, marked: bool = False,
+                 direct: Callable[[Share], bool] | None = None) -> None:
         self.key = key
+        #: The client's fast path: writes a share at once and says True, or says False when
+        #: it cannot (then the share is queued for the follower's own task).
+        self.direct = direct
         self.last = stream_id(last)
         #: Wants stderr lines as ``event: stderr``.
         self.marked = marked
@@ -227,6 +243,8 @@ class Follower:
 
     def offer(self, share: Share) -> bool:
         """Queue a share unless that would pass either bound; False: too far behind."""
+        if not self.waiting and self.direct is not None and self.direct(share):
+            return True
         size = len(share.data)
         if len(self.waiting) >= self.queue_limit or (
                 self.queued_bytes + size > self.max_bytes and self.waiting):
@@ -297,9 +315,12 @@ class LogHub:
         #: XREAD calls that failed (and were retried).
         self.read_failures = 0
 
-    def join(self, key: str, last: str, *, marked: bool = False) -> Follower:
-        """``marked``: this follower wants stderr lines as ``event: stderr``."""
-        follower = Follower(key, last, self.queue_limit, self.follower_max_bytes, marked=marked)
+    def join(self, key: str, last: str, *, marked: bool = False,
+             direct: Callable[[Share], bool] | None = None) -> Follower:
+        """``marked``: this follower wants stderr lines as ``event: stderr``; ``direct``: its
+        fast path (``Follower.direct``)."""
+        follower = Follower(key, last, self.queue_limit, self.follower_max_bytes,
+                            marked=marked, direct=direct)
         followers = self._followers.setdefault(key, set())
         followers.add(follower)
         cursor = self._cursor.get(key)

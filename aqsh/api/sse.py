@@ -269,6 +269,30 @@ class _Follow:
         if out:
             await self.write(out[0] if len(out) == 1 else b"".join(out))
 
+    def write_now(self, share: Share) -> bool:
+        """The hub's fast path, run in its loop for each follower of a read: the share goes on
+        the wire at once when that cannot block — the socket's buffer has room for it, so there
+        is no drain to wait out and no send timeout to run — and it brings no eof marker (the
+        follower's task must see one to shorten its wait). Else False: it is queued and the
+        follower's task writes it."""
+        if share.ending is not KEEP and share.ending is not None:
+            return False
+        transport = self.request.transport
+        if transport is None or transport.is_closing():
+            return False
+        writer = self.request.writer
+        data = share.chunk() if getattr(writer, "chunked", False) else share.data
+        if transport.get_write_buffer_size() + len(data) > transport.get_write_buffer_limits()[1]:
+            return False
+        if share.last > self.last:
+            transport.write(data)
+            writer.buffer_size += len(data)  # aiohttp's own accounting: drains, access log
+            writer.output_size += len(data)
+            self.last = share.last
+            if share.ending is None:
+                self.pending_eof = None
+        return True
+
     async def send(self, entries: Any) -> None:
         """Entries this follower read itself (a replay, or a Cluster's own XREAD)."""
         if entries:
@@ -333,11 +357,13 @@ class _Follow:
         while self.connected():
             # Catch up on our own, then let the hub bring what comes next.
             await self.catch_up()
-            follower = hub.join(self.key, format_id(self.last), marked=self.mark_stderr)
+            follower = hub.join(self.key, format_id(self.last), marked=self.mark_stderr,
+                                direct=self.write_now)
             try:
                 while self.connected():
                     if follower.dropped and not follower.waiting:
                         break  # too slow for the hub: catch up alone, then rejoin
+                    before = self.last
                     try:
                         batch = await follower.take(self.wait_s())
                     except TimeoutError:
@@ -345,6 +371,8 @@ class _Follow:
                     if batch:
                         await self.deliver(batch)
                         continue
+                    if self.last != before:
+                        continue  # the hub wrote for us meanwhile: not quiet
                     # Quiet for a while, or the hub's read failed: look for ourselves (this
                     # also tells a Redis that is back from one that is still away).
                     if await self.patiently(self.task_finished):

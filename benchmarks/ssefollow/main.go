@@ -114,6 +114,7 @@ func main() {
 	task := flag.String("task", "", "the task whose logs to follow")
 	clients := flag.Int("clients", 1, "followers (one connection each)")
 	timeout := flag.Duration("timeout", 5*time.Minute, "give up on a stream after this long")
+	byLine := flag.Bool("by-line", false, "also print, per line of the log, its slowest delivery (stderr)")
 	flag.Parse()
 	if *task == "" {
 		fmt.Fprintln(os.Stderr, "ssefollow: -task is required")
@@ -157,6 +158,21 @@ func main() {
 			if len(out.FirstFailure) == 0 {
 				out.FirstFailure = append(out.FirstFailure, f.err.Error())
 			}
+		}
+	}
+	if *byLine {
+		for n := 0; ; n++ {
+			slowest, seen := int64(0), false
+			for i := range followers {
+				if n < len(followers[i].latenciesNs) {
+					seen = true
+					slowest = max(slowest, followers[i].latenciesNs[n])
+				}
+			}
+			if !seen {
+				break
+			}
+			fmt.Fprintf(os.Stderr, "line %d: slowest %.1f ms\n", n, float64(slowest)/1e6)
 		}
 	}
 	sort.Slice(all, func(i, j int) bool { return all[i] < all[j] })
