@@ -262,7 +262,8 @@ class _Follow:
         for share in shares:
             if share.last <= self.last:
                 continue  # never twice, never backwards
-            out.append(share.data)
+            if share.data:
+                out.append(share.data)
             self.last = share.last
             if share.ending is not KEEP:
                 self.pending_eof = share.ending
@@ -285,9 +286,10 @@ class _Follow:
         if transport.get_write_buffer_size() + len(data) > transport.get_write_buffer_limits()[1]:
             return False
         if share.last > self.last:
-            transport.write(data)
-            writer.buffer_size += len(data)  # aiohttp's own accounting: drains, access log
-            writer.output_size += len(data)
+            if share.data:  # (an empty chunk would be the chunked body's end: a start marker)
+                transport.write(data)
+                writer.buffer_size += len(data)  # aiohttp's own accounting: drains, access log
+                writer.output_size += len(data)
             self.last = share.last
             if share.ending is None:
                 self.pending_eof = None
@@ -420,8 +422,8 @@ async def follow_logs(
                 log.warning("sse.ended_by_outage", key=key, error=str(exc))
                 await _farewell(response, "redis_unavailable",
                                 "the task store is unreachable; reconnect with Last-Event-ID")
-            except (*_CLIENT_GONE, TimeoutError):  # gone, or too slow to take a line for long
-                log.debug("sse.client_left", key=key)
+            except (*_CLIENT_GONE, TimeoutError) as exc:  # gone, or too slow to take a line
+                log.debug("sse.client_left", key=key, reason=repr(exc), exc_info=True)
             except Exception:
                 log.exception("sse.failed", key=key)
                 await _farewell(response, "internal", "internal server error")
