@@ -236,7 +236,12 @@ def run(tmp: Path, args: argparse.Namespace) -> None:
             try:
                 for _ in range(args.rounds):
                     for clients in (1, 500):
+                        cpu0 = cpu_s(both)
                         result = sse_load(url, submit(url, "ticks"), clients)
+                        # The server's CPU for the whole run (connects, 40 lines, eof; the
+                        # worker's script too): steadier than latency on a shared machine.
+                        samples.add(f"sse_{clients}_followers_server_cpu_ms",
+                                    (cpu_s(both) - cpu0) * 1000)
                         samples.add(f"sse_{clients}_followers_p50_ms", result["p50_ms"])
                         samples.add(f"sse_{clients}_followers_p99_ms", result["p99_ms"])
                         if result["events"] != clients * 40:
