@@ -189,3 +189,24 @@ async def test_a_failing_read_is_recorded_wakes_followers_and_is_retried(
     await hub.close()
     assert monitor.parked
     await reader.aclose()
+
+
+async def test_a_follower_joining_behind_a_blocked_read_is_served_at_once(
+    redis: aioredis.Redis, redis_url: str
+) -> None:
+    """A newcomer behind the hub's position makes it abandon its XREAD and read again from
+    there. It must not wait for the abandoned read to end: redis-py lets a cancelled XREAD
+    BLOCK that has been sent run out its block (30 s here; the take below allows 5)."""
+    reader = aioredis.Redis.from_url(redis_url, socket_timeout=60)
+    hub = LogHub(reader, block_ms=30_000)
+    ids = [(await redis.xadd("logs:a", {"line": str(n)})).decode() for n in range(3)]
+    ahead = hub.join("logs:a", ids[1])
+    assert await received(ahead, 1) == [ids[2]]  # the hub goes straight on to its next XREAD
+    behind = hub.join("logs:a", "0-0")
+    assert await received(behind, 3) == ids
+    assert not ahead.waiting
+    hub.leave(ahead)
+    hub.leave(behind)
+    await reader.connection_pool.disconnect()  # ends the blocked read: close need not wait
+    await hub.close()
+    await reader.aclose()
