@@ -47,6 +47,23 @@ async def test_followers_get_what_is_after_their_own_position(
     assert not ahead.waiting  # the re-read for `behind` gave `ahead` no duplicates
 
 
+async def test_a_follower_takes_everything_waiting_at_once(
+    redis: aioredis.Redis, hub: LogHub
+) -> None:
+    """Reads that queue while a follower is busy reach it as one ``take`` (one write)."""
+    follower = hub.join("logs:c", "0-0")
+    ids = []
+    for n in range(3):
+        ids.append((await redis.xadd("logs:c", {"line": str(n)})).decode())
+        await wait_until(lambda n=n: len(follower.waiting) == n + 1, message="queued")
+    shares = await follower.take(5)
+    assert [i for share in shares for i in share.ids] == ids
+    assert b"".join(share.data for share in shares) == b"".join(
+        encode_event(str(n), id=ids[n]) for n in range(3))
+    assert follower.queued_bytes == 0
+    assert not follower.waiting
+
+
 async def test_one_reader_serves_many_streams(redis: aioredis.Redis, hub: LogHub) -> None:
     followers = [hub.join(f"logs:{n}", "0-0") for n in range(20)]
     await wait_until(lambda: _blocked_xreads(redis), message="hub blocked in XREAD")

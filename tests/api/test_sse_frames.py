@@ -8,7 +8,7 @@ import asyncio
 
 import redis.asyncio as aioredis
 
-from aqsh.api.loghub import KEEP, Frames, LogHub, encode_event, stream_id
+from aqsh.api.loghub import KEEP, Frames, encode_event, stream_id
 from aqsh.engine.keys import log_key
 from tests.api.conftest import ServiceFactory, sse_events
 from tests.support import wait_until
@@ -75,27 +75,6 @@ def test_a_share_depends_only_on_its_followers_position() -> None:
     quiet = Frames([("8-2", {b"other": b"x"})]).share(stream_id("8-1"))
     assert quiet is not None
     assert quiet.ending is KEEP
-
-
-async def test_a_follower_takes_everything_waiting_at_once(
-    redis: aioredis.Redis, redis_url: str
-) -> None:
-    """Reads that queue while a follower is busy reach it as one ``take`` (one write)."""
-    reader = aioredis.Redis.from_url(redis_url, socket_timeout=30)
-    hub = LogHub(reader, block_ms=5000)
-    follower = hub.join("logs:c", "0-0")
-    ids = []
-    for n in range(3):
-        ids.append((await redis.xadd("logs:c", {"line": str(n)})).decode())
-        await wait_until(lambda n=n: len(follower.waiting) == n + 1, message="queued")
-    shares = await follower.take(5)
-    assert [i for share in shares for i in share.ids] == ids
-    assert b"".join(share.data for share in shares) == b"".join(
-        encode_event(str(n), id=ids[n]) for n in range(3))
-    assert follower.queued_bytes == 0
-    assert not follower.waiting
-    await hub.close()
-    await reader.aclose()
 
 
 async def test_a_start_marker_alone_does_not_end_the_stream(
