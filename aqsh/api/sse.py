@@ -378,6 +378,7 @@ class _Follow:
                     # Quiet for a while, or the hub's read failed: look for ourselves (this
                     # also tells a Redis that is back from one that is still away).
                     if await self.patiently(self.task_finished):
+                        hub.leave(follower)  # nothing from the hub after the eof event
                         await self.catch_up()  # anything the hub had not brought yet
                         await self.end()
                         return
