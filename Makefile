@@ -10,7 +10,7 @@ REDIS7_SERVER ?= $(shell command -v redis-server)
 # version could change (runner and cluster tests add nothing per version, only run time).
 MATRIX_TESTS := tests/engine tests/api tests/faults tests/security tests/acl tests/interop
 
-.PHONY: venv kustomize test screenshots test-redis7 test-valkey interop interop-build golden lint run bench proto clean
+.PHONY: venv kustomize test screenshots test-redis7 test-valkey interop interop-build golden lint run bench proto clean ssefollow
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,15 @@ $(KUSTOMIZE): tools/kustomize/go.mod tools/kustomize/go.sum $(wildcard tools/kus
 	cd tools/kustomize && go build -o ../../$(KUSTOMIZE) .
 
 kustomize: $(KUSTOMIZE)
+
+# The SSE load generator of benchmarks/api.py (a Python client on the same cores measures
+# itself); benchmarks/api.py also builds it on first use. Standard library only.
+SSEFOLLOW := $(VENV)/bin/aqsh-ssefollow
+
+$(SSEFOLLOW): benchmarks/ssefollow/go.mod $(wildcard benchmarks/ssefollow/*.go) | $(STAMP)
+	cd benchmarks/ssefollow && go build -o ../../$(SSEFOLLOW) .
+
+ssefollow: $(SSEFOLLOW)
 
 test: $(STAMP) $(KUSTOMIZE)
 	$(PY) -m pytest -q tests --ignore=tests/interop -p no:cacheprovider
@@ -83,7 +92,7 @@ run: $(EMBEDDED_STAMP)
 	AQSH_BIND=$${AQSH_BIND:-127.0.0.1:8080} \
 	$(PY) -m aqsh serve --mode both
 
-bench: $(STAMP)
+bench: $(STAMP) $(SSEFOLLOW)
 	$(PY) benchmarks/run_all.py
 
 # Regenerates aqsh/engine/asynq_pb2.py(i) from aqsh/engine/asynq.proto (grpcio-tools ships protoc).

@@ -2,7 +2,6 @@
 event loop. Prints one JSON line.
 
   _load.py post URL CONCURRENCY SECONDS   # POST /tasks/echo with valid input
-  _load.py sse URL TASK_ID CLIENTS        # follow one task's logs; lines carry send times (ns)
 """
 
 from __future__ import annotations
@@ -44,42 +43,7 @@ async def post(url: str, concurrency: int, seconds: float) -> None:
     }))
 
 
-async def sse(url: str, task_id: str, clients: int) -> None:
-    latencies: list[float] = []
-    failures: list[str] = []
-    complete = 0
-    timeout = aiohttp.ClientTimeout(total=300)
-    connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-
-        async def follow() -> None:
-            nonlocal complete
-            try:
-                async with session.get(f"{url}/tasks/{task_id}/logs") as resp:
-                    event = None
-                    async for raw in resp.content:
-                        line = raw.decode().strip()
-                        if line.startswith("event:"):
-                            event = line[6:].strip()
-                        elif line.startswith("data:"):
-                            if event == "eof":
-                                complete += 1
-                                return
-                            sent = int(line[5:].strip())
-                            latencies.append((time.time_ns() - sent) / 1e6)
-            except (aiohttp.ClientError, ValueError) as exc:
-                failures.append(repr(exc))
-
-        await asyncio.gather(*(follow() for _ in range(clients)))
-    latencies.sort()
-    print(json.dumps({"clients": clients, "events": len(latencies), "complete": complete,
-                      "failures": len(failures), "first_failure": failures[:1],
-                      "p50_ms": latencies[len(latencies) // 2],
-                      "p99_ms": latencies[int(len(latencies) * 0.99)]}))
-
-
 if __name__ == "__main__":
-    if sys.argv[1] == "post":
-        asyncio.run(post(sys.argv[2], int(sys.argv[3]), float(sys.argv[4])))
-    else:
-        asyncio.run(sse(sys.argv[2], sys.argv[3], int(sys.argv[4])))
+    if sys.argv[1] != "post":  # SSE followers: benchmarks/ssefollow (Go)
+        sys.exit(f"unknown mode {sys.argv[1]!r}: _load.py post URL CONCURRENCY SECONDS")
+    asyncio.run(post(sys.argv[2], int(sys.argv[3]), float(sys.argv[4])))

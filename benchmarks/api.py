@@ -107,8 +107,16 @@ def cpu_s(proc: subprocess.Popen[bytes]) -> float:
 
 
 def sse_load(url: str, task_id: str, clients: int) -> dict[str, float]:
-    out = subprocess.run([sys.executable, str(HERE / "_load.py"), "sse", url, task_id,
-                          str(clients)], check=True, capture_output=True, text=True, timeout=600)
+    """``clients`` followers of one task's logs from benchmarks/ssefollow (Go; built on first
+    use, or by `make ssefollow`): 500 asyncio followers on the same two cores measured
+    mostly themselves."""
+    source = HERE / "ssefollow"
+    binary = _common.ROOT / ".venv" / "bin" / "aqsh-ssefollow"
+    newest = max(p.stat().st_mtime for p in source.iterdir())
+    if not binary.exists() or binary.stat().st_mtime < newest:
+        subprocess.run(["go", "build", "-o", str(binary), "."], cwd=source, check=True)
+    out = subprocess.run([str(binary), "-url", url, "-task", task_id, "-clients", str(clients)],
+                         check=True, capture_output=True, text=True, timeout=600)
     return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
@@ -229,7 +237,12 @@ def run(tmp: Path, args: argparse.Namespace) -> None:
             try:
                 for _ in range(args.rounds):
                     for clients in (1, 500):
+                        cpu0 = cpu_s(both)
                         result = sse_load(url, submit(url, "ticks"), clients)
+                        # The server's CPU for the whole run (connects, 40 lines, eof; the
+                        # worker's script too): steadier than latency on a shared machine.
+                        samples.add(f"sse_{clients}_followers_server_cpu_ms",
+                                    (cpu_s(both) - cpu0) * 1000)
                         samples.add(f"sse_{clients}_followers_p50_ms", result["p50_ms"])
                         samples.add(f"sse_{clients}_followers_p99_ms", result["p99_ms"])
                         if result["events"] != clients * 40:

@@ -43,7 +43,15 @@ from redis.exceptions import RedisError
 
 from aqsh import errors
 from aqsh.api.errors import ApiError, error_response
-from aqsh.api.loghub import LogHub, format_id
+from aqsh.api.loghub import (
+    KEEP,
+    Frames,
+    LogHub,
+    Share,
+    encode_event,
+    format_id,
+    lost_between,
+)
 from aqsh.engine.connection import RedisClient
 from aqsh.engine.keys import log_key
 
@@ -142,12 +150,6 @@ async def _page(redis: RedisClient, key: str, after: tuple[int, int], count: int
     return await redis.xrange(key, min=start, max="+", count=count)
 
 
-def _lost_between(before: tuple[int, int], after: tuple[int, int]) -> int:
-    """Entries the cap trimmed between two consecutive entries a reader got (0 for ids that
-    do not count entries, such as those of logs written before ids did)."""
-    return max(0, after[1] - before[1] - 1)
-
-
 def _lost_line(count: int) -> str:
     return f"[aqsh] {count} log lines lost: trimmed by the log's length cap before they were read"
 
@@ -169,7 +171,7 @@ async def plain_logs(request: web.Request, redis: RedisClient, task_id: str,
             chunk: list[str] = []
             for raw_id, fields in entries:
                 at = _id(_text(raw_id))
-                lost = _lost_between(position, at)
+                lost = lost_between(position, at)
                 if lost:
                     chunk.append(_lost_line(lost))
                 position = at
@@ -238,25 +240,68 @@ class _Follow:
         return (self.response.is_connected() and transport is not None
                 and not transport.is_closing())
 
+    async def write(self, data: bytes) -> None:
+        """``EventSourceResponse.send`` for bytes encoded already: the same send timeout (a
+        client that takes nothing for that long is cut off) and the same stop on a reset."""
+        try:
+            async with asyncio.timeout(SEND_TIMEOUT_S):
+                await self.response.write(data)
+        except ConnectionResetError:
+            self.response.stop_streaming()
+            raise
+        except TimeoutError:
+            self.response.stop_streaming()
+            transport = self.request.transport
+            if transport is not None:
+                transport.abort()  # a stalled peer never drains: closing would wait forever
+            raise
+
+    async def deliver(self, shares: list[Share]) -> None:
+        """Shares, in order, in one write; the position and eof marker move with them."""
+        out: list[bytes] = []
+        for share in shares:
+            if share.last <= self.last:
+                continue  # never twice, never backwards
+            if share.data:
+                out.append(share.data)
+            self.last = share.last
+            if share.ending is not KEEP:
+                self.pending_eof = share.ending
+        if out:
+            await self.write(out[0] if len(out) == 1 else b"".join(out))
+
+    def write_now(self, share: Share) -> bool:
+        """The hub's fast path, run in its loop for each follower of a read: the share goes on
+        the wire at once when that cannot block — the socket's buffer has room for it, so there
+        is no drain to wait out and no send timeout to run — and it brings no eof marker (the
+        follower's task must see one to shorten its wait). Else False: it is queued and the
+        follower's task writes it."""
+        if share.ending is not KEEP and share.ending is not None:
+            return False
+        transport = self.request.transport
+        if transport is None or transport.is_closing():
+            return False
+        writer = self.request.writer
+        data = share.chunk() if getattr(writer, "chunked", False) else share.data
+        if transport.get_write_buffer_size() + len(data) > transport.get_write_buffer_limits()[1]:
+            return False
+        if share.last > self.last:
+            if share.data:  # (an empty chunk would be the chunked body's end: a start marker)
+                transport.write(data)
+                writer.buffer_size += len(data)  # aiohttp's own accounting: drains, access log
+                writer.output_size += len(data)
+            self.last = share.last
+            if share.ending is None:
+                self.pending_eof = None
+        return True
+
     async def send(self, entries: Any) -> None:
-        for raw_id, fields in entries:
-            at = _id(_text(raw_id))
-            if at <= self.last:
-                continue  # never twice, never backwards (a re-read after a reconnect)
-            lost = _lost_between(self.last, at)
-            if lost:
-                await self.response.send(msgspec.json.encode({"lost": lost}).decode(),
-                                         event="gap")
-            self.last = at
-            if b"line" in fields:
-                event = ("stderr" if self.mark_stderr and fields.get(b"stream") == b"stderr"
-                         else None)
-                await self.response.send(_text(fields[b"line"]), id=format_id(at), event=event)
-                self.pending_eof = None
-            elif b"eof" in fields:
-                self.pending_eof = (format_id(at), _text(fields.get(b"exit_code", b"")))
-            elif b"start" in fields:
-                self.pending_eof = None
+        """Entries this follower read itself (a replay, or a Cluster's own XREAD)."""
+        if entries:
+            share = Frames([(_text(i), f) for i, f in entries]).share(self.last,
+                                                                       self.mark_stderr)
+            if share is not None:
+                await self.deliver([share])
 
     def wait_s(self) -> float:
         # Right after an eof marker the task's final state lands within milliseconds (the ack
@@ -265,7 +310,7 @@ class _Follow:
 
     async def end(self) -> None:
         eof_id, code = self.pending_eof or (None, "")
-        await self.response.send(code, id=eof_id, event="eof")
+        await self.write(encode_event(code, id=eof_id, event="eof"))
 
     async def patiently(self, call: Callable[[], Awaitable[T]]) -> T:
         """``call``, retried with jittered back-off while Redis fails, for up to the grace
@@ -314,21 +359,26 @@ class _Follow:
         while self.connected():
             # Catch up on our own, then let the hub bring what comes next.
             await self.catch_up()
-            follower = hub.join(self.key, format_id(self.last))
+            follower = hub.join(self.key, format_id(self.last), marked=self.mark_stderr,
+                                direct=self.write_now)
             try:
                 while self.connected():
-                    if follower.dropped and follower.entries.empty():
+                    if follower.dropped and not follower.waiting:
                         break  # too slow for the hub: catch up alone, then rejoin
+                    before = self.last
                     try:
                         batch = await follower.take(self.wait_s())
                     except TimeoutError:
                         batch = []
                     if batch:
-                        await self.send(batch)
+                        await self.deliver(batch)
                         continue
+                    if self.last != before:
+                        continue  # the hub wrote for us meanwhile: not quiet
                     # Quiet for a while, or the hub's read failed: look for ourselves (this
                     # also tells a Redis that is back from one that is still away).
                     if await self.patiently(self.task_finished):
+                        hub.leave(follower)  # nothing from the hub after the eof event
                         await self.catch_up()  # anything the hub had not brought yet
                         await self.end()
                         return
@@ -373,8 +423,8 @@ async def follow_logs(
                 log.warning("sse.ended_by_outage", key=key, error=str(exc))
                 await _farewell(response, "redis_unavailable",
                                 "the task store is unreachable; reconnect with Last-Event-ID")
-            except (*_CLIENT_GONE, TimeoutError):  # gone, or too slow to take a line for long
-                log.debug("sse.client_left", key=key)
+            except (*_CLIENT_GONE, TimeoutError) as exc:  # gone, or too slow to take a line
+                log.debug("sse.client_left", key=key, reason=repr(exc), exc_info=True)
             except Exception:
                 log.exception("sse.failed", key=key)
                 await _farewell(response, "internal", "internal server error")

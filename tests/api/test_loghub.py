@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from aqsh.api.loghub import Follower, LogHub, stream_id
+from aqsh.api.loghub import Follower, LogHub, encode_event, stream_id
 from aqsh.engine.faults import Loops
 from tests.api.conftest import ServiceFactory, sse_events
 from tests.support import redis_answers, wait_until
@@ -28,8 +28,8 @@ async def hub(redis_url: str) -> AsyncIterator[LogHub]:
 async def received(follower: Follower, count: int) -> list[str]:
     out: list[str] = []
     while len(out) < count:
-        batch = await follower.take(5)
-        out.extend(entry_id for entry_id, _ in batch)
+        for share in await follower.take(5):
+            out.extend(share.ids)
     return out
 
 
@@ -44,7 +44,24 @@ async def test_followers_get_what_is_after_their_own_position(
     later = (await redis.xadd("logs:t", {"line": "3"})).decode()
     assert await received(ahead, 1) == [later]
     assert await received(behind, 1) == [later]
-    assert ahead.entries.empty()  # the re-read for `behind` gave `ahead` no duplicates
+    assert not ahead.waiting  # the re-read for `behind` gave `ahead` no duplicates
+
+
+async def test_a_follower_takes_everything_waiting_at_once(
+    redis: aioredis.Redis, hub: LogHub
+) -> None:
+    """Reads that queue while a follower is busy reach it as one ``take`` (one write)."""
+    follower = hub.join("logs:c", "0-0")
+    ids = []
+    for n in range(3):
+        ids.append((await redis.xadd("logs:c", {"line": str(n)})).decode())
+        await wait_until(lambda n=n: len(follower.waiting) == n + 1, message="queued")
+    shares = await follower.take(5)
+    assert [i for share in shares for i in share.ids] == ids
+    assert b"".join(share.data for share in shares) == b"".join(
+        encode_event(str(n), id=ids[n]) for n in range(3))
+    assert follower.queued_bytes == 0
+    assert not follower.waiting
 
 
 async def test_one_reader_serves_many_streams(redis: aioredis.Redis, hub: LogHub) -> None:
@@ -53,8 +70,8 @@ async def test_one_reader_serves_many_streams(redis: aioredis.Redis, hub: LogHub
     for n in range(20):
         await redis.xadd(f"logs:{n}", {"line": f"line {n}"})
     for n, follower in enumerate(followers):
-        [(_, fields)] = await follower.take(5)
-        assert fields[b"line"] == f"line {n}".encode()
+        [share] = await follower.take(5)
+        assert share.data == encode_event(f"line {n}", id=share.ids[0])
     assert await _blocked_xreads(redis) <= 1
 
 
@@ -70,11 +87,11 @@ async def test_a_follower_too_far_behind_is_dropped_not_buffered(
     hub = LogHub(reader, queue_limit=1)
     slow = hub.join("logs:s", "0-0")
     await redis.xadd("logs:s", {"line": "1"})
-    await wait_until(lambda: slow.entries.qsize() == 1, message="first batch")
+    await wait_until(lambda: len(slow.waiting) == 1, message="first batch")
     await redis.xadd("logs:s", {"line": "2"})
     await wait_until(lambda: slow.dropped, message="dropped")
     assert "logs:s" not in hub._followers  # nothing more is kept for it
-    assert slow.entries.qsize() == 1
+    assert len(slow.waiting) == 1
     assert stream_id("1-0") < stream_id("10-0")  # ids compare as numbers, not text
     await hub.close()
     await reader.aclose()
@@ -135,13 +152,13 @@ async def test_a_follower_joining_behind_during_a_read_loses_nothing(
     raw = await redis.xrange("logs:j", min=f"({ids[1]}", max="+")
     entries = [(i.decode(), f) for i, f in raw]
     hub._deliver("logs:j", entries, read_from=stream_id(ids[1]))  # the read issued before
-    assert [e for e, _ in ahead.entries.get_nowait()] == ids[2:]
-    assert behind.entries.empty()
+    assert [share.ids for share in ahead.waiting] == [ids[2:]]
+    assert not behind.waiting
     assert hub._cursor["logs:j"] == stream_id("0-0")  # the next read starts from `behind`
     raw = await redis.xrange("logs:j", min="-", max="+")
     hub._deliver("logs:j", [(i.decode(), f) for i, f in raw], read_from=stream_id("0-0"))
-    assert [e for e, _ in behind.entries.get_nowait()] == ids
-    assert ahead.entries.empty()  # nothing twice
+    assert [share.ids for share in behind.waiting] == [ids]
+    assert [share.ids for share in ahead.waiting] == [ids[2:]]  # nothing twice
     await reader.aclose()
 
 
@@ -152,7 +169,7 @@ async def test_a_follower_over_its_byte_bound_is_dropped_not_buffered(
     hub = LogHub(reader, follower_max_bytes=1000)
     slow = hub.join("logs:b", "0-0")
     await redis.xadd("logs:b", {"line": "x" * 600})
-    await wait_until(lambda: slow.entries.qsize() == 1, message="first batch")
+    await wait_until(lambda: len(slow.waiting) == 1, message="first batch")
     assert 600 < slow.queued_bytes < 1000
     await redis.xadd("logs:b", {"line": "y" * 600})
     await wait_until(lambda: slow.dropped, message="dropped for its bytes")
@@ -183,9 +200,30 @@ async def test_a_failing_read_is_recorded_wakes_followers_and_is_retried(
     batch: list[Any] = []
     while not batch:
         batch = await follower.take(10)  # further wake-ups may come before the news
-    assert [entry_id for entry_id, _ in batch] == [added]
+    assert [entry_id for share in batch for entry_id in share.ids] == [added]
     assert monitor.consecutive_errors == 0
     hub.leave(follower)
     await hub.close()
     assert monitor.parked
+    await reader.aclose()
+
+
+async def test_a_follower_joining_behind_a_blocked_read_is_served_at_once(
+    redis: aioredis.Redis, redis_url: str
+) -> None:
+    """A newcomer behind the hub's position makes it abandon its XREAD and read again from
+    there. It must not wait for the abandoned read to end: redis-py lets a cancelled XREAD
+    BLOCK that has been sent run out its block (30 s here; the take below allows 5)."""
+    reader = aioredis.Redis.from_url(redis_url, socket_timeout=60)
+    hub = LogHub(reader, block_ms=30_000)
+    ids = [(await redis.xadd("logs:a", {"line": str(n)})).decode() for n in range(3)]
+    ahead = hub.join("logs:a", ids[1])
+    assert await received(ahead, 1) == [ids[2]]  # the hub goes straight on to its next XREAD
+    behind = hub.join("logs:a", "0-0")
+    assert await received(behind, 3) == ids
+    assert not ahead.waiting
+    hub.leave(ahead)
+    hub.leave(behind)
+    await reader.connection_pool.disconnect()  # ends the blocked read: close need not wait
+    await hub.close()
     await reader.aclose()
