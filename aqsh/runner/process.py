@@ -22,6 +22,7 @@ onto two pipes, the pipes are read by event-loop callbacks, and the exit is seen
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import functools
 import os
@@ -201,6 +202,9 @@ class GroupKeeper:
 
 
 _keeper = GroupKeeper()
+# A process that exits normally ends its keeper itself and waits for it: left to the garbage
+# collector, the keeper's Popen would be dropped while the shell still reads its pipe.
+atexit.register(_keeper.close)
 
 
 def group_keeper() -> GroupKeeper:

@@ -254,3 +254,25 @@ async def test_a_script_that_fills_its_pipe_at_once_loses_nothing(tmp_path: Path
     assert [line for stream, line in sink.lines if stream == "stdout"] == [
         str(n) for n in range(1, 50001)]
     assert [line for stream, line in sink.lines if stream == "stderr"] == ["done"]
+
+
+def test_a_process_that_ran_scripts_ends_its_keeper_at_exit(tmp_path: Path) -> None:
+    """The keeper is a child of the worker: a normal exit must end and reap it, not leave its
+    Popen to the garbage collector (Python then warns that it "is still running")."""
+    import subprocess
+    import sys
+
+    program = textwrap.dedent("""
+        import asyncio
+        from aqsh.runner.process import group_keeper
+        group_keeper().add(2**22 + 1)  # starts the keeper, as the first script does
+        print("keeper", group_keeper().pid, flush=True)
+    """)
+    done = subprocess.run([sys.executable, "-W", "always::ResourceWarning", "-c", program],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])})
+    assert done.returncode == 0, done.stderr
+    assert "ResourceWarning" not in done.stderr
+    keeper_pid = int(done.stdout.split("keeper ")[-1].split()[0])
+    with pytest.raises(ProcessLookupError):
+        os.kill(keeper_pid, 0)  # reaped by its parent before it exited
