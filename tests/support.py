@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -49,3 +50,9 @@ async def redis_answers(redis: Any) -> bool:
         return bool(await redis.ping())
     except Exception:
         return False
+
+
+def json_log_events(text: str) -> list[dict[str, Any]]:
+    """The JSON log lines of a process's output, parsed: tests look at fields, never at how a
+    renderer spaces them."""
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]

@@ -24,7 +24,7 @@ from aqsh.errors import ConfigError
 from aqsh.redis_process import RedisClusterProcess, free_port
 from aqsh.settings import load_settings
 from tests.cluster.conftest import PASSWORD
-from tests.support import wait_until, wait_until_sync
+from tests.support import json_log_events, wait_until, wait_until_sync
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -139,7 +139,9 @@ def service(
     log = log_path.read_text()
     assert proc.returncode == 0, log[-3000:]
     assert "aqsh.stopped" in log
-    assert '"level": "error"' not in log, log[-3000:]
+    events = json_log_events(log)
+    assert events, log[-3000:]
+    assert [e for e in events if e.get("level") == "error"] == [], log[-3000:]
 
 
 def _ready(url: str) -> bool:
