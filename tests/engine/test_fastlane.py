@@ -4,6 +4,7 @@ replies matched to callers through cancellation, timeouts, NOSCRIPT and dropped 
 from __future__ import annotations
 
 import asyncio
+import gc
 import socket
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -434,6 +435,44 @@ async def test_replies_of_cancelled_callers_are_dropped_in_order(proxy: FaultPro
     proxy.release()
     assert [await callers[n] for n in (1, 4, 5)] == [b"r1", b"r4", b"r5"]
     assert await asyncio.gather(*later) == [b"late0", b"late1", b"late2"]
+    await lane.aclose()
+
+
+async def test_a_cancelled_call_of_several_commands_does_not_shift_later_replies(
+    proxy: FaultProxy,
+) -> None:
+    """A call of several commands awaits only its last reply; cancelled, it gives up every
+    one of its replies, and the next caller still gets its own."""
+    lane = FastLane("127.0.0.1", proxy.port)
+    await lane.execute("PING")
+    proxy.holding = True
+    call = asyncio.create_task(lane.execute_many([("ECHO", "a"), ("ECHO", "b"), ("ECHO", "c")]))
+    await wait_until(lambda: len(protocol_of(lane).waiters) == 3)
+    call.cancel()
+    later = asyncio.create_task(lane.execute_many([("ECHO", "d"), ("ECHO", "e")]))
+    await wait_until(lambda: len(protocol_of(lane).waiters) == 5)
+    proxy.release()
+    assert await later == [b"d", b"e"]
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    await lane.aclose()
+
+
+async def test_a_failed_call_of_several_commands_raises_and_leaves_nothing_unretrieved(
+    proxy: FaultProxy, loop_errors: list[dict[str, Any]]
+) -> None:
+    lane = FastLane("127.0.0.1", proxy.port)
+    await lane.execute("PING")
+    proxy.holding = True
+    call = asyncio.create_task(lane.execute_many([("ECHO", "a"), ("ECHO", "b")]))
+    await wait_until(lambda: len(protocol_of(lane).waiters) == 2)
+    proxy.inject(b"!not resp\r\n")
+    with pytest.raises(RedisConnectionError, match="protocol"):
+        await call
+    proxy.heal()
+    assert await lane.execute_many([("ECHO", "x"), ("ECHO", "y")]) == [b"x", b"y"]
+    gc.collect()  # a never-retrieved exception is reported when its future is collected
+    assert loop_errors == []
     await lane.aclose()
 
 
