@@ -86,7 +86,7 @@ SUBMITTED_KEY = web.RequestKey("aqsh_submitted", dict[str, Any])
 # ---------------------------------------------------------------------------- submit
 async def submit_task(request: web.Request) -> web.Response:
     state = _state(request)
-    caller = _caller(request)
+    caller = caller_of(request, state.settings, state.trust)  # _caller, state looked up once
     name = request.match_info["id"]  # the task type: POST shares the /tasks/{id} resource
     spec = state.config().tasks.get(name)
     if spec is None:
@@ -137,8 +137,8 @@ async def submit_task(request: web.Request) -> web.Response:
     # away mid-call), the next attempt meets its own task as a TaskIdConflict, never a twin.
     task_id = task_id or new_task_id()
 
-    async def enqueue() -> TaskInfo:
-        return await state.client.enqueue(
+    def enqueue() -> Awaitable[TaskInfo]:  # the client's coroutine itself: no wrapping one
+        return state.client.enqueue(
             name, payload, queue=spec.queue, max_retry=spec.max_retry, timeout=spec.timeout_s,
             retention=state.settings.result_retention_s, headers=headers, task_id=task_id,
             process_at=process_at, group=group,
