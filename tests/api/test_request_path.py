@@ -5,6 +5,7 @@ exactly as over redis-py."""
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -281,3 +282,10 @@ def test_the_json_shape_check_is_decided_the_same_with_or_without_blanking(
             check_json_shape(raw)
     else:
         check_json_shape(raw)
+
+
+async def test_a_started_app_has_frozen_the_startup_heap(make_service: ServiceFactory) -> None:
+    """The first app of a process moves what startup left (modules, configuration) into the
+    collector's permanent generation, so full collections under load do not walk it."""
+    await make_service(worker=False)
+    assert gc.get_freeze_count() > 0
