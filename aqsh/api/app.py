@@ -155,6 +155,16 @@ async def freeze_startup_heap(_: web.Application) -> None:
     _heap_frozen = True
     gc.collect()
     gc.freeze()
+    # Young collections start once tracked allocations outnumber deallocations by the
+    # threshold. At 700 (Python's default) the objects of the requests in flight alone cross it
+    # (50 connections: ~1,200 young collections per 30,000 requests, ~5 µs of each request's
+    # CPU); at YOUNG_GC_THRESHOLD they are a handful. Cyclic garbage waits a little longer.
+    young, *older = gc.get_threshold()
+    gc.set_threshold(max(young, YOUNG_GC_THRESHOLD), *older)
+
+
+#: The young generation's collection threshold once the app has started (see above).
+YOUNG_GC_THRESHOLD = 10_000
 
 
 def handler_args(state: ApiState) -> dict[str, Any]:

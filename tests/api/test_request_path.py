@@ -14,6 +14,7 @@ import redis.asyncio as aioredis
 import structlog
 
 from aqsh import errors
+from aqsh.api.app import YOUNG_GC_THRESHOLD
 from aqsh.api.errors import ApiError
 from aqsh.api.handlers import check_json_shape
 from aqsh.api.view import attempt_times
@@ -289,3 +290,4 @@ async def test_a_started_app_has_frozen_the_startup_heap(make_service: ServiceFa
     collector's permanent generation, so full collections under load do not walk it."""
     await make_service(worker=False)
     assert gc.get_freeze_count() > 0
+    assert gc.get_threshold()[0] >= YOUNG_GC_THRESHOLD
