@@ -6,7 +6,7 @@
 -- * the ids go onto the pending list by LPUSHes of up to PUSH_CHUNK ids (LPUSH k a b = LPUSH k
 --   a; LPUSH k b: the list ends in the same order);
 -- * the run index (aqsh only) gets one ZADD per chunk and one trim per batch: its oldest
---   entries whose task is gone, at most two per task enqueued (as index_run trims per task).
+--   entries whose task is gone, at most two per task enqueued (index_run's average).
 -- pending_key -> asynq:{q}:pending; task_prefix -> asynq:{q}:t:; now -> Unix ns (pending_since);
 -- blob -> for each task a 4-byte big-endian length + id, then a 4-byte length + TaskMessage;
 -- index_key -> aqsh:{q}:runs:<type> or nil (scored by now in ms).

@@ -86,7 +86,7 @@ SUBMITTED_KEY = web.RequestKey("aqsh_submitted", dict[str, Any])
 # ---------------------------------------------------------------------------- submit
 async def submit_task(request: web.Request) -> web.Response:
     state = _state(request)
-    caller = _caller(request)
+    caller = caller_of(request, state.settings, state.trust)  # _caller, state looked up once
     name = request.match_info["id"]  # the task type: POST shares the /tasks/{id} resource
     spec = state.config().tasks.get(name)
     if spec is None:
@@ -137,8 +137,8 @@ async def submit_task(request: web.Request) -> web.Response:
     # away mid-call), the next attempt meets its own task as a TaskIdConflict, never a twin.
     task_id = task_id or new_task_id()
 
-    async def enqueue() -> TaskInfo:
-        return await state.client.enqueue(
+    def enqueue() -> Awaitable[TaskInfo]:  # the client's coroutine itself: no wrapping one
+        return state.client.enqueue(
             name, payload, queue=spec.queue, max_retry=spec.max_retry, timeout=spec.timeout_s,
             retention=state.settings.result_retention_s, headers=headers, task_id=task_id,
             process_at=process_at, group=group,
@@ -275,7 +275,14 @@ _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 def check_json_shape(raw: bytes) -> None:
     """Reject, before decoding, a body nested deeper than MAX_JSON_DEPTH or holding a number
     literal longer than MAX_JSON_NUMBER_CHARS. Strings are blanked first (brackets and digits
-    inside them are text); a linear scan, so the check costs less than the decode it guards."""
+    inside them are text); a linear scan, so the check costs less than the decode it guards.
+
+    Both checks first look at the body as it is, which can only overcount (a run of number
+    characters outside strings is one in the raw body too; strings only add brackets): a body
+    that passes there passes, and the strings are blanked only for one that does not."""
+    if _JSON_LONG_NUMBER.search(raw) is None and (
+            len(raw.translate(None, _NOT_BRACKETS)) <= MAX_JSON_DEPTH):
+        return
     outside = _JSON_STRING.sub(b'""', raw)
     if _JSON_LONG_NUMBER.search(outside):
         raise ApiError(400, "invalid_json", "request body has a number longer than "

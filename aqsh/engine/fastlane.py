@@ -365,6 +365,26 @@ class _Protocol(asyncio.Protocol):
         self.fail(RedisConnectionError(f"connection to redis lost: {exc or 'closed'}{why}"))
 
 
+async def _in_order(futures: list[asyncio.Future[Any]]) -> list[Any]:
+    """The results of one call's futures. Replies arrive in order, so once the last future is
+    settled every one is: awaiting it alone spares ``asyncio.gather``'s wrapper future and
+    per-child callbacks. A cancelled caller cancels them all (their replies are then read and
+    dropped); on a failure, the others' exceptions (the same connection error) are retrieved
+    so none is reported as never retrieved."""
+    try:
+        await futures[-1]
+    except asyncio.CancelledError:
+        for future in futures:
+            future.cancel()
+        raise
+    except BaseException:
+        for future in futures:
+            if future.done() and not future.cancelled():
+                future.exception()
+        raise
+    return [future.result() for future in futures]
+
+
 class FastLane:
     """A lazily (re)connected single connection; see the module docstring for why."""
 
@@ -533,8 +553,8 @@ class FastLane:
         elif lone:
             self.parked += 1
         if not single:
-            return list(await asyncio.gather(*futures))
-        replies = [await futures[0]]  # the hot path: no gather, one loop iteration fewer
+            return await _in_order(futures)
+        replies = [await futures[0]]  # the hot path: one future, nothing to collect
         if lone:
             self._chooser.record(spin, time.perf_counter() - started)
         return replies

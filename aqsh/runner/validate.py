@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -102,6 +103,34 @@ def _normalise(spec: InputSpec, value: Scalar) -> Scalar:
     return value
 
 
+class _Plan(msgspec.Struct, frozen=True):
+    """What validating against one task's inputs needs, worked out once per inputs list (not
+    per request): the names, and for each input whether "true"/"false" strings pass and its
+    pattern compiled."""
+
+    inputs: Sequence[InputSpec]
+    known: frozenset[str]
+    checks: tuple[tuple[InputSpec, bool], ...]
+
+
+#: Plans by ``id`` of the inputs list they were made for; the entry keeps that list alive and
+#: is used only when it *is* the list passed (a reloaded tasks.yaml brings new lists).
+_PLANS: dict[int, _Plan] = {}
+_MAX_PLANS = 1024
+
+
+def _plan_for(inputs: Sequence[InputSpec]) -> _Plan:
+    plan = _PLANS.get(id(inputs))
+    if plan is not None and plan.inputs is inputs:
+        return plan
+    if len(_PLANS) >= _MAX_PLANS:
+        _PLANS.clear()
+    plan = _Plan(inputs, frozenset(spec.name for spec in inputs),
+                 tuple((spec, _bool_strings_allowed(spec)) for spec in inputs))
+    _PLANS[id(inputs)] = plan
+    return plan
+
+
 def validate_input(
     task: HasInputs, payload: Any, *, max_string_len: int = DEFAULT_MAX_STRING_LEN
 ) -> dict[str, Scalar]:
@@ -111,21 +140,21 @@ def validate_input(
     """
     if not isinstance(payload, dict):
         raise InvalidInput(task.name, [FieldError("", "type", "input must be a JSON object")])
+    plan = _plan_for(task.inputs)
     errors: list[FieldError] = []
-    known = {spec.name: spec for spec in task.inputs}
-    for name in payload:
-        if name not in known:
-            errors.append(FieldError(str(name), "unknown_field", "is not an input of this task"))
+    if not plan.known.issuperset(payload):
+        errors.extend(FieldError(str(name), "unknown_field", "is not an input of this task")
+                      for name in payload if name not in plan.known)
     values: dict[str, Scalar] = {}
-    for spec in task.inputs:
-        if spec.name not in payload or payload[spec.name] is None:
+    for spec, allow_bool_strings in plan.checks:
+        value = payload.get(spec.name)
+        if value is None:
             if spec.required:
                 errors.append(FieldError(spec.name, "missing", "is required"))
             elif spec.default is not None:
                 values[spec.name] = _normalise(spec, spec.default)
             continue
-        value = payload[spec.name]
-        problem = check_value(spec, value, allow_bool_strings=_bool_strings_allowed(spec),
+        problem = check_value(spec, value, allow_bool_strings=allow_bool_strings,
                               max_string_len=max_string_len)
         if problem is not None:
             errors.append(FieldError(spec.name, *problem))

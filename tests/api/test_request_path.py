@@ -5,6 +5,7 @@ exactly as over redis-py."""
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -13,6 +14,9 @@ import redis.asyncio as aioredis
 import structlog
 
 from aqsh import errors
+from aqsh.api.app import YOUNG_GC_THRESHOLD
+from aqsh.api.errors import ApiError
+from aqsh.api.handlers import check_json_shape
 from aqsh.api.view import attempt_times
 from aqsh.clock import ManualClock, unix_s
 from aqsh.engine import keys
@@ -260,3 +264,30 @@ async def test_a_lookup_over_a_lane_whose_redis_is_gone_is_broker_unavailable(
             await inspector.find_task("some-id", ["default"])
     finally:
         await dead.aclose()
+
+
+@pytest.mark.parametrize(("raw", "refused"), [
+    (b'{"name":"bench","times":1}', False),  # passes on the raw body, strings not blanked
+    (b'{"n":"' + b"[" * 40 + b'"}', False),  # brackets only inside a string: blanked, passes
+    (b'{"n":"' + b"9" * 80 + b'"}', False),  # digits only inside a string
+    (b"[" * 33 + b"]" * 33, True),
+    (b'{"n":"[[[[[[","m":' + b"[" * 32 + b"]" * 32 + b"}", True),
+    (b'{"n":' + b"1" * 65 + b"}", True),
+    (b'{"n":"x","m":' + b"1" * 65 + b"}", True),
+])
+def test_the_json_shape_check_is_decided_the_same_with_or_without_blanking(
+        raw: bytes, refused: bool) -> None:
+    """The raw-body pre-check only ever lets through what the full check lets through."""
+    if refused:
+        with pytest.raises(ApiError):
+            check_json_shape(raw)
+    else:
+        check_json_shape(raw)
+
+
+async def test_a_started_app_has_frozen_the_startup_heap(make_service: ServiceFactory) -> None:
+    """The first app of a process moves what startup left (modules, configuration) into the
+    collector's permanent generation, so full collections under load do not walk it."""
+    await make_service(worker=False)
+    assert gc.get_freeze_count() > 0
+    assert gc.get_threshold()[0] >= YOUNG_GC_THRESHOLD

@@ -10,6 +10,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from aqsh.api.runs import decode_cursor, encode_cursor
+from aqsh.clock import ManualClock
 from aqsh.engine import keys
 from aqsh.engine.client import Client, EnqueueRequest
 from aqsh.engine.inspect import Inspector
@@ -238,17 +239,26 @@ async def test_a_task_deleted_behind_aqsh_is_skipped_and_its_entry_removed(
 async def test_enqueues_trim_entries_of_gone_tasks_from_the_old_end(
     redis: aioredis.Redis,
 ) -> None:
-    client = Client(redis)
-    old = [(await client.enqueue("echo", b"{}")).id for _ in range(3)]
+    """Enqueues in one millisecond of eight trim (ManualClock starts on a multiple of 8 ms),
+    up to 16 entries each, from the old end, stopping at the first task that still exists."""
+    clock = ManualClock()
+    client = Client(redis, clock=clock)
+    old = [(await client.enqueue("echo", b"{}")).id for _ in range(20)]
     key = keys.runs_index_key("default", "echo")
-    for task_id in old:  # enqueued a while ago; their retention has ended since
+    for task_id in old[:18]:  # enqueued a while ago; their retention has ended since
         await redis.zincrby(key, -60_000, task_id)
         await redis.delete(keys.queue_keys("default").task(task_id))
     await client.enqueue("echo", b"{}")
+    assert await redis.zcard(key) == 21 - 16
+    clock.advance(0.001)  # a millisecond that does not trim
+    await client.enqueue("echo", b"{}")
+    assert await redis.zcard(key) == 22 - 16
+    clock.advance(0.007)
     await client.enqueue("echo", b"{}", process_in=60)  # the schedule scripts trim too
     remaining = {m.decode() for m in await redis.zrange(key, 0, -1)}
-    assert remaining.isdisjoint(old)
-    assert len(remaining) == 2
+    assert remaining.isdisjoint(old[:18])
+    assert set(old[18:]) <= remaining
+    assert len(remaining) == 5
 
 
 async def test_the_indexer_sweeps_entries_of_gone_tasks_anywhere(

@@ -87,3 +87,22 @@ def test_json_schema_describes_inputs() -> None:
     assert props["environment"]["enum"] == ["dev", "staging", "prod"]
     assert props["days"] == {"type": "integer", "minimum": 1, "maximum": 365, "x-env": "DAYS"}
     assert props["force"]["type"] == "boolean"
+
+
+def test_a_reloaded_task_is_checked_against_its_new_inputs() -> None:
+    """What validation works out per inputs list is never reused for another list (a
+    tasks.yaml reload brings new TaskSpecs, possibly at a recycled address)."""
+    before = TaskSpec(name="t", script="/bin/true",
+                      inputs=(InputSpec(name="a", env="A", required=True),))
+    assert validate_input(before, {"a": "x"}) == {"a": "x"}
+    for _ in range(3):  # new lists, each made after the last is gone
+        after = TaskSpec(name="t", script="/bin/true",
+                         inputs=(InputSpec(name="b", env="B", type=InputType.INT,
+                                           required=True),))
+        with pytest.raises(InvalidInput) as caught:
+            validate_input(after, {"a": "x"})
+        assert {e.field: e.code for e in caught.value.field_errors} == {
+            "a": "unknown_field", "b": "missing"}
+        assert validate_input(after, {"b": 2}) == {"b": 2}
+        del after
+    assert validate_input(before, {"a": "y"}) == {"a": "y"}
