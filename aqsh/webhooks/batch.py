@@ -19,12 +19,18 @@ class Coalescer(Generic[T]):
 
     async def add(self, item: T) -> None:
         """Returns once ``item`` is written; raises what its batch's write raised."""
+        await self.submit(item)
+
+    def submit(self, item: T) -> asyncio.Future[None]:
+        """``item`` queued for the next write; the future settles as its batch's write does.
+        A caller that overlaps the write with other work awaits this rather than wrapping
+        ``add`` in a task: one object per item instead of a coroutine, a task and a future."""
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._items.append(item)
         self._waiters.append(waiter)
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
-        await waiter
+        return waiter
 
     async def _flush(self) -> None:
         while self._items:
