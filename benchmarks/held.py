@@ -225,9 +225,11 @@ def main() -> None:
                         help="per shell round (0: the engine side only)")
     parser.add_argument("--shell-concurrency", type=int, default=10)
     args = parser.parse_args()
+    from aqsh.api.app import settle_heap
     from aqsh.logging import configure_logging
 
     configure_logging("json", "info")  # as `aqsh serve` runs its worker
+    settle_heap()  # as `aqsh serve` does once its app has started
     asyncio.run(main_async(args))
 
 

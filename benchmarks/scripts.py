@@ -198,6 +198,7 @@ async def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
+    from aqsh.api.app import settle_heap
     from aqsh.logging import configure_logging
 
     parser = argparse.ArgumentParser(description=__doc__)
@@ -206,4 +207,5 @@ if __name__ == "__main__":
     parser.add_argument("--pin-redis", type=int, default=None, metavar="CORE",
                         help="pin Redis to this core (taskset)")
     configure_logging("json", "info")  # as `aqsh serve` runs its worker
+    settle_heap()  # as `aqsh serve` does once its app has started
     asyncio.run(main(parser.parse_args()))

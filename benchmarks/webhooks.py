@@ -36,6 +36,7 @@ import msgspec
 import redis.asyncio as aioredis
 from aiohttp import web
 
+from aqsh.api.app import settle_heap
 from aqsh.api.metrics import Metrics
 from aqsh.config_holder import ConfigHolder
 from aqsh.engine import keys
@@ -243,6 +244,7 @@ tasks:
                         log_format="json", log_level="warning")
     config = ConfigHolder(settings.tasks_config, settings.tasks_dir)
     configure_logging("json", "warning")
+    settle_heap()  # as `aqsh serve` does once its app has started
     figures: dict[str, float] = {}
     with RedisProcess() as redis_server:
         redis = aioredis.Redis.from_url(redis_server.url, max_connections=256)

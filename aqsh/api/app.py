@@ -141,6 +141,11 @@ _heap_frozen = False
 
 
 async def freeze_startup_heap(_: web.Application) -> None:
+    """The app's start-up hook (every mode: a worker serves /health and /metrics too)."""
+    settle_heap()
+
+
+def settle_heap() -> None:
     """Once per process, as the first app starts: collect, then ``gc.freeze()`` what is left —
     the imported modules, the configuration, the connection pools, objects that live as long as
     the process — into the collector's permanent generation. Requests allocate objects that
@@ -148,7 +153,8 @@ async def freeze_startup_heap(_: web.Application) -> None:
     are), so full collections come often; each walked that whole startup heap, a fifth of a
     ``POST``'s CPU (benchmarks/README.md, "Third pass"). Frozen objects are still freed by
     reference counting; only a cycle among them would never be collected, and the collection
-    before the freeze leaves none."""
+    before the freeze leaves none. Benchmarks that wire a worker in their own process call
+    this as ``aqsh serve`` would have."""
     global _heap_frozen
     if _heap_frozen:  # a second app in the process (tests): the first one's freeze stands
         return
