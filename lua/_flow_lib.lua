@@ -92,48 +92,53 @@ end
 
 -- A run just moved to active takes a slot of its concurrency key (returns true), or is held
 -- in the key's line (false): what dequeue does for a limited run, and flow_acquire for one a
--- rate window admitted first. r: id, task_key, slots, wait (the key's zsets), key, limit
--- (a number) and limit_text (as written to the registry), seq (its place in line, text),
--- task_type (a function: only a run that waited needs it). q: active, lease, scheduled, pending,
--- registry, waited, prefix (task keys), reserve_s (a slot's deadline), now_s, now_ms, now_ns,
--- qname, channel (the wake-up).
-local function flow_take_slot(r, q)
+-- rate window admitted first. Positional arguments, not a table: dequeue calls this for every
+-- limited message, and the tables (and a closure for the type) were most of its garbage.
+-- q: active, lease, scheduled, pending, registry, waited, prefix (task keys), reserve_s (a
+-- slot's deadline), now_s, now_ms, now_ns, qname, channel (the wake-up), built once per call.
+-- The run: id, task_key, slots and wait (the key's zsets), key, limit (a number), limit_text
+-- (as written to the registry), seq (its place in line, text); its task type is
+-- string.sub(type_src, ts, te), cut only for a run that waited (flow_acquire passes the type
+-- itself with 1, -1).
+local function flow_take_slot(q, id, task_key, slots, wait, key, limit, limit_text, seq,
+                              type_src, ts, te)
   -- A free slot nobody waits for, or its own reservation (a promoted waiter, a redelivery).
-  local holders = redis.call("ZCARD", r.slots)
-  local run = (holders < r.limit and redis.call("ZCARD", r.wait) == 0)
-      or redis.call("ZSCORE", r.slots, r.id)
+  local holders = redis.call("ZCARD", slots)
+  local run = (holders < limit and redis.call("ZCARD", wait) == 0)
+      or redis.call("ZSCORE", slots, id)
   -- Dead holders' slots are looked for only when they could make a difference: a free slot
   -- with nobody waiting is taken as it is (the common case costs no range scan).
   if not run then
-    flow_free_expired(r.slots, q.lease, q.now_s)
-    run = redis.call("ZSCORE", r.slots, r.id)
-        or (redis.call("ZCARD", r.wait) == 0 and redis.call("ZCARD", r.slots) < r.limit)
+    flow_free_expired(slots, q.lease, q.now_s)
+    run = redis.call("ZSCORE", slots, id)
+        or (redis.call("ZCARD", wait) == 0 and redis.call("ZCARD", slots) < limit)
     holders = 0  -- registered below whatever it finds
   end
   -- The sweep's work list: a key with holders is on it already (it leaves the list only
   -- once nobody holds or waits), so only a first holder or a waiter writes it.
   if holders == 0 or not run then
-    redis.call("HSET", q.registry, r.key, r.limit_text)
+    redis.call("HSET", q.registry, key, limit_text)
   end
   if run then
-    redis.call("ZADD", r.slots, q.reserve_s, r.id)
-    -- One read tells whether it ever waited: a run that never did writes nothing more.
-    local was = redis.call("HMGET", r.task_key, "aqsh_wait_reason", "aqsh_wait_key",
-                           "aqsh_wait_since")
-    if was[1] or was[2] then
-      redis.call("HDEL", r.task_key, "aqsh_wait_reason", "aqsh_wait_key")
-    end
-    if was[3] then
-      flow_record_wait(r.task_key, q.waited, r.task_type(), q.now_ms, r.id)
+    redis.call("ZADD", slots, q.reserve_s, id)
+    -- One read tells whether it ever waited. Every hold writes aqsh_wait_since along with the
+    -- reason and the key (flow_hold), and only a start deletes it (here and flow_rate, after
+    -- the other two), so a hash without it has none of the three: a run that never waited
+    -- writes nothing more. One that did loses all three and its wait is recorded.
+    local since = redis.call("HGET", task_key, "aqsh_wait_since")
+    if since then
+      redis.call("HDEL", task_key, "aqsh_wait_reason", "aqsh_wait_key", "aqsh_wait_since")
+      flow_note_wait(q.waited, string.sub(type_src, ts, te), tonumber(q.now_ms) - tonumber(since),
+                     q.now_ms, id)
     end
     return true
   end
-  flow_hold(q.active, q.lease, q.scheduled, r.task_key, r.id, q.held_score, "concurrency",
-            r.key, q.now_ms)
-  redis.call("ZADD", r.wait, r.seq, r.id)
+  flow_hold(q.active, q.lease, q.scheduled, task_key, id, q.held_score, "concurrency", key,
+            q.now_ms)
+  redis.call("ZADD", wait, seq, id)
   -- A slot freed by an expiry with waiters ahead goes to the oldest of them (to the front of
   -- pending: a dequeue takes it next).
-  flow_promote(r.slots, r.wait, r.limit, q.scheduled, q.pending, q.prefix, q.reserve_s,
-               q.now_ns, q.qname, q.channel)
+  flow_promote(slots, wait, limit, q.scheduled, q.pending, q.prefix, q.reserve_s, q.now_ns,
+               q.qname, q.channel)
   return false
 end
