@@ -28,6 +28,7 @@
 -- (asynq's Q9 leaves one; we do not copy that). The per-key names are built from prefixes
 -- that carry the queue's hash tag, so they are in this script's slot.
 --@include flow_lib
+--@include flow_wait
 --@include flow_headers
 if redis.call("EXISTS", KEYS[2]) == 1 then
   return {}

@@ -24,6 +24,7 @@
 -- Returns 1 when the task holds a slot and may run, 0 when it now waits (moved from active
 -- to scheduled: no lease, no retry and no timeout used while it waits).
 --@include flow_lib
+--@include flow_wait
 local queue = {active = KEYS[1], lease = KEYS[2], scheduled = KEYS[3], pending = KEYS[4],
                registry = KEYS[8], waited = KEYS[9], prefix = ARGV[8], reserve_s = ARGV[4],
                now_s = ARGV[3], now_ms = ARGV[7], now_ns = ARGV[9], held_score = ARGV[5],
