@@ -165,6 +165,8 @@ local function flow_message_headers(msg)
         ts, te = pos, last
       end
       pos = last + 1
+    elseif wt == 0 and len and len < 128 then
+      -- A one-byte varint (retry counts, most flags): read already, as len.
     else
       pos = pb_skip_scalar(msg, pos - 1, wt)  -- its value started where len was read
       if not pos then
@@ -178,24 +180,13 @@ local function flow_message_headers(msg)
   return true, ckey, climit, cseq, rkey, rlimit, rper, ts, te
 end
 
--- A header that must be a whole number >= 1 (ASCII digits, as aqsh.engine.flow reads it).
-local function flow_positive(text)
-  if text == nil or not pb_find(text, "^%d+$") then
-    return nil
-  end
-  local n = tonumber(text)
-  if n < 1 then
-    return nil
-  end
-  return n
-end
-
 -- The concurrency rule of a message that dequeue applies itself, positionally: key, limit (a
--- number), limit_text (as the header says), seq (text, or nil without a valid one), ts, te
--- (the type's bounds in msg); nothing without a rule. A run that also has a rate rule is left
--- to the worker (its rate window comes first: lua/flow_rate.lua, then lua/flow_acquire.lua),
--- as is a malformed one. The plain search first: a message without the header name (most) is
--- never walked.
+-- number), limit_text (as the header says), seq (the header's text or nil: flow_take_slot
+-- checks it only for a run it holds), ts, te (the type's bounds in msg); nothing without a
+-- rule. A run that also has a rate rule is left to the worker (its rate window comes first:
+-- lua/flow_rate.lua, then lua/flow_acquire.lua), as is a malformed one. The plain search
+-- first: a message without the header name (most) is never walked. flow_positive is
+-- lua/_flow_wait.lua's (spliced before this part).
 local function flow_dequeue_rule(msg)
   if not pb_find(msg, "aqsh-concurrency-key", 1, true) then
     return
@@ -212,7 +203,5 @@ local function flow_dequeue_rule(msg)
   if rate_key ~= nil and flow_positive(rate_limit) and flow_positive(rate_per_s) then
     return
   end
-  -- Numbers go back to Redis as the header's own text: Lua would print a large one as
-  -- "1.7e+15", losing digits of a submission time.
-  return key, limit, limit_text, flow_positive(seq) and seq or nil, ts, te
+  return key, limit, limit_text, seq, ts, te
 end

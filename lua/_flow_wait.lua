@@ -1,7 +1,20 @@
 -- flow_wait: the held-run functions that hold a run, start one and record its wait (aqsh
 -- only), spliced where a script says "--@include flow_wait" (this file is lua/_flow_wait.lua).
 -- flow_take_slot calls flow_free_expired and flow_promote: a script using it includes
--- flow_lib first. Keys as lua/_flow_lib.lua describes them.
+-- flow_lib first; lua/_flow_headers.lua (spliced after it) uses flow_positive. Keys as
+-- lua/_flow_lib.lua describes them.
+
+-- A header that must be a whole number >= 1 (ASCII digits, as aqsh.engine.flow reads it).
+local function flow_positive(text)
+  if text == nil or not string.find(text, "^%d+$") then
+    return nil
+  end
+  local n = tonumber(text)
+  if n < 1 then
+    return nil
+  end
+  return n
+end
 
 -- Hold a run that was just dequeued: out of active and the lease set, into scheduled at
 -- score_s with state "scheduled" and why it waits (since: the first time it was held).
@@ -35,9 +48,11 @@ end
 -- rate window admitted first. Positional arguments, not a table: dequeue calls this for every
 -- limited message, and the tables (and a closure for the type) were most of its garbage.
 -- q: active, lease, scheduled, pending, registry, waited, prefix (task keys), reserve_s (a
--- slot's deadline), now_s, now_ms, now_ns, qname, channel (the wake-up), built once per call.
+-- slot's deadline), now_s, now_ms, now_us, now_ns, qname, channel (the wake-up), built once
+-- per call.
 -- The run: id, task_key, slots and wait (the key's zsets), key, limit (a number), limit_text
--- (as written to the registry), seq (its place in line, text); its task type is
+-- (as written to the registry), seq (its place in line: a submission time as text, checked
+-- only when the run is held, q.now_us instead when it is not a whole number >= 1); its type is
 -- string.sub(type_src, ts, te), cut only for a run that waited (flow_acquire passes the type
 -- itself with 1, -1).
 local function flow_take_slot(q, id, task_key, slots, wait, key, limit, limit_text, seq,
@@ -75,7 +90,9 @@ local function flow_take_slot(q, id, task_key, slots, wait, key, limit, limit_te
   end
   flow_hold(q.active, q.lease, q.scheduled, task_key, id, q.held_score, "concurrency", key,
             q.now_ms)
-  redis.call("ZADD", wait, seq, id)
+  -- Numbers go to Redis as the header's own text: Lua would print a large one as "1.7e+15",
+  -- losing digits of a submission time.
+  redis.call("ZADD", wait, flow_positive(seq) and seq or q.now_us, id)
   -- A slot freed by an expiry with waiters ahead goes to the oldest of them (to the front of
   -- pending: a dequeue takes it next).
   flow_promote(slots, wait, limit, q.scheduled, q.pending, q.prefix, q.reserve_s, q.now_ns,

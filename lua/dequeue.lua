@@ -36,8 +36,8 @@ end
 
 local queue = {active = KEYS[3], lease = KEYS[4], scheduled = KEYS[5], pending = KEYS[1],
                registry = KEYS[6], waited = KEYS[7], prefix = ARGV[2], reserve_s = ARGV[1],
-               now_s = ARGV[5], now_ms = ARGV[6], now_ns = ARGV[8], held_score = ARGV[9],
-               qname = ARGV[12], channel = ARGV[13]}
+               now_s = ARGV[5], now_ms = ARGV[6], now_us = ARGV[7], now_ns = ARGV[8],
+               held_score = ARGV[9], qname = ARGV[12], channel = ARGV[13]}
 
 local out = {0}
 local limit, hold_limit = tonumber(ARGV[3]), tonumber(ARGV[4])
@@ -59,7 +59,7 @@ while taken < limit and held < hold_limit do
       slots_of, slots, wait = flow_key, ARGV[10] .. flow_key, ARGV[11] .. flow_key
     end
     if flow_key == nil or flow_take_slot(queue, id, key, slots, wait, flow_key, flow_limit,
-                                         limit_text, seq or ARGV[7], msg, ts, te) then
+                                         limit_text, seq, msg, ts, te) then
       taken = taken + 1
       redis.call("HSET", key, "state", "active")
       redis.call("ZADD", KEYS[4], ARGV[1], id)

@@ -27,7 +27,7 @@
 --@include flow_wait
 local queue = {active = KEYS[1], lease = KEYS[2], scheduled = KEYS[3], pending = KEYS[4],
                registry = KEYS[8], waited = KEYS[9], prefix = ARGV[8], reserve_s = ARGV[4],
-               now_s = ARGV[3], now_ms = ARGV[7], now_ns = ARGV[9], held_score = ARGV[5],
-               qname = ARGV[10], channel = ARGV[11]}
+               now_s = ARGV[3], now_ms = ARGV[7], now_us = ARGV[12], now_ns = ARGV[9],
+               held_score = ARGV[5], qname = ARGV[10], channel = ARGV[11]}
 return flow_take_slot(queue, ARGV[1], KEYS[5], KEYS[6], KEYS[7], ARGV[6], tonumber(ARGV[2]),
                       ARGV[2], ARGV[12], ARGV[13], 1, -1) and 1 or 0
