@@ -89,21 +89,26 @@ local function pb_entry(s, first, last)
   return ks, ke, vs, ve
 end
 
--- The message's headers whose names start with "aqsh-" (a table of name -> value) and the
--- bounds of its type, or nil when the message is malformed (the worker's decoder refuses
--- those bytes too) or holds a field of wire type 3 or 4 (proto2 groups: no asynq or aqsh
--- producer writes one; such a run is taken as if it had no rule). A field with a one-byte
--- tag and length, and a header entry written as encoders write it (key, then value, one-byte
--- lengths), are read with one string.byte call each; anything else takes the general path.
+-- The aqsh flow headers of a message, positionally (no table is built: this runs for every
+-- limited message a dequeue takes, and Lua 5.1's allocations and their garbage cost more than
+-- the walk): the values of aqsh-concurrency-key, -limit, -seq, aqsh-rate-key, -limit, -per-s
+-- (each nil when absent; the last entry of a name wins, as protobuf's map decoding says), then
+-- the bounds of the type. Returns nothing when the message is malformed (the worker's decoder
+-- refuses those bytes too) or holds a field of wire type 3 or 4 (proto2 groups: no asynq or
+-- aqsh producer writes one; such a run is taken as if it had no rule). A field with a
+-- one-byte tag and length, and a header entry written as encoders write it (key, then value,
+-- one-byte lengths), are read with one string.byte call each; anything else takes the general
+-- path. Only the names starting with "a" become Lua strings (interned: compared by pointer).
 local function flow_message_headers(msg)
-  local pos, stop, headers, ts, te = 1, #msg, {}, 1, 0
+  local pos, stop, ts, te = 1, #msg, 1, 0
+  local ckey, climit, cseq, rkey, rlimit, rper
   while pos <= stop do
     local tag, len = pb_byte(msg, pos, pos + 1)
     pos = pos + 2
     if tag >= 128 then
       tag, pos = pb_varint_rest(msg, tag, pos - 1, stop)
       if not tag then
-        return nil
+        return
       end
       len = pb_byte(msg, pos)
       pos = pos + 1
@@ -111,17 +116,17 @@ local function flow_message_headers(msg)
     local wt = tag % 8
     if wt == 2 then
       if not len then
-        return nil
+        return
       end
       if len >= 128 then
         len, pos = pb_varint_rest(msg, len, pos, stop)
         if not len then
-          return nil
+          return
         end
       end
       local last = pos + len - 1
       if last > stop then
-        return nil
+        return
       end
       if tag == 122 then  -- field 15: one header
         local kt, kl, ka = pb_byte(msg, pos, pos + 2)
@@ -136,72 +141,67 @@ local function flow_message_headers(msg)
         if not vs then
           ks, ke, vs, ve = pb_entry(msg, pos, last)
           if not ks then
-            return nil
+            return
           end
           ka = pb_byte(msg, ks)
         end
-        if ka == 97 and ke - ks >= 4 and pb_sub(msg, ks, ks + 4) == "aqsh-" then
-          headers[pb_sub(msg, ks, ke)] = pb_sub(msg, vs, ve)
+        if ka == 97 and ke - ks >= 12 then  -- "a", and as long as the shortest name
+          local name = pb_sub(msg, ks, ke)
+          if name == "aqsh-concurrency-key" then
+            ckey = pb_sub(msg, vs, ve)
+          elseif name == "aqsh-concurrency-limit" then
+            climit = pb_sub(msg, vs, ve)
+          elseif name == "aqsh-concurrency-seq" then
+            cseq = pb_sub(msg, vs, ve)
+          elseif name == "aqsh-rate-key" then
+            rkey = pb_sub(msg, vs, ve)
+          elseif name == "aqsh-rate-limit" then
+            rlimit = pb_sub(msg, vs, ve)
+          elseif name == "aqsh-rate-per-s" then
+            rper = pb_sub(msg, vs, ve)
+          end
         end
       elseif tag == 10 then  -- field 1: the type
         ts, te = pos, last
       end
       pos = last + 1
+    elseif wt == 0 and len and len < 128 then
+      -- A one-byte varint (retry counts, most flags): read already, as len.
     else
       pos = pb_skip_scalar(msg, pos - 1, wt)  -- its value started where len was read
       if not pos then
-        return nil
+        return
       end
     end
   end
   if pos ~= stop + 1 then
-    return nil
+    return
   end
-  return headers, ts, te
+  return true, ckey, climit, cseq, rkey, rlimit, rper, ts, te
 end
 
--- A header that must be a whole number >= 1 (ASCII digits, as aqsh.engine.flow reads it).
-local function flow_positive(text)
-  if text == nil or not pb_find(text, "^%d+$") then
-    return nil
-  end
-  local n = tonumber(text)
-  if n < 1 then
-    return nil
-  end
-  return n
-end
-
--- The concurrency rule of a message that dequeue applies itself, or nil without one:
--- {key, limit, limit_text, seq (text or nil), msg, ts, te (the type's bounds in msg)}.
--- A run that also has a rate rule is left to the worker (its rate window comes first:
--- lua/flow_rate.lua, then lua/flow_acquire.lua), as is a malformed one.
--- The plain search first: a message without the header name (most) is never walked.
+-- The concurrency rule of a message that dequeue applies itself, positionally: key, limit (a
+-- number), limit_text (as the header says), seq (the header's text or nil: flow_take_slot
+-- checks it only for a run it holds), ts, te (the type's bounds in msg); nothing without a
+-- rule. A run that also has a rate rule is left to the worker (its rate window comes first:
+-- lua/flow_rate.lua, then lua/flow_acquire.lua), as is a malformed one. The plain search
+-- first: a message without the header name (most) is never walked. flow_positive is
+-- lua/_flow_wait.lua's (spliced before this part).
 local function flow_dequeue_rule(msg)
   if not pb_find(msg, "aqsh-concurrency-key", 1, true) then
-    return nil
+    return
   end
-  local h, ts, te = flow_message_headers(msg)
-  if h == nil then
-    return nil
+  local ok, key, limit_text, seq, rate_key, rate_limit, rate_per_s, ts, te =
+    flow_message_headers(msg)
+  if not ok then
+    return
   end
-  local key, limit_text = h["aqsh-concurrency-key"], h["aqsh-concurrency-limit"]
   local limit = flow_positive(limit_text)
   if key == nil or limit == nil then
-    return nil
+    return
   end
-  if h["aqsh-rate-key"] ~= nil and flow_positive(h["aqsh-rate-limit"])
-      and flow_positive(h["aqsh-rate-per-s"]) then
-    return nil
+  if rate_key ~= nil and flow_positive(rate_limit) and flow_positive(rate_per_s) then
+    return
   end
-  -- Numbers go back to Redis as the header's own text: Lua would print a large one as
-  -- "1.7e+15", losing digits of a submission time.
-  local seq = h["aqsh-concurrency-seq"]
-  return {key = key, limit = limit, limit_text = limit_text,
-          seq = flow_positive(seq) and seq or nil, msg = msg, ts = ts, te = te}
-end
-
--- The task type of a rule's message (only a run that waited needs it, for its record).
-local function flow_rule_type(rule)
-  return pb_sub(rule.msg, rule.ts, rule.te)
+  return key, limit, limit_text, seq, ts, te
 end

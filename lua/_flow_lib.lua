@@ -1,6 +1,9 @@
--- flow_lib: shared functions of the held-run scripts (aqsh only), spliced into a script where
--- it says "--@include flow_lib" (this file is lua/_flow_lib.lua). A concurrency key "K" of
--- queue q has three keys, all under the queue's {q} hash tag so every script touching them stays in the queue's Cluster slot:
+-- flow_lib: the slot functions of the held-run scripts (aqsh only), spliced into a script where
+-- it says "--@include flow_lib" (this file is lua/_flow_lib.lua); what holds and starts a run
+-- is lua/_flow_wait.lua ("--@include flow_wait", after this part where both are needed). The
+-- finishing transitions' release needs only these, and every function a script splices in is
+-- a closure its every call creates. A concurrency key "K" of queue q has three keys, all under
+-- the queue's {q} hash tag so every script touching them stays in the queue's Cluster slot:
 --   aqsh:{q}:flow:slots:K  zset of the ids holding a slot, scored by a reservation deadline
 --                          (Unix s); a holder whose lease is live keeps its slot past it
 --   aqsh:{q}:flow:wait:K   zset of the ids waiting for a slot, scored by submission time
@@ -10,17 +13,6 @@
 --                          work list)
 -- A waiter sits in asynq:{q}:scheduled (far ahead) with state "scheduled", so asynq tools show
 -- it and can delete or run it; its task hash says why with aqsh_wait_reason / aqsh_wait_key.
-
--- Hold a run that was just dequeued: out of active and the lease set, into scheduled at
--- score_s with state "scheduled" and why it waits (since: the first time it was held).
-local function flow_hold(active, lease, scheduled, task_key, id, score_s, reason, key, since_ms)
-  redis.call("LREM", active, 0, id)
-  redis.call("ZREM", lease, id)
-  redis.call("ZADD", scheduled, score_s, id)
-  redis.call("HSET", task_key, "state", "scheduled", "aqsh_wait_reason", reason,
-             "aqsh_wait_key", key)
-  redis.call("HSETNX", task_key, "aqsh_wait_since", since_ms)
-end
 
 -- Drop the slots whose holder no longer runs: the reservation deadline has passed and the id
 -- holds no live lease (its worker died, or a promoted waiter was never picked up).
@@ -74,66 +66,3 @@ local function flow_forget_if_idle(registry, flow_key, slots, wait)
   end
 end
 
--- A wait goes to the queue's short record of waits (a zset by start time, the newest 10000
--- kept) for the metrics' histogram.
-local function flow_note_wait(waited, task_type, waited_ms, now_ms, id)
-  redis.call("ZADD", waited, now_ms, task_type .. "\t" .. math.max(0, waited_ms) .. "\t" .. id)
-  redis.call("ZREMRANGEBYRANK", waited, 0, -10001)
-end
-
--- A run that waited for a slot or a window starts: its wait is recorded.
-local function flow_record_wait(task_key, waited, task_type, now_ms, id)
-  local since = redis.call("HGET", task_key, "aqsh_wait_since")
-  if since then
-    redis.call("HDEL", task_key, "aqsh_wait_since")
-    flow_note_wait(waited, task_type, tonumber(now_ms) - tonumber(since), now_ms, id)
-  end
-end
-
--- A run just moved to active takes a slot of its concurrency key (returns true), or is held
--- in the key's line (false): what dequeue does for a limited run, and flow_acquire for one a
--- rate window admitted first. r: id, task_key, slots, wait (the key's zsets), key, limit
--- (a number) and limit_text (as written to the registry), seq (its place in line, text),
--- task_type (a function: only a run that waited needs it). q: active, lease, scheduled, pending,
--- registry, waited, prefix (task keys), reserve_s (a slot's deadline), now_s, now_ms, now_ns,
--- qname, channel (the wake-up).
-local function flow_take_slot(r, q)
-  -- A free slot nobody waits for, or its own reservation (a promoted waiter, a redelivery).
-  local holders = redis.call("ZCARD", r.slots)
-  local run = (holders < r.limit and redis.call("ZCARD", r.wait) == 0)
-      or redis.call("ZSCORE", r.slots, r.id)
-  -- Dead holders' slots are looked for only when they could make a difference: a free slot
-  -- with nobody waiting is taken as it is (the common case costs no range scan).
-  if not run then
-    flow_free_expired(r.slots, q.lease, q.now_s)
-    run = redis.call("ZSCORE", r.slots, r.id)
-        or (redis.call("ZCARD", r.wait) == 0 and redis.call("ZCARD", r.slots) < r.limit)
-    holders = 0  -- registered below whatever it finds
-  end
-  -- The sweep's work list: a key with holders is on it already (it leaves the list only
-  -- once nobody holds or waits), so only a first holder or a waiter writes it.
-  if holders == 0 or not run then
-    redis.call("HSET", q.registry, r.key, r.limit_text)
-  end
-  if run then
-    redis.call("ZADD", r.slots, q.reserve_s, r.id)
-    -- One read tells whether it ever waited: a run that never did writes nothing more.
-    local was = redis.call("HMGET", r.task_key, "aqsh_wait_reason", "aqsh_wait_key",
-                           "aqsh_wait_since")
-    if was[1] or was[2] then
-      redis.call("HDEL", r.task_key, "aqsh_wait_reason", "aqsh_wait_key")
-    end
-    if was[3] then
-      flow_record_wait(r.task_key, q.waited, r.task_type(), q.now_ms, r.id)
-    end
-    return true
-  end
-  flow_hold(q.active, q.lease, q.scheduled, r.task_key, r.id, q.held_score, "concurrency",
-            r.key, q.now_ms)
-  redis.call("ZADD", r.wait, r.seq, r.id)
-  -- A slot freed by an expiry with waiters ahead goes to the oldest of them (to the front of
-  -- pending: a dequeue takes it next).
-  flow_promote(r.slots, r.wait, r.limit, q.scheduled, q.pending, q.prefix, q.reserve_s,
-               q.now_ns, q.qname, q.channel)
-  return false
-end

@@ -28,6 +28,7 @@
 -- (asynq's Q9 leaves one; we do not copy that). The per-key names are built from prefixes
 -- that carry the queue's hash tag, so they are in this script's slot.
 --@include flow_lib
+--@include flow_wait
 --@include flow_headers
 if redis.call("EXISTS", KEYS[2]) == 1 then
   return {}
@@ -35,20 +36,15 @@ end
 
 local queue = {active = KEYS[3], lease = KEYS[4], scheduled = KEYS[5], pending = KEYS[1],
                registry = KEYS[6], waited = KEYS[7], prefix = ARGV[2], reserve_s = ARGV[1],
-               now_s = ARGV[5], now_ms = ARGV[6], now_ns = ARGV[8], held_score = ARGV[9],
-               qname = ARGV[12], channel = ARGV[13]}
-
--- The run takes a slot of rule's key (true), or is held in the key's line (false).
-local function acquire(id, task_key, rule)
-  return flow_take_slot({id = id, task_key = task_key, slots = ARGV[10] .. rule.key,
-                         wait = ARGV[11] .. rule.key, key = rule.key, limit = rule.limit,
-                         limit_text = rule.limit_text, seq = rule.seq or ARGV[7],
-                         task_type = function() return flow_rule_type(rule) end}, queue)
-end
+               now_s = ARGV[5], now_ms = ARGV[6], now_us = ARGV[7], now_ns = ARGV[8],
+               held_score = ARGV[9], qname = ARGV[12], channel = ARGV[13]}
 
 local out = {0}
 local limit, hold_limit = tonumber(ARGV[3]), tonumber(ARGV[4])
 local taken, held = 0, 0
+-- The slots and wait keys of the last concurrency key met (slots_of): a batch is often runs of
+-- one key.
+local slots_of, slots, wait
 while taken < limit and held < hold_limit do
   local id = redis.call("RPOPLPUSH", KEYS[1], KEYS[3])
   if not id then
@@ -58,8 +54,12 @@ while taken < limit and held < hold_limit do
   local msg = redis.call("HGET", key, "msg")
   if msg then
     redis.call("HDEL", key, "pending_since")
-    local rule = flow_dequeue_rule(msg)
-    if rule == nil or acquire(id, key, rule) then
+    local flow_key, flow_limit, limit_text, seq, ts, te = flow_dequeue_rule(msg)
+    if flow_key ~= nil and flow_key ~= slots_of then  -- the key's names, once per run of a key
+      slots_of, slots, wait = flow_key, ARGV[10] .. flow_key, ARGV[11] .. flow_key
+    end
+    if flow_key == nil or flow_take_slot(queue, id, key, slots, wait, flow_key, flow_limit,
+                                         limit_text, seq, msg, ts, te) then
       taken = taken + 1
       redis.call("HSET", key, "state", "active")
       redis.call("ZADD", KEYS[4], ARGV[1], id)

@@ -24,11 +24,10 @@
 -- Returns 1 when the task holds a slot and may run, 0 when it now waits (moved from active
 -- to scheduled: no lease, no retry and no timeout used while it waits).
 --@include flow_lib
-local run = {id = ARGV[1], task_key = KEYS[5], slots = KEYS[6], wait = KEYS[7], key = ARGV[6],
-             limit = tonumber(ARGV[2]), limit_text = ARGV[2], seq = ARGV[12],
-             task_type = function() return ARGV[13] end}
+--@include flow_wait
 local queue = {active = KEYS[1], lease = KEYS[2], scheduled = KEYS[3], pending = KEYS[4],
                registry = KEYS[8], waited = KEYS[9], prefix = ARGV[8], reserve_s = ARGV[4],
-               now_s = ARGV[3], now_ms = ARGV[7], now_ns = ARGV[9], held_score = ARGV[5],
-               qname = ARGV[10], channel = ARGV[11]}
-return flow_take_slot(run, queue) and 1 or 0
+               now_s = ARGV[3], now_ms = ARGV[7], now_us = ARGV[12], now_ns = ARGV[9],
+               held_score = ARGV[5], qname = ARGV[10], channel = ARGV[11]}
+return flow_take_slot(queue, ARGV[1], KEYS[5], KEYS[6], KEYS[7], ARGV[6], tonumber(ARGV[2]),
+                      ARGV[2], ARGV[12], ARGV[13], 1, -1) and 1 or 0

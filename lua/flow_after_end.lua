@@ -14,7 +14,7 @@
 -- KEYS[5] -> aqsh:{q}:flow:waited; ARGV[9] -> the task type; ARGV[10] -> when the run was
 --            submitted (Unix ms; "" when unknown: no wait recorded); ARGV[11] -> now (Unix ms)
 -- Returns 1 when the run moved, 0 when it was no longer waiting.
---@include flow_lib
+--@include flow_wait
 if redis.call("ZSCORE", KEYS[1], ARGV[1]) ~= ARGV[3] then
   return 0
 end

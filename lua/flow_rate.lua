@@ -16,7 +16,7 @@
 --            a run holding a slot there (a promoted waiter) was admitted when it first came
 --            and is not counted twice
 -- Returns 0 when admitted, else the window's end (the task now waits in scheduled).
---@include flow_lib
+--@include flow_wait
 local id = ARGV[1]
 if KEYS[7] and redis.call("ZSCORE", KEYS[7], id) then
   return 0

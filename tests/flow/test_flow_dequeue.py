@@ -168,3 +168,23 @@ async def test_the_walk_reads_any_field_order_and_long_lengths(
     for key, task_id in ((long_key, "long"), ("swapped", "swapped")):
         assert await redis.zrange(keys.flow_slots_key("default", key), 0, -1) == [
             task_id.encode()]
+
+
+async def test_a_held_run_without_a_valid_seq_takes_its_place_by_the_dequeue_time(
+        redis: aioredis.Redis, broker: RedisBroker, client: Client) -> None:
+    """The seq header is checked only when a run is held (flow_take_slot): a valid one is its
+    place in line as written, a missing or malformed one gives way to the dequeue's time."""
+    rule = {flow.HEADER_CONCURRENCY_KEY: "k", flow.HEADER_CONCURRENCY_LIMIT: "1"}
+    await client.enqueue("t", b"", task_id="holder", headers=rule)
+    await client.enqueue("t", b"", task_id="valid",
+                         headers={**rule, flow.HEADER_CONCURRENCY_SEQ: "5"})
+    await client.enqueue("t", b"", task_id="none", headers=rule)
+    await client.enqueue("t", b"", task_id="bad",
+                         headers={**rule, flow.HEADER_CONCURRENCY_SEQ: "1e5"})
+    start = now_s()
+    leased = await broker.dequeue_many(["default"], limit=10, now_s=start)
+    assert [m.message.id for m in leased] == ["holder"]
+    line = keys.flow_wait_key("default", "k")
+    assert await redis.zscore(line, "valid") == 5
+    assert await redis.zscore(line, "none") == start * 1_000_000
+    assert await redis.zscore(line, "bad") == start * 1_000_000
