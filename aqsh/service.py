@@ -370,7 +370,9 @@ def _worker(settings: Settings, config: ConfigHolder, broker: RedisBroker,
                       config, result_retention_s=settings.result_retention_s),
                   group_settings=shell_group_settings(config),
                   aggregation_interval_s=check_interval_s(config.current),
-                  on_transition=notifier.on_transition if notifier is not None else None)
+                  on_transition=notifier.on_transition if notifier is not None else None,
+                  before_dependency_cancel=(notifier.before_dependency_cancel
+                                            if notifier is not None else None))
 
 
 def _scheduler(settings: Settings, config: ConfigHolder, broker: RedisBroker,

@@ -10,7 +10,7 @@ Times are passed in by the caller (from an injected Clock): scripts never read R
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Protocol
 
 import msgspec
@@ -176,9 +176,14 @@ class Broker(Protocol):
     async def reclaim_stale_aggregation_sets(self, qname: str, *, now_s: int) -> None:
         ...
 
-    async def sweep_dependencies(self, qname: str, *, now_s: int) -> AfterSwept:
+    async def sweep_dependencies(
+            self, qname: str, *, now_s: int,
+            before_cancel: Callable[[TaskMessage], Awaitable[None]] | None = None,
+    ) -> AfterSwept:
         """Start or cancel the runs waiting for other tasks (aqsh.engine.flow.HEADER_AFTER)
-        whose dependencies ended: how many moved, and the messages of those cancelled."""
+        whose dependencies ended: how many moved, and the messages of those cancelled.
+        ``before_cancel`` is awaited with each cancelled run's message before it is archived
+        (an observer's durable notice); it raising ends the pass there."""
         ...
 
     async def repair_flow(self, qname: str, *, now_s: int) -> int:

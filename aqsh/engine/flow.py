@@ -99,6 +99,27 @@ class Rate:
         return now_s - now_s % self.per_s
 
 
+def dependency_problem(dependency_id: str, *, gone: bool) -> str:
+    """The ``error_msg`` of a run cancelled because of ``dependency_id``: it names the
+    dependency (the API's ``last_error``), and :func:`canceled_by_dependency` knows it again."""
+    if gone:
+        return f"{_DEPENDENCY} {dependency_id} no longer exists"
+    return f"{_DEPENDENCY} {dependency_id} was archived (failed or cancelled)"
+
+
+_DEPENDENCY = "dependency"
+
+
+def canceled_by_dependency(msg: TaskMessage) -> bool:
+    """Whether an archived run is one the dependency sweep cancelled: it waited (the header),
+    never ran, and its error is the sweep's. An observer that learns of it from the stored
+    task alone (the webhook sweep, after a crash) must tell it as a cancel, not a failure."""
+    error = msg.error_msg
+    return (HEADER_AFTER in msg.headers and msg.retried == 0
+            and error.startswith(f"{_DEPENDENCY} ")
+            and error.endswith((" no longer exists", " was archived (failed or cancelled)")))
+
+
 @dataclass(frozen=True, slots=True)
 class AfterSwept:
     """What one dependency sweep of a queue did: ``moved`` runs started or were cancelled;

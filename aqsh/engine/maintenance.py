@@ -7,7 +7,7 @@ calls it every interval until stopped. Intervals follow asynq's defaults.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import structlog
 
@@ -183,18 +183,23 @@ class DependencySweep(Periodic):
 
     def __init__(self, broker: Broker, queues: Sequence[str], clock: Clock,
                  interval_s: float = 1.0, loops: Loops | None = None,
-                 on_canceled: Callable[[TaskMessage], None] | None = None) -> None:
+                 on_canceled: Callable[[TaskMessage], None] | None = None,
+                 before_cancel: Callable[[TaskMessage], Awaitable[None]] | None = None) -> None:
         """``on_canceled``: told of each run this sweep archived (stored message, its
-        ``error_msg`` naming the dependency), after the write; it must not raise."""
+        ``error_msg`` naming the dependency), after the write; it must not raise.
+        ``before_cancel``: awaited with the same message before the write, for a notice that
+        must survive this process dying right after it (a failure defers the cancel)."""
         super().__init__(interval_s, run_first=True, loops=loops)
         self.broker, self.queues, self.clock = broker, list(queues), clock
         self.on_canceled = on_canceled
+        self.before_cancel = before_cancel
 
     async def run_once(self) -> int:
         now_s = int(self.clock.now_s())
         moved = 0
         for qname in self.queues:
-            swept = await self.broker.sweep_dependencies(qname, now_s=now_s)
+            swept = await self.broker.sweep_dependencies(qname, now_s=now_s,
+                                                         before_cancel=self.before_cancel)
             moved += swept.moved
             for msg in swept.canceled:
                 log.info("task.dependency_canceled", task_id=msg.id, queue=msg.queue,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import msgspec
@@ -245,11 +245,17 @@ class RedisBroker:
                     held.add(i)
         return [m for i, m in enumerate(leased) if i not in held]
 
-    async def sweep_dependencies(self, qname: str, *, now_s: int) -> flow.AfterSwept:
+    async def sweep_dependencies(
+            self, qname: str, *, now_s: int,
+            before_cancel: Callable[[TaskMessage], Awaitable[None]] | None = None,
+    ) -> flow.AfterSwept:
         """Runs of the queue waiting for other tasks (aqsh.engine.flow.HEADER_AFTER): start
         those whose dependencies all completed; cancel (archive, naming the dependency) those
         with one archived (failed or cancelled) or gone. How many moved, and the messages of
         those cancelled (for the server's transition hook: no worker ends them).
+        ``before_cancel`` is awaited with each run's archived message before it is archived,
+        so an observer can make its notice durable first (a crash between the archive and
+        the hook's call would otherwise lose it).
 
         Dependencies may live in other queues (other Cluster slots): their states are read
         one command each, and only the waiter's own keys are written, in one script."""
@@ -278,8 +284,7 @@ class RedisBroker:
         for msg, after in waiting:
             if not after:
                 continue
-            problem = next((f"dependency {did} no longer exists" if states[(dq, did)] is None
-                            else f"dependency {did} was archived (failed or cancelled)"
+            problem = next((flow.dependency_problem(did, gone=states[(dq, did)] is None)
                             for dq, did in after
                             if states[(dq, did)] in (None, "archived")), None)
             if problem is None and not all(states[d] == "completed" for d in after):
@@ -289,6 +294,10 @@ class RedisBroker:
                 ended = msgspec.structs.replace(msg, error_msg=problem,
                                                 last_failed_at_s=int(now_s))
                 encoded = wire.encode_task(ended)
+                if before_cancel is not None:
+                    # It raising ends this pass before the cancel: the next sweep retries;
+                    # the runs this pass already cancelled were told to it first.
+                    await before_cancel(ended)
             since_ms = flow.after_since_ms(msg) if problem is None else None
             if int(await guarded(self.scripts.run(
                     "flow_after_end", [q.scheduled, q.pending, q.archived, q.task(msg.id),

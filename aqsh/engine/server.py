@@ -113,6 +113,7 @@ class Server:
         group_settings: Callable[[str, str], GroupSettings | None] | None = None,
         cancel_retries: bool = False,
         on_transition: TransitionHook | None = None,
+        before_dependency_cancel: Callable[[TaskMessage], Awaitable[None]] | None = None,
     ) -> None:
         """``loops``: where the server's loops report their health (``/health`` reads it);
         pass the process's one registry when other components report there too.
@@ -130,7 +131,10 @@ class Server:
         rules, as asynq does. A handler that raises on cancellation decides for itself.
 
         ``on_transition``: told after each finishing write this server stores (see
-        ``aqsh.engine.processor.TransitionHook``)."""
+        ``aqsh.engine.processor.TransitionHook``). A run its dependency sweep cancels is told
+        as "canceled" after the write; ``before_dependency_cancel`` is awaited with that run's
+        message before it, so a notice can be made durable first (it raising defers the
+        cancel to the next sweep)."""
         self.broker = broker
         self.clock = clock or SystemClock()
         self.queues = normalise_queues(queues or {"critical": 6, "default": 3})
@@ -169,7 +173,8 @@ class Server:
         self.janitor = Janitor(broker, names, self.clock, janitor_interval_s, loops=loops)
         self.on_transition = on_transition
         self.dependencies = DependencySweep(broker, names, self.clock, loops=loops,
-                                            on_canceled=self._dependency_canceled)
+                                            on_canceled=self._dependency_canceled,
+                                            before_cancel=before_dependency_cancel)
         self._listeners: list[asyncio.Task[None]] = []
         self._started = False
         self._stopped = asyncio.Event()

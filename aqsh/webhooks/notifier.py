@@ -35,6 +35,7 @@ import structlog
 from aqsh import errors
 from aqsh.api.view import CANCELED, iso, public_state
 from aqsh.clock import finish
+from aqsh.engine import flow
 from aqsh.engine.client import Client, EnqueueRequest
 from aqsh.engine.connection import RedisClient, is_cluster
 from aqsh.engine.fastlane import FastLane
@@ -213,6 +214,13 @@ class Notifier:
         self._ended.put_nowait(_Ended(msg.queue, msg.id, msg.retried, event,
                                       event_key(event, attempt), remove_intent=True,
                                       task_type=msg.type, headers=msg.headers))
+
+    async def before_dependency_cancel(self, msg: TaskMessage) -> None:
+        """The engine is about to archive a run whose dependency failed: no attempt ever
+        stored an intent for it, so one is stored now, and a worker dying right after the
+        archive leaves it for any worker's sweep (which tells it as task.canceled)."""
+        if self.targets(msg.type, msg.headers):
+            await self.register_intent(msg.queue, msg.id, msg.retried)
 
     def started(self, task: Task) -> None:
         self._ended.put_nowait(_Ended(task.queue, task.id, task.retried, "task.started",
@@ -418,7 +426,7 @@ def _ended_from(info: TaskInfo, queue: str, retried: int) -> _Ended | None:
     if info.state is TaskState.COMPLETED:
         event = "task.completed"
     elif info.state is TaskState.ARCHIVED:
-        canceled = public_state(info) == CANCELED
+        canceled = public_state(info) == CANCELED or flow.canceled_by_dependency(msg)
         event = "task.canceled" if canceled else "task.failed"
     else:
         return None

@@ -14,12 +14,14 @@ import os
 import signal
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import redis.asyncio as aioredis
 from standardwebhooks.webhooks import Webhook
 
-from aqsh.engine import keys
+from aqsh.engine import flow, keys
 from aqsh.engine.client import Client
 from aqsh.engine.inspect import Inspector
 from aqsh.engine.models import TaskMessage, TaskState
@@ -28,7 +30,7 @@ from aqsh.webhooks import WEBHOOK_QUEUE
 from aqsh.webhooks.store import INTENTS_KEY, deliveries_key
 from tests.services import write_tasks
 from tests.support import wait_until
-from tests.webhooks.conftest import SCRIPTS, HookFactory, Receiver
+from tests.webhooks.conftest import SCRIPTS, HookFactory, Received, Receiver
 from tests.webhooks.test_webhooks import tasks_yaml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,17 +53,62 @@ def start_worker(redis_url: str, config: Path, scripts: Path, tmp_path: Path,
                                 cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
+class Workers:
+    """The two workers of a widened crash: ``first`` connects as the cramped user (it cannot
+    enqueue deliveries), ``second`` as an ordinary one; both are killed and the user removed
+    on the way out."""
+
+    def __init__(self, redis: aioredis.Redis, redis_url: str, config: Path, scripts: Path,
+                 tmp_path: Path) -> None:
+        self.redis, self.redis_url, self.tmp_path = redis, redis_url, tmp_path
+        self.config, self.scripts = config, scripts
+        self.first_log = tmp_path / "first.log"
+        self.first: subprocess.Popen[bytes] | None = None
+        self.second: subprocess.Popen[bytes] | None = None
+
+    async def __aenter__(self) -> Workers:
+        await self.redis.execute_command("ACL", "SETUSER", "cramped", *CRAMPED_ACL)
+        cramped_url = self.redis_url.replace("redis://", "redis://cramped:cramped-pw@", 1)
+        self.first = start_worker(cramped_url, self.config, self.scripts, self.tmp_path,
+                                  self.first_log)
+        return self
+
+    async def kill_first_after_its_refused_enqueue(self) -> None:
+        """Once the first worker has tried (and failed) to enqueue the delivery, with the
+        intent left behind, it is SIGKILLed; nothing has been delivered."""
+        assert self.first is not None
+        await wait_until(lambda: b"webhook.dispatch_failed" in self.first_log.read_bytes(),
+                         timeout_s=30, interval_s=0.1, message="the refused enqueue")
+        assert await self.redis.zcard(INTENTS_KEY) == 1
+        self.first.send_signal(signal.SIGKILL)
+        assert self.first.wait(timeout=30) == -signal.SIGKILL
+        assert await self.redis.exists(keys.queue_keys(WEBHOOK_QUEUE).pending) == 0
+
+    async def swept_delivery(self, receiver: Receiver, secret: str
+                             ) -> tuple[dict[str, Any], Received]:
+        """The second worker started; the one delivery it makes from the intent, verified."""
+        self.second = start_worker(self.redis_url, self.config, self.scripts, self.tmp_path,
+                                   self.tmp_path / "second.log")
+        await wait_until(lambda: receiver.at("/hook"), timeout_s=60, interval_s=0.1,
+                         message="the swept delivery")
+        (received,) = receiver.at("/hook")
+        body: dict[str, Any] = Webhook(secret).verify(received.body, received.headers)
+        return body, received
+
+    async def __aexit__(self, *exc: object) -> None:
+        for proc in (self.first, self.second):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        await self.redis.execute_command("ACL", "DELUSER", "cramped")
+
+
 async def test_delivery_survives_a_worker_sigkill_after_the_task_ended(
         redis: aioredis.Redis, redis_url: str, tmp_path: Path, receiver: Receiver,
         secret: str) -> None:
     config, scripts = write_tasks(tmp_path, SCRIPTS, tasks_yaml(receiver))
-    await redis.execute_command("ACL", "SETUSER", "cramped", *CRAMPED_ACL)
-    cramped_url = redis_url.replace("redis://", "redis://cramped:cramped-pw@", 1)
-    first_log = tmp_path / "first.log"
-    first = start_worker(cramped_url, config, scripts, tmp_path, first_log)
-    second = None
     inspector = Inspector(redis)
-    try:
+    async with Workers(redis, redis_url, config, scripts, tmp_path) as workers:
         async with Client(redis) as client:
             info = await client.enqueue("ok", b"{}", queue="default", max_retry=0,
                                         retention=3600)
@@ -75,31 +122,53 @@ async def test_delivery_survives_a_worker_sigkill_after_the_task_ended(
             await wait_until(completed, timeout_s=60, interval_s=0.1, message="the task's end")
         except AssertionError:
             # A key the worker now uses is missing from CRAMPED_ACL: the log names it.
-            raise AssertionError(first_log.read_text()[-3000:]) from None
-        # The worker ended the task and tried (and failed) to enqueue its delivery.
-        await wait_until(lambda: b"webhook.dispatch_failed" in first_log.read_bytes(),
-                         timeout_s=30, interval_s=0.1, message="the refused enqueue")
-        assert await redis.zcard(INTENTS_KEY) == 1
-        first.send_signal(signal.SIGKILL)
-        assert first.wait(timeout=30) == -signal.SIGKILL
+            raise AssertionError(workers.first_log.read_text()[-3000:]) from None
+        await workers.kill_first_after_its_refused_enqueue()
         assert receiver.requests == []
-        assert await redis.exists(keys.queue_keys(WEBHOOK_QUEUE).pending) == 0
 
-        second = start_worker(redis_url, config, scripts, tmp_path, tmp_path / "second.log")
-        await wait_until(lambda: receiver.at("/hook"), timeout_s=60, interval_s=0.1,
-                         message="the swept delivery")
-        received = receiver.at("/hook")[0]
-        body = Webhook(secret).verify(received.body, received.headers)
+        body, received = await workers.swept_delivery(receiver, secret)
         assert (body["event"], body["id"], body["state"]) == ("task.completed", task_id,
                                                               "completed")
         assert received.headers["webhook-id"] == f"msg_{task_id}_completed"
         await wait_until(lambda: _zero(redis), timeout_s=30, message="the intent settled")
-    finally:
-        for proc in (first, second):
-            if proc is not None and proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        await redis.execute_command("ACL", "DELUSER", "cramped")
+
+
+async def test_a_dependency_cancel_is_delivered_when_the_worker_dies_after_it(
+        redis: aioredis.Redis, redis_url: str, tmp_path: Path, receiver: Receiver,
+        secret: str) -> None:
+    """A run waiting on ``?after=`` that the dependency sweep cancels never reaches a
+    handler, so no attempt stored an intent for it: the sweep stores one before it archives
+    the run. Widened as above: the first worker archives the run but cannot enqueue the
+    delivery, and dies; the second delivers task.canceled from the intent alone."""
+    config, scripts = write_tasks(tmp_path, SCRIPTS, tasks_yaml(receiver))
+    inspector = Inspector(redis)
+    async with Workers(redis, redis_url, config, scripts, tmp_path) as workers:
+        async with Client(redis) as client:
+            # Its dependency does not exist: the first sweep cancels it.
+            info = await client.enqueue(
+                "ok", b"{}", queue="default", max_retry=0, retention=3600,
+                process_at=datetime.fromtimestamp(flow.AFTER_SCORE_S, UTC),
+                headers=flow.after_headers([("default", "no-such-task")]))
+
+        async def archived() -> bool:
+            found = await inspector.find_task(info.id, ["default"])
+            return found.state is TaskState.ARCHIVED
+
+        try:
+            await wait_until(archived, timeout_s=60, interval_s=0.1,
+                             message="the dependency sweep's cancel")
+        except AssertionError:
+            raise AssertionError(workers.first_log.read_text()[-3000:]) from None
+        await workers.kill_first_after_its_refused_enqueue()
+        assert receiver.requests == []
+
+        body, received = await workers.swept_delivery(receiver, secret)
+        # The same event, and webhook-id, the worker's own hook would have sent.
+        assert (body["event"], body["id"]) == ("task.canceled", info.id)
+        assert received.headers["webhook-id"] == f"msg_{info.id}_canceled"
+        assert "no-such-task" in body["last_error"]
+        assert body["started_at"] is None
+        await wait_until(lambda: _zero(redis), timeout_s=30, message="the intent settled")
 
 
 async def _zero(redis: aioredis.Redis) -> bool:
