@@ -174,6 +174,11 @@ async def shell_drain(url: str, config: TasksConfig, work: str, task: str, runs:
     return {"runs_per_s": runs / elapsed, "cpu_us_per_run": cpu_s / runs * 1e6}
 
 
+def record(samples: _common.Samples, prefix: str, figures: dict[str, float]) -> None:
+    for name, value in figures.items():
+        samples.add(prefix + name, value)
+
+
 async def main_async(args: argparse.Namespace) -> None:
     samples = _common.Samples()
     tmp = Path(tempfile.mkdtemp(prefix="aqsh-held-"))
@@ -182,19 +187,20 @@ async def main_async(args: argparse.Namespace) -> None:
     with RedisProcess() as server:
         for round_no in range(args.rounds):
             print(f"# round {round_no + 1}/{args.rounds}", file=sys.stderr, flush=True)
-            for side in ("plain", "limit") if round_no % 2 == 0 else ("limit", "plain"):
-                got = await drain(server.url, f"held-{side}-{round_no}", args.tasks,
-                                  args.concurrency, side == "limit")
-                for name, value in got.items():
-                    samples.add(f"{side}_{name}", value)
+            # Each phase's sides alternate, the order flipping every round (drift favours
+            # neither); the shell phase starts with the side the engine phase ended with.
+            engine_sides = ("plain", "limit") if round_no % 2 == 0 else ("limit", "plain")
+            for side in engine_sides:
+                record(samples, f"{side}_", await drain(
+                    server.url, f"held-{side}-{round_no}", args.tasks, args.concurrency,
+                    side == "limit"))
             if args.shell_runs <= 0:
                 continue
-            for side in ("limit", "plain") if round_no % 2 == 0 else ("plain", "limit"):
-                got = await shell_drain(server.url, config, str(tmp / "work"),
-                                        "hi_limited" if side == "limit" else "hi",
-                                        args.shell_runs, args.shell_concurrency)
-                for name, value in got.items():
-                    samples.add(f"shell_{side}_{name}", value)
+            for side in engine_sides[::-1]:
+                record(samples, f"shell_{side}_", await shell_drain(
+                    server.url, config, str(tmp / "work"),
+                    "hi_limited" if side == "limit" else "hi", args.shell_runs,
+                    args.shell_concurrency))
     figures: dict[str, object] = {
         "tasks": args.tasks, "rounds": args.rounds, "concurrency": args.concurrency,
         "limit_vs_plain_ratio": round(

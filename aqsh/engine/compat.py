@@ -29,6 +29,7 @@ from aqsh.engine.scripts import script_source
 log = structlog.get_logger("aqsh.engine")
 
 MIN_VERSION = (6, 2)
+_MIN_VERSION_TEXT = ".".join(map(str, MIN_VERSION))
 
 
 class UnsupportedServer(errors.ConfigError):
@@ -70,8 +71,8 @@ async def check_server(client: RedisClient) -> str | None:
         # Redis < 6.0 has no HELLO; 6.0 wants a protocol version: both are older than 6.2.
         raise UnsupportedServer(
             f"the Redis server refused HELLO, which servers older than Redis "
-            f"{'.'.join(map(str, MIN_VERSION))} lack (aqsh needs Redis >= "
-            f"{'.'.join(map(str, MIN_VERSION))} or Valkey): {exc}") from exc
+            f"{_MIN_VERSION_TEXT} lack (aqsh needs Redis >= "
+            f"{_MIN_VERSION_TEXT} or Valkey): {exc}") from exc
     fields = _hello_fields(reply)
     flavour = fields.get("server", "redis")
     version_text = fields.get("version", "")
@@ -80,7 +81,7 @@ async def check_server(client: RedisClient) -> str | None:
     if flavour == "redis" and version < MIN_VERSION:
         raise UnsupportedServer(
             f"the Redis server is {flavour} {version_text or 'of unknown version'}: aqsh needs "
-            f"Redis >= {'.'.join(map(str, MIN_VERSION))} or Valkey")
+            f"Redis >= {_MIN_VERSION_TEXT} or Valkey")
     try:
         await client.script_load(script_source("enqueue"))
     except REDIS_DOWN as exc:
