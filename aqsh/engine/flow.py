@@ -99,15 +99,19 @@ class Rate:
         return now_s - now_s % self.per_s
 
 
+#: The dependency sweep's ``error_msg`` for a run it cancelled: this prefix, the dependency's
+#: id, then one of the two endings (written by :func:`dependency_problem`, read back by
+#: :func:`canceled_by_dependency`).
+_DEPENDENCY_PREFIX = "dependency "
+_DEPENDENCY_GONE = " no longer exists"
+_DEPENDENCY_ARCHIVED = " was archived (failed or cancelled)"
+
+
 def dependency_problem(dependency_id: str, *, gone: bool) -> str:
     """The ``error_msg`` of a run cancelled because of ``dependency_id``: it names the
-    dependency (the API's ``last_error``), and :func:`canceled_by_dependency` knows it again."""
-    if gone:
-        return f"{_DEPENDENCY} {dependency_id} no longer exists"
-    return f"{_DEPENDENCY} {dependency_id} was archived (failed or cancelled)"
-
-
-_DEPENDENCY = "dependency"
+    dependency (the API's ``last_error``)."""
+    ending = _DEPENDENCY_GONE if gone else _DEPENDENCY_ARCHIVED
+    return f"{_DEPENDENCY_PREFIX}{dependency_id}{ending}"
 
 
 def canceled_by_dependency(msg: TaskMessage) -> bool:
@@ -116,8 +120,8 @@ def canceled_by_dependency(msg: TaskMessage) -> bool:
     task alone (the webhook sweep, after a crash) must tell it as a cancel, not a failure."""
     error = msg.error_msg
     return (HEADER_AFTER in msg.headers and msg.retried == 0
-            and error.startswith(f"{_DEPENDENCY} ")
-            and error.endswith((" no longer exists", " was archived (failed or cancelled)")))
+            and error.startswith(_DEPENDENCY_PREFIX)
+            and error.endswith((_DEPENDENCY_GONE, _DEPENDENCY_ARCHIVED)))
 
 
 @dataclass(frozen=True, slots=True)
