@@ -1,7 +1,7 @@
 """Held-run overhead: throughput of a task with a concurrency limit that never binds against the
 same task without one, on one private Redis, same run, interleaved rounds (A B A B …).
 
-    .venv/bin/python benchmarks/held.py [--tasks 5000] [--rounds 7] [--concurrency 10]
+    .venv/bin/python benchmarks/held.py [--tasks 20000] [--rounds 7] [--concurrency 10]
 
 Each round preloads ``--tasks`` no-op tasks into a fresh paused queue, starts an aqsh worker
 (fast-lane broker, in this process) on it, and times the drain from the unpause (with the
@@ -222,7 +222,9 @@ async def main_async(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", type=int, default=5000)
+    # 20,000 tasks drain in 1-2 s a side; 5,000 took under half a second, and the Redis CPU per
+    # task of a round that short moved by a quarter between runs.
+    parser.add_argument("--tasks", type=int, default=20000)
     # 7, not the usual 5: both ratios compare sides whose difference is a few percent of a
     # round, and a shared machine swings single rounds by more than that.
     parser.add_argument("--rounds", type=int, default=7)
